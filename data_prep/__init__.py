@@ -1,0 +1,1 @@
+"""Raw detection datasets (COCO, VOC, YOLO, ImageNet-LOC) to 640 px Parquet shards."""

@@ -1,0 +1,60 @@
+"""What every source-format reader yields, and what the shard writer consumes.
+
+A reader (one module per format) turns its annotation files into a stream of
+`SourceImage` records, in a deterministic order, plus the list of classes. It
+never decodes images: the writer does that in parallel. Problems a reader finds
+in annotations (unknown category, duplicate image id, path escaping the root...)
+are reported as `Issue`s, never raised, unless the whole input is unusable
+(malformed file, empty dataset), which raises `DatasetError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class DatasetError(Exception):
+    """The input as a whole cannot be read: one line naming the file (and line) and the fault."""
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One class of the output: contiguous `index` 0..C-1, its `name`, and its id in the source.
+
+    `category_id` is the integer id evaluation reports (COCO's own category id for
+    COCO input, index + 1 for formats that have no numeric ids).
+    """
+
+    index: int
+    name: str
+    category_id: int
+
+
+@dataclass
+class Issue:
+    """One skipped or repaired item, listed in the manifest."""
+
+    item: str  # file name or annotation id the fault belongs to
+    reason: str  # e.g. "zero-area box dropped", "missing image file"
+    action: str  # "skipped" | "repaired" | "dropped"
+
+    def to_dict(self) -> dict:
+        return {"item": self.item, "reason": self.reason, "action": self.action}
+
+
+@dataclass
+class SourceImage:
+    """One image as its annotations describe it, before decoding.
+
+    boxes: [x1, y1, x2, y2] in the original image's pixels, as annotated (the
+    writer clips, drops degenerate boxes and applies EXIF orientation).
+    labels: class indices (ClassInfo.index), one per box.
+    """
+
+    image_id: int
+    file_name: str  # relative to the image root, as stored in the shard
+    path: str  # absolute path of the image file (already checked to be inside the root)
+    boxes: list[list[float]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    iscrowd: list[bool] = field(default_factory=list)
+    issues: list[Issue] = field(default_factory=list)  # annotation-level faults found by the reader
