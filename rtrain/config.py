@@ -1,0 +1,305 @@
+"""Typed run configuration: dataclasses, YAML loading, dotted overrides, validation.
+
+A config is five sections (model, data, train, eval, run). It is read from YAML
+with `yaml.safe_load`, then `--set section.key=value` overrides are applied,
+then every value is checked: unknown keys, wrong types and out-of-range values
+raise `ConfigError` with one line naming the key. Number of classes and their
+names are NOT part of a config: they come from the train shards' manifest.
+
+    cfg = load_config("configs/bccd.yaml", ["train.lr=0.01", "model.width=0.5"])
+    dump_config(cfg, run_dir / "config.yaml")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, as one line naming the key (and file) at fault."""
+
+
+def _range(lo: float | None = None, hi: float | None = None, choices: tuple | None = None) -> dict:
+    return {"min": lo, "max": hi, "choices": choices}
+
+
+@dataclass
+class ModelConfig:
+    """Which registered variant to build; `None` overrides keep the variant's own default."""
+
+    name: str = "compact_s"
+    width: float | None = field(default=None, metadata=_range(0.25, 2.0))
+    depth: float | None = field(default=None, metadata=_range(0.25, 3.0))
+    neck_channels: int | None = field(default=None, metadata=_range(8, 1024))
+    head_convs: int | None = field(default=None, metadata=_range(0, 6))
+    reg_max: int = field(default=7, metadata=_range(1, 32))
+
+
+@dataclass
+class DataConfig:
+    """Shard directories and the augmentation recipe (train only; val is letterbox only)."""
+
+    train: str = ""
+    val: str = ""
+    img_size: int = field(default=320, metadata=_range(64, 2048))
+    multi_scale: float = field(default=0.0, metadata=_range(0.0, 0.5))  # +- fraction of img_size
+    hflip: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    hsv_h: float = field(default=0.015, metadata=_range(0.0, 0.5))
+    hsv_s: float = field(default=0.5, metadata=_range(0.0, 1.0))
+    hsv_v: float = field(default=0.3, metadata=_range(0.0, 1.0))
+    scale: float = field(default=0.5, metadata=_range(0.0, 0.9))  # random affine zoom +-
+    translate: float = field(default=0.1, metadata=_range(0.0, 0.5))
+    mosaic: float = field(default=0.0, metadata=_range(0.0, 1.0))  # probability
+    num_actors: int = field(default=1, metadata=_range(1, 256))  # decode/augment actors
+    cpus_per_actor: float = field(default=1.0, metadata=_range(0.05, 64))
+    prefetch_batches: int = field(default=2, metadata=_range(0, 64))
+    shuffle_buffer: int = field(default=256, metadata=_range(0, 1_000_000))
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. `lr` is for `nominal_batch_size`; it is scaled linearly to the global batch."""
+
+    epochs: int = field(default=30, metadata=_range(1, 100_000))
+    batch_size: int = field(default=16, metadata=_range(1, 4096))  # per worker
+    lr: float = field(default=0.01, metadata=_range(0.0, 10.0))
+    nominal_batch_size: int = field(default=64, metadata=_range(1, 65536))
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = field(default=0.9, metadata=_range(0.0, 0.9999))
+    weight_decay: float = field(default=5e-4, metadata=_range(0.0, 1.0))
+    warmup_epochs: float = field(default=1.0, metadata=_range(0.0, 1000))
+    final_lr_ratio: float = field(default=0.05, metadata=_range(0.0, 1.0))
+    ema_decay: float = field(default=0.9998, metadata=_range(0.0, 1.0))
+    grad_clip: float = field(default=10.0, metadata=_range(0.0, 1e6))  # 0 disables
+    amp: bool = True  # bf16/fp16 autocast on GPU; ignored on CPU
+    time_limit_min: float = field(default=0.0, metadata=_range(0.0, 1e6))  # 0 = use epochs
+    max_nonfinite: int = field(default=20, metadata=_range(1, 1_000_000))  # consecutive bad steps
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    """COCO evaluation of the EMA model on val every `interval` epochs (and after the last)."""
+
+    interval: int = field(default=1, metadata=_range(1, 100_000))
+    score_thresh: float = field(default=0.01, metadata=_range(0.0, 1.0))
+    iou_thresh: float = field(default=0.6, metadata=_range(0.0, 1.0))
+    max_det: int = field(default=100, metadata=_range(1, 10_000))
+    batch_size: int = field(default=16, metadata=_range(1, 4096))
+
+
+@dataclass
+class RunConfig:
+    """Where the run lives and what it runs on."""
+
+    name: str = ""
+    storage: str = "runs"
+    keep_last: int = field(default=3, metadata=_range(1, 1000))
+    max_failures: int = field(default=2, metadata=_range(-1, 1000))  # -1 = retry forever
+    workers: int = field(default=1, metadata=_range(0, 4096))  # 0 = run the loop in the driver
+    gpus: int = field(default=0, metadata=_range(0, 4096))  # >0: GPU workers (one GPU each)
+    cpus_per_worker: float = field(default=1.0, metadata=_range(0.05, 256))
+    address: str = ""  # "" starts a local Ray; "auto" or host:port joins a cluster
+    dashboard: bool = False
+    dashboard_host: str = "127.0.0.1"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(c) for c in typing.get_args(tp))
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; accept ints for floats. Raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: expected one of {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _check_range(value: Any, meta: dict, key: str) -> None:
+    if value is None or isinstance(value, (bool, str)):
+        return
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        raise ConfigError(f"{key}: {value!r} is out of range [{lo}, {hi}]")
+
+
+def _build_section(cls: type, values: dict, section: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{section}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {section}.{unknown[0]} (valid: {', '.join(sorted(fields))})"
+        )
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{section}.{name}"
+        kwargs[name] = _coerce(value, hints[name], key)
+        _check_range(kwargs[name], fields[name].metadata, key)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict | None) -> Config:
+    """Build and validate a Config from a plain dict (as YAML gives). Missing keys take defaults."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(data).__name__}")
+    sections = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+    unknown = sorted(set(data) - set(sections))
+    if unknown:
+        raise ConfigError(f"unknown section {unknown[0]!r} (valid: {', '.join(sections)})")
+    built = {}
+    for name, factory in sections.items():
+        built[name] = _build_section(type(factory()), data.get(name) or {}, name)
+    return Config(**built)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The fully resolved config as plain data (what `config.yaml` and checkpoints hold)."""
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """`["train.lr=0.01", "model.width=0.5"]` -> nested dict; values are parsed as YAML scalars."""
+    nested: dict = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"--set {item!r}: keys look like section.key (e.g. train.lr=0.01)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        nested.setdefault(parts[0], {})[parts[1]] = value
+    return nested
+
+
+def merge(base: dict, overrides: dict) -> dict:
+    """A new dict: `overrides` applied on top of `base` (two levels deep); neither is changed."""
+    merged = {section: dict(values or {}) for section, values in base.items()}
+    for section, values in overrides.items():
+        if isinstance(values, dict) and isinstance(merged.get(section, {}), dict):
+            merged.setdefault(section, {}).update(values)
+        else:
+            merged[section] = values
+    return merged
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML mapping read with safe_load; one-line ConfigError naming the file otherwise."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}:" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"{path}:{where} {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file (if given) <- `--set` overrides, validated."""
+    data = read_yaml(path) if path else {}
+    try:
+        return config_from_dict(merge(data, parse_overrides(overrides)))
+    except ConfigError as exc:
+        if path:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
+
+
+def dump_config(cfg: Config, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def add_config_arguments(parser) -> None:
+    """The `--config FILE` and repeatable `--set k=v [k=v ...]` options every CLI shares."""
+    parser.add_argument("--config", metavar="FILE", help="YAML config (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        nargs="+",
+        action="extend",
+        default=[],
+        help="override config values, e.g. --set train.lr=0.01 model.width=0.5 (repeatable)",
+    )
