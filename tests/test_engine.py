@@ -1,0 +1,181 @@
+"""The training engine without Ray: steps reduce the loss, non-finite steps are skipped, LR follows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rtrain.ema import ModelEMA
+from rtrain.engine import amp_dtype, make_grad_scaler, train_one_epoch
+from rtrain.guard import NonFiniteGuard, NonFiniteLossError
+from rtrain.optim import build_optimizer
+from rtrain.schedule import LRSchedule
+
+torch.set_num_threads(1)
+
+
+class TinyBoxRegressor(nn.Module):
+    """A small real model with the training contract: `model(images, targets)` -> dict of losses.
+
+    It regresses the first target box (normalised) and classifies its label from the image.
+    """
+
+    def __init__(self, num_classes: int = 3) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.box = nn.Linear(16, 4)
+        self.cls = nn.Linear(16, num_classes)
+
+    def forward(self, images, targets):
+        feats = self.features(images)
+        size = images.shape[-1]
+        boxes = torch.stack([t["boxes"][0] for t in targets]) / size
+        labels = torch.stack([t["labels"][0] for t in targets])
+        loss_box = nn.functional.smooth_l1_loss(self.box(feats).sigmoid(), boxes)
+        loss_cls = nn.functional.cross_entropy(self.cls(feats), labels)
+        return {"loss": loss_box + loss_cls, "loss_box": loss_box, "loss_cls": loss_cls}
+
+
+class NaNAt(nn.Module):
+    """Wraps a model; its loss is NaN on the calls listed in `bad_calls` (0-based)."""
+
+    def __init__(self, model: nn.Module, bad_calls: set[int]) -> None:
+        super().__init__()
+        self.model = model
+        self.bad_calls = bad_calls
+        self.calls = 0
+
+    def forward(self, images, targets):
+        losses = self.model(images, targets)
+        if self.calls in self.bad_calls:
+            losses = {k: v * float("nan") for k, v in losses.items()}
+        self.calls += 1
+        return losses
+
+
+def to_targets(batch, device):
+    out = []
+    for boxes, labels in zip(batch["boxes"], batch["labels"], strict=True):
+        keep = labels >= 0
+        out.append({"boxes": boxes[keep].to(device), "labels": labels[keep].long().to(device)})
+    return out
+
+
+def make_batches(n_batches: int, batch_size: int = 4, size: int = 32, seed: int = 0) -> list[dict]:
+    """One bright rectangle per image, its colour channel = its label; boxes padded to 2 (label -1)."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n_batches):
+        images = torch.zeros(batch_size, 3, size, size, dtype=torch.uint8)
+        boxes = torch.zeros(batch_size, 2, 4)
+        labels = torch.full((batch_size, 2), -1, dtype=torch.int64)
+        for i in range(batch_size):
+            x1, y1 = torch.randint(0, size // 2, (2,), generator=g).tolist()
+            w, h = torch.randint(6, size // 2, (2,), generator=g).tolist()
+            c = int(torch.randint(0, 3, (1,), generator=g))
+            images[i, c, y1 : y1 + h, x1 : x1 + w] = 255
+            boxes[i, 0] = torch.tensor([x1, y1, x1 + w, y1 + h], dtype=torch.float32)
+            labels[i, 0] = c
+        batches.append({"images": images, "boxes": boxes, "labels": labels})
+    return batches
+
+
+def _mean_loss(model, batches) -> float:
+    model.eval()
+    with torch.no_grad():
+        losses = [float(model(b["images"].float() / 255, to_targets(b, "cpu"))["loss"]) for b in batches]
+    return sum(losses) / len(losses)
+
+
+def test_steps_reduce_loss_and_report_metrics():
+    torch.manual_seed(0)
+    model = TinyBoxRegressor()
+    batches = make_batches(6)
+    before = _mean_loss(model, batches)
+    opt = build_optimizer(model, "adamw", lr=0.01, momentum=0.9, weight_decay=0.0)
+    ema = ModelEMA(model, decay=0.9, tau=1.0)
+    for epoch in range(8):
+        metrics = train_one_epoch(
+            model, opt, batches, device="cpu", ema=ema, grad_clip=10.0, to_targets=to_targets,
+            step_offset=epoch * len(batches), epoch=epoch,
+        )
+    after = _mean_loss(model, batches)
+    assert after < 0.7 * before, (before, after)
+    assert metrics["steps"] == 6 and metrics["skipped"] == 0 and metrics["images"] == 24
+    for key in ("loss", "loss_box", "loss_cls", "lr", "images_per_s", "data_wait_s", "data_wait_frac",
+                "epoch_time_s", "grad_norm"):
+        assert math.isfinite(metrics[key]), key
+    assert 0.0 <= metrics["data_wait_frac"] <= 1.0
+    assert metrics["images_per_s"] > 0
+    assert ema.updates == 8 * 6
+    # The EMA followed the model: its loss dropped too.
+    assert _mean_loss(ema.module, batches) < before
+
+
+def test_nonfinite_step_is_skipped_and_counted():
+    torch.manual_seed(0)
+    model = NaNAt(TinyBoxRegressor(), bad_calls={2})
+    opt = build_optimizer(model, "sgd", lr=0.01, momentum=0.9)
+    guard = NonFiniteGuard(max_consecutive=3)
+    metrics = train_one_epoch(model, opt, make_batches(5), device="cpu", guard=guard, to_targets=to_targets)
+    assert metrics["steps"] == 4 and metrics["skipped"] == 1
+    assert guard.total == 1 and guard.consecutive == 0
+    assert math.isfinite(metrics["loss"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_too_many_nonfinite_steps_stop_with_a_reason():
+    model = NaNAt(TinyBoxRegressor(), bad_calls=set(range(100)))
+    opt = build_optimizer(model, "sgd", lr=0.01)
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps"):
+        train_one_epoch(model, opt, make_batches(5), device="cpu", guard=NonFiniteGuard(max_consecutive=3),
+                        to_targets=to_targets)
+
+
+class LrRecorder(nn.Module):
+    def __init__(self, model, optimizer_ref):
+        super().__init__()
+        self.model = model
+        self.optimizer_ref = optimizer_ref
+        self.seen: list[float] = []
+
+    def forward(self, images, targets):
+        groups = {g["name"]: g["lr"] for g in self.optimizer_ref[0].param_groups}
+        self.seen.append(groups["decay"])
+        return self.model(images, targets)
+
+
+def test_lr_follows_the_schedule_across_epochs():
+    ref: list = []
+    model = LrRecorder(TinyBoxRegressor(), ref)
+    opt = build_optimizer(model, "sgd", lr=0.1)
+    ref.append(opt)
+    sched = LRSchedule(base_lr=0.1, total_steps=8, warmup_steps=2, final_lr_ratio=0.1)
+    batches = make_batches(4)
+    m0 = train_one_epoch(model, opt, batches, device="cpu", schedule=sched, to_targets=to_targets)
+    m1 = train_one_epoch(model, opt, batches, device="cpu", schedule=sched, to_targets=to_targets,
+                         step_offset=4)
+    expected = [sched.lr_at(s) for s in range(8)]
+    assert model.seen == pytest.approx(expected)
+    assert model.seen[0] == pytest.approx(0.0) and max(model.seen) == pytest.approx(0.1)
+    assert m0["lr"] == pytest.approx(expected[3]) and m1["lr"] == pytest.approx(expected[7])
+
+
+def test_time_budget_ends_the_epoch_early():
+    model = TinyBoxRegressor()
+    opt = build_optimizer(model, "sgd", lr=0.01)
+    sched = LRSchedule(base_lr=0.01, total_steps=1000, time_limit=1e-6)
+    metrics = train_one_epoch(model, opt, make_batches(3), device="cpu", schedule=sched,
+                              stop_when_finished=True, to_targets=to_targets)
+    assert metrics["steps"] == 0 and metrics["stopped_early"] == 1.0
+
+
+def test_amp_is_off_on_cpu():
+    assert amp_dtype("cpu", True) is None
+    assert make_grad_scaler("cpu", True) is None
