@@ -1,0 +1,64 @@
+"""Optimizer builder: three param groups so weight decay only touches conv/linear weights.
+
+Decaying BatchNorm scales or biases pulls them towards zero for no benefit and
+hurts small models, so:
+  "decay"    weights of every non-norm layer       (weight_decay)
+  "no_decay" weights of normalisation layers       (0)
+  "bias"     every bias                            (0; LRSchedule may warm it up separately)
+Each group carries its "name", which `LRSchedule.apply` reads.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+OPTIMIZERS = ("sgd", "adamw")
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters of `model` split into named groups (see module doc); empty groups dropped."""
+    decay, no_decay, bias = [], [], []
+    seen: set[int] = set()
+    for module in model.modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            if pname == "bias":
+                bias.append(param)
+            elif isinstance(module, _NORM_TYPES) or param.ndim <= 1:
+                # 1-d parameters (norm scales, layer-scale gammas) are not weights to shrink.
+                no_decay.append(param)
+            else:
+                decay.append(param)
+    groups = [
+        {"name": "decay", "params": decay, "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay, "weight_decay": 0.0},
+        {"name": "bias", "params": bias, "weight_decay": 0.0},
+    ]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str = "sgd",
+    lr: float = 0.01,
+    momentum: float = 0.937,
+    weight_decay: float = 5e-4,
+) -> torch.optim.Optimizer:
+    """SGD (Nesterov, `momentum`) or AdamW (betas=(momentum, 0.999)) over `param_groups(model)`.
+
+    Pass the unwrapped model or the DDP wrapper: both give the same parameters.
+    """
+    key = name.lower()
+    if key not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
+    groups = param_groups(model, weight_decay)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    if key == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
