@@ -1,0 +1,146 @@
+"""Detection losses (PP-PicoDet v2 / YOLOv8 style): varifocal classification, GIoU and DFL box terms.
+
+`DetectionLoss` decodes the raw head outputs, asks the task-aligned assigner (`rtrain.assigner`)
+which points learn which gt, and returns weighted losses, each normalised by the sum of the soft
+class targets (at least 1):
+
+- classification: varifocal loss against IoU-aware soft targets (positives weighted by their
+  target, negatives down-weighted by `alpha * p^gamma`); points inside crowd boxes are ignored;
+- box: GIoU loss between predicted and assigned boxes, weighted per positive by its target score;
+- DFL: distribution focal loss on the `reg_max + 1` distance bins of each side, same weights.
+
+All of it runs in float32 with autocast off, so it is safe inside an AMP training step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import generalized_box_iou_loss
+
+from rtrain.assigner import TaskAlignedAssigner, pad_targets
+from rtrain.box_ops import boxes_to_ltrb, dist_to_ltrb, ltrb_to_boxes
+
+
+def varifocal_loss(
+    logits: torch.Tensor, target_scores: torch.Tensor, alpha: float = 0.75, gamma: float = 2.0
+) -> torch.Tensor:
+    """Element-wise varifocal loss [..., C] for logits and soft targets in 0..1 of the same shape.
+
+    Positives (target > 0) are weighted by their target; negatives by `alpha * sigmoid(logit)^gamma`.
+    """
+    prob = logits.sigmoid()
+    positive = (target_scores > 0).to(logits.dtype)
+    weight = alpha * prob.pow(gamma) * (1 - positive) + target_scores * positive
+    return F.binary_cross_entropy_with_logits(logits, target_scores, reduction="none") * weight
+
+
+def distribution_focal_loss(dist_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """DFL [...] for bin logits [..., R+1] and continuous targets [...] in [0, R) (bin units).
+
+    Cross-entropy on the two bins around the target, weighted by closeness: minimal when the
+    distribution puts all its mass on those two bins in the right proportion.
+    """
+    left = target.floor().long()
+    right = left + 1
+    w_left = right.to(target.dtype) - target
+    w_right = 1 - w_left
+    logp = dist_logits.log_softmax(dim=-1)
+    lp_left = logp.gather(-1, left[..., None]).squeeze(-1)
+    lp_right = logp.gather(-1, right[..., None]).squeeze(-1)
+    return -(lp_left * w_left + lp_right * w_right)
+
+
+class DetectionLoss(nn.Module):
+    """Assigner + losses for an anchor-free DFL head. No parameters.
+
+    forward(cls_logits [B, N, C], box_dist [B, N, 4 * (reg_max + 1)], points [N, 2] (x, y input px),
+    point_strides [N], targets: list of B dicts {boxes [M, 4] xyxy input px, labels [M] int64,
+    optional iscrowd [M] bool}) -> {"loss", "loss_cls", "loss_box", "loss_dfl"}, scalar tensors;
+    the three parts are already weighted, so loss = loss_cls + loss_box + loss_dfl.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        reg_max: int = 7,
+        *,
+        cls_weight: float = 1.0,
+        box_weight: float = 2.0,
+        dfl_weight: float = 0.5,
+        topk: int = 13,
+        alpha: float = 1.0,
+        beta: float = 6.0,
+        center_radius: float = 2.5,
+        vfl_alpha: float = 0.75,
+        vfl_gamma: float = 2.0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1 or reg_max < 1:
+            raise ValueError(f"num_classes and reg_max must be >= 1, got {num_classes} and {reg_max}")
+        self.num_classes, self.reg_max = num_classes, reg_max
+        self.cls_weight, self.box_weight, self.dfl_weight = cls_weight, box_weight, dfl_weight
+        self.vfl_alpha, self.vfl_gamma = vfl_alpha, vfl_gamma
+        self.assigner = TaskAlignedAssigner(topk=topk, alpha=alpha, beta=beta, center_radius=center_radius)
+
+    def forward(
+        self,
+        cls_logits: torch.Tensor,
+        box_dist: torch.Tensor,
+        points: torch.Tensor,
+        point_strides: torch.Tensor,
+        targets: list[dict],
+    ) -> dict[str, torch.Tensor]:
+        batch, num_points, num_classes = cls_logits.shape
+        bins = self.reg_max + 1
+        if num_classes != self.num_classes or box_dist.shape != (batch, num_points, 4 * bins):
+            raise ValueError(
+                f"expected cls_logits [B, N, {self.num_classes}] and box_dist [B, N, {4 * bins}], got "
+                f"{tuple(cls_logits.shape)} and {tuple(box_dist.shape)}"
+            )
+        if points.shape != (num_points, 2) or point_strides.shape != (num_points,):
+            raise ValueError(f"points/strides do not match N={num_points}: {tuple(points.shape)}")
+        if len(targets) != batch:
+            raise ValueError(f"got {len(targets)} target dicts for a batch of {batch} images")
+
+        with torch.autocast(device_type=cls_logits.device.type, enabled=False):
+            return self._losses(
+                cls_logits.float(), box_dist.float(), points.float(), point_strides.float(), targets
+            )
+
+    def _losses(self, cls_logits, box_dist, points, point_strides, targets) -> dict[str, torch.Tensor]:
+        gt_boxes, gt_labels, gt_valid, gt_crowd = pad_targets(targets, cls_logits.device, self.num_classes)
+        strides = point_strides[:, None]
+        ltrb = dist_to_ltrb(box_dist, self.reg_max)  # [B, N, 4] stride units
+        pred_boxes = ltrb_to_boxes(points, ltrb * strides)  # [B, N, 4] input px
+        a = self.assigner(
+            cls_logits.sigmoid(), pred_boxes, points, point_strides, gt_boxes, gt_labels, gt_valid, gt_crowd
+        )
+        norm = a.target_scores.sum().clamp(min=1.0)
+
+        cls_elem = varifocal_loss(cls_logits, a.target_scores, self.vfl_alpha, self.vfl_gamma)
+        loss_cls = (cls_elem * (~a.ignore_mask)[..., None]).sum() / norm
+
+        # Indexing an empty mask still keeps box_dist in the graph (zero gradient), so a batch
+        # with no boxes neither breaks backward nor leaves DDP with unused parameters.
+        fg = a.fg_mask
+        weight = a.target_scores[fg].sum(dim=-1)  # [P]
+        loss_box = (generalized_box_iou_loss(pred_boxes[fg], a.target_boxes[fg]) * weight).sum() / norm
+
+        fg_points = points.expand(fg.shape[0], -1, -1)[fg]  # [P, 2]
+        fg_strides = strides.expand(fg.shape[0], -1, -1)[fg]  # [P, 1]
+        target_ltrb = boxes_to_ltrb(fg_points / fg_strides, a.target_boxes[fg] / fg_strides)
+        target_ltrb = target_ltrb.clamp(min=0, max=self.reg_max - 0.01)
+        dist = box_dist[fg].reshape(-1, 4, self.reg_max + 1)
+        loss_dfl = (distribution_focal_loss(dist, target_ltrb).mean(dim=-1) * weight).sum() / norm
+
+        loss_cls = self.cls_weight * loss_cls
+        loss_box = self.box_weight * loss_box
+        loss_dfl = self.dfl_weight * loss_dfl
+        return {
+            "loss": loss_cls + loss_box + loss_dfl,
+            "loss_cls": loss_cls,
+            "loss_box": loss_box,
+            "loss_dfl": loss_dfl,
+        }

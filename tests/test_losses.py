@@ -1,0 +1,149 @@
+"""Losses: DFL and GIoU basics, DetectionLoss on empty/real targets, gradients, autocast, and a tiny fit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torchvision.ops import generalized_box_iou_loss
+
+from rtrain.box_ops import dist_to_ltrb, level_sizes, ltrb_to_boxes, make_points
+from rtrain.losses import DetectionLoss, distribution_focal_loss, varifocal_loss
+
+REG_MAX = 7
+STRIDES = (8, 16)
+NUM_CLASSES = 3
+
+
+def setup(batch=2, size=64, seed=0):
+    torch.manual_seed(seed)
+    points, strides = make_points(level_sizes(size, size, STRIDES), STRIDES)
+    n = points.shape[0]
+    cls_logits = torch.randn(batch, n, NUM_CLASSES, requires_grad=True)
+    box_dist = torch.randn(batch, n, 4 * (REG_MAX + 1), requires_grad=True)
+    return cls_logits, box_dist, points, strides
+
+
+def some_targets():
+    return [
+        {"boxes": torch.tensor([[5.0, 6.0, 30.0, 40.0], [33.0, 20.0, 60.0, 50.0]]),
+         "labels": torch.tensor([0, 2])},
+        {"boxes": torch.tensor([[10.0, 10.0, 50.0, 30.0]]), "labels": torch.tensor([1]),
+         "iscrowd": torch.tensor([False])},
+    ]
+
+
+def empty_targets(batch=2):
+    return [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)} for _ in range(batch)]
+
+
+def test_dfl_of_perfect_distribution_is_lower_than_wrong_one():
+    target = torch.tensor([2.3])
+    perfect = torch.full((1, REG_MAX + 1), -30.0)
+    perfect[0, 2], perfect[0, 3] = math.log(0.7), math.log(0.3)
+    wrong = torch.full((1, REG_MAX + 1), -30.0)
+    wrong[0, 6] = 0.0
+    loss_perfect = distribution_focal_loss(perfect, target)
+    loss_wrong = distribution_focal_loss(wrong, target)
+    # The perfect distribution's loss is the entropy of (0.7, 0.3), its minimum.
+    entropy = -(0.7 * math.log(0.7) + 0.3 * math.log(0.3))
+    assert loss_perfect.item() == pytest.approx(entropy, abs=1e-4)
+    assert loss_wrong.item() > loss_perfect.item() + 10
+    # And its expectation decodes back to the target distance.
+    assert dist_to_ltrb(perfect.repeat(1, 4), REG_MAX)[0, 0].item() == pytest.approx(2.3, abs=1e-4)
+
+
+def test_giou_loss_of_identical_boxes_is_zero_and_grows_apart():
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 25.0, 15.0]])
+    assert generalized_box_iou_loss(boxes, boxes, reduction="sum").item() == pytest.approx(0.0, abs=1e-6)
+    apart = boxes + torch.tensor([30.0, 0.0, 30.0, 0.0])
+    assert (generalized_box_iou_loss(boxes, apart) > 1.0).all()
+
+
+def test_varifocal_loss_weights_negatives_by_confidence():
+    target = torch.zeros(2, 1)
+    loss = varifocal_loss(torch.tensor([[-4.0], [4.0]]), target)
+    assert loss[0] < 1e-3 < loss[1]  # a confident false positive costs far more
+    soft = varifocal_loss(torch.tensor([[0.0]]), torch.tensor([[0.6]]))
+    assert soft.item() == pytest.approx(0.6 * math.log(2), abs=1e-5)  # BCE(0.5 vs 0.6) * 0.6
+
+
+def test_total_loss_finite_with_empty_targets_and_gradients_flow():
+    cls_logits, box_dist, points, strides = setup()
+    out = DetectionLoss(NUM_CLASSES, REG_MAX)(cls_logits, box_dist, points, strides, empty_targets())
+    assert set(out) == {"loss", "loss_cls", "loss_box", "loss_dfl"}
+    assert torch.isfinite(out["loss"])
+    assert out["loss_box"].item() == 0.0 and out["loss_dfl"].item() == 0.0
+    assert out["loss_cls"].item() > 0
+    out["loss"].backward()
+    assert cls_logits.grad is not None and cls_logits.grad.abs().sum() > 0
+    assert box_dist.grad is not None  # in the graph (zero), so DDP sees no unused parameter
+
+
+def test_losses_with_targets_are_positive_and_reach_both_outputs():
+    cls_logits, box_dist, points, strides = setup()
+    out = DetectionLoss(NUM_CLASSES, REG_MAX)(cls_logits, box_dist, points, strides, some_targets())
+    for key in ("loss_cls", "loss_box", "loss_dfl"):
+        assert torch.isfinite(out[key]) and out[key].item() > 0, key
+    assert out["loss"].item() == pytest.approx(
+        (out["loss_cls"] + out["loss_box"] + out["loss_dfl"]).item(), rel=1e-6
+    )
+    out["loss"].backward()
+    assert cls_logits.grad.abs().sum() > 0 and box_dist.grad.abs().sum() > 0
+
+
+def test_all_crowd_batch_has_no_box_loss():
+    cls_logits, box_dist, points, strides = setup()
+    targets = some_targets()
+    for t in targets:
+        t["iscrowd"] = torch.ones(t["boxes"].shape[0], dtype=torch.bool)
+    out = DetectionLoss(NUM_CLASSES, REG_MAX)(cls_logits, box_dist, points, strides, targets)
+    assert out["loss_box"].item() == 0.0 and torch.isfinite(out["loss"])
+
+
+def test_loss_runs_under_autocast_in_float32():
+    cls_logits, box_dist, points, strides = setup()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = DetectionLoss(NUM_CLASSES, REG_MAX)(
+            cls_logits.bfloat16(), box_dist.bfloat16(), points, strides, some_targets()
+        )
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert cls_logits.grad is not None and cls_logits.grad.abs().sum() > 0
+
+
+def test_shape_mismatch_is_a_clear_error():
+    cls_logits, box_dist, points, strides = setup()
+    with pytest.raises(ValueError, match="box_dist"):
+        DetectionLoss(NUM_CLASSES, REG_MAX + 1)(cls_logits, box_dist, points, strides, some_targets())
+    with pytest.raises(ValueError, match="target dicts"):
+        DetectionLoss(NUM_CLASSES, REG_MAX)(cls_logits, box_dist, points, strides, some_targets()[:1])
+
+
+def test_optimising_raw_outputs_fits_the_boxes_and_classes():
+    """Treat the head outputs as free parameters: minimising the loss must fit the targets."""
+    cls_logits, box_dist, points, strides = setup(batch=2, seed=1)
+    with torch.no_grad():
+        cls_logits.fill_(-4.6)  # prior probability 0.01, as a detection head is initialised
+        box_dist.mul_(0.1)
+    targets = some_targets()
+    loss_fn = DetectionLoss(NUM_CLASSES, REG_MAX)
+    opt = torch.optim.Adam([cls_logits, box_dist], lr=0.1)
+    first = None
+    for _ in range(150):
+        out = loss_fn(cls_logits, box_dist, points, strides, targets)
+        first = first if first is not None else out["loss"].item()
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert out["loss"].item() < 0.3 * first
+    with torch.no_grad():
+        scores, labels = cls_logits.sigmoid().max(dim=-1)
+        boxes = ltrb_to_boxes(points, dist_to_ltrb(box_dist, REG_MAX) * strides[:, None])
+    for i, t in enumerate(targets):
+        for box, label in zip(t["boxes"], t["labels"], strict=True):
+            # The best-scoring point of that class decodes to the gt box.
+            best = (scores[i] * (labels[i] == label)).argmax()
+            iou = 1 - generalized_box_iou_loss(boxes[i, best], box).item()
+            assert scores[i, best] > 0.5 and iou > 0.85, (i, label, scores[i, best].item(), iou)
