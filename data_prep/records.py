@@ -10,6 +10,8 @@ are reported as `Issue`s, never raised, unless the whole input is unusable
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 
@@ -35,11 +37,15 @@ class Issue:
     """One skipped or repaired item, listed in the manifest."""
 
     item: str  # file name or annotation id the fault belongs to
-    reason: str  # e.g. "zero-area box dropped", "missing image file"
-    action: str  # "skipped" | "repaired" | "dropped"
+    reason: str  # short and fixed (the manifest counts by it): e.g. "missing image file"
+    action: str  # "skipped" (a whole image) | "repaired" | "dropped" (one box or annotation)
+    detail: str = ""  # optional specifics (the exception text, the clipped values...)
 
     def to_dict(self) -> dict:
-        return {"item": self.item, "reason": self.reason, "action": self.action}
+        d = {"item": self.item, "reason": self.reason, "action": self.action}
+        if self.detail:
+            d["detail"] = self.detail
+        return d
 
 
 @dataclass
@@ -58,3 +64,15 @@ class SourceImage:
     labels: list[int] = field(default_factory=list)
     iscrowd: list[bool] = field(default_factory=list)
     issues: list[Issue] = field(default_factory=list)  # annotation-level faults found by the reader
+
+
+# What a reader returns. The stream holds SourceImages in a deterministic order;
+# a bare Issue in the stream reports something that has no record of its own (an
+# image the reader skipped, an annotation pointing at no image). `source` is a
+# JSON-able dict that identifies the input (paths, file sizes/hashes, options):
+# it goes into the manifest, and a rerun into the same --out must give the same.
+ReadResult = tuple[list[ClassInfo], Iterator["SourceImage | Issue"], dict]
+
+# A reader takes the parsed CLI arguments of `python -m data_prep.shard` and raises
+# DatasetError (one line, naming the file) before returning if the input is unusable.
+Reader = Callable[[argparse.Namespace], ReadResult]

@@ -1,0 +1,98 @@
+"""python -m data_prep.shard: any detection dataset -> Parquet shards + manifest.json.
+
+    python -m data_prep.shard --format coco --annotations instances.json --images DIR --out OUT
+    python -m data_prep.shard --format voc --root DIR [--split-file ImageSets/Main/train.txt] --out OUT
+    ... [--size 640] [--rows-per-shard 1000] [--workers N] [--classes-from TRAIN_OUT/manifest.json]
+
+A new format is one line in READERS: a function `read(args) -> (classes, stream, source)`
+(see data_prep.records.Reader). Reader options are the shared ones below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections import Counter
+
+from data_prep import coco, voc
+from data_prep.manifest import load_classes
+from data_prep.records import DatasetError, Reader
+from data_prep.writer import Options, write_dataset
+
+READERS: dict[str, Reader] = {
+    "coco": coco.read,
+    "voc": voc.read,
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m data_prep.shard", description=__doc__.split("\n")[0])
+    p.add_argument("--format", required=True, choices=sorted(READERS), help="source format")
+    p.add_argument("--out", required=True, help="output folder for part-*.parquet and manifest.json")
+    p.add_argument("--size", type=int, default=640, help="longer side of the stored images (px)")
+    p.add_argument("--rows-per-shard", type=int, default=1000, help="images per Parquet file")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes")
+    p.add_argument("--classes-from", help="manifest.json whose class list to reuse (val/test from train)")
+    g = p.add_argument_group("reader options (which ones a format needs: see its module)")
+    g.add_argument("--annotations", help="annotation file (coco: instances JSON) or folder")
+    g.add_argument("--images", help="image folder (voc: default found under --root)")
+    g.add_argument("--root", help="dataset root folder (voc)")
+    g.add_argument("--split-file", help="ids to use: a .txt of ids or a .csv with a filename column")
+    g.add_argument("--classes", help="comma-separated class names, in index order")
+    g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra reader-specific option (repeatable), seen by readers as args.opts[KEY]")
+    return p
+
+
+def shard(args: argparse.Namespace) -> dict:
+    """Read with the chosen reader and write the shards; return the manifest dict."""
+    opts = dict(kv.split("=", 1) for kv in args.opt if "=" in kv)
+    bad = [kv for kv in args.opt if "=" not in kv]
+    if bad:
+        raise DatasetError(f"--opt {bad[0]!r} is not KEY=VALUE")
+    args.opts = opts
+    frozen = load_classes(args.classes_from) if args.classes_from else None
+    classes, stream, source = READERS[args.format](args)
+    options = Options(size=args.size, rows_per_shard=args.rows_per_shard, workers=args.workers,
+                      classes_from=os.path.abspath(args.classes_from) if args.classes_from else None)
+    return write_dataset(classes, stream, source, args.out, options, frozen)
+
+
+def summary(manifest: dict, out: str) -> str:
+    c = manifest["counts"]
+    lines = [f"{c['images']} images written to {out} ({len(manifest['shards'])} shards, {c['boxes']} boxes, "
+             f"{c['negatives']} without boxes, {manifest['num_classes']} classes)",
+             f"{c['skipped_images']} images skipped, {c['dropped_boxes']} boxes/annotations dropped, "
+             f"{c['repaired']} items repaired"]
+    reasons = Counter()
+    for i in manifest["issues"]:
+        reasons[(i["action"], i["reason"])] += 1
+    for (action, reason), n in sorted(reasons.items()):
+        lines.append(f"  {action:9s} {n:6d}  {reason}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        manifest = shard(args)
+    except DatasetError as e:
+        print(f"data_prep.shard: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("data_prep.shard: interrupted; rerun the same command to continue", file=sys.stderr)
+        return 130
+    print(summary(manifest, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

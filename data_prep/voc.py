@@ -1,0 +1,187 @@
+"""Pascal VOC XML (and its common variants) -> SourceImage stream.
+
+Layout under `--root`: an annotation folder (Annotations/, annotations/, ...) of
+one XML per image and an image folder (JPEGImages/, images/, ...). The image is
+found by the XML's <filename> (else its stem) under the image folder; stale
+<path>/<folder> fields are ignored. `--split-file` selects and orders the images:
+a .txt of ids (first word per line, as ImageSets/Main/*.txt) or a .csv with a
+`filename` column (as raccoon's splits/*.csv, one row per box). Without it, every
+XML, sorted by name.
+
+Classes: `--classes a,b,c` in that order, else every name seen, sorted;
+category_id = index + 1. <difficult>1</difficult> boxes are kept with iscrowd=True
+(both mean "do not count against the detector" in evaluation). Image ids are
+1..N in the stream's order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import logging
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+from data_prep.paths import UnsafePathError, safe_join
+from data_prep.records import ClassInfo, DatasetError, Issue, ReadResult, SourceImage
+
+log = logging.getLogger(__name__)
+
+ANNOTATION_DIRS = ("Annotations", "annotations", "Annotation", "annotation", "xml", "labels")
+IMAGE_DIRS = ("JPEGImages", "images", "Images", "JPEGimages", "imgs", "img")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp", ".webp")
+
+
+def _find_dir(root: Path, names: tuple[str, ...], what: str) -> Path:
+    for n in names:
+        if (root / n).is_dir():
+            return root / n
+    raise DatasetError(f"{root}: no {what} folder (looked for {', '.join(names)})")
+
+
+def read_split(path: Path) -> list[str]:
+    """Image ids (file stems) listed by a split file, first occurrence order, no repeats."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such split file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: cannot read split file ({e})") from None
+    ids: list[str] = []
+    if path.suffix.lower() == ".csv":
+        reader = csv.reader(text.splitlines())
+        try:
+            header = [h.strip().lower() for h in next(reader)]
+            col = header.index("filename")
+        except (StopIteration, ValueError):
+            raise DatasetError(f"{path}:1: CSV split file has no 'filename' column") from None
+        for row in reader:
+            if not row:
+                continue
+            if len(row) <= col or not row[col].strip():
+                raise DatasetError(f"{path}:{reader.line_num}: row has no filename")
+            ids.append(Path(row[col].strip().replace("\\", "/")).stem)
+    else:
+        for line in text.splitlines():
+            if line.strip():
+                ids.append(line.split()[0])
+    ids = list(dict.fromkeys(ids))
+    if not ids:
+        raise DatasetError(f"{path}: split file lists no images")
+    return ids
+
+
+def parse_xml(path: Path) -> tuple[str | None, list[tuple[str, list[float] | None, bool]]]:
+    """(<filename> or None, [(class name, [x1,y1,x2,y2] or None if malformed, difficult)])."""
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as e:
+        line, col = e.position
+        raise DatasetError(f"{path}:{line}:{col}: malformed XML: {str(e).split(':')[0]}") from None
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read ({e.strerror})") from None
+    fname = (root.findtext("filename") or "").strip() or None
+    objects = []
+    for obj in root.iter("object"):
+        name = (obj.findtext("name") or "").strip()
+        bb = obj.find("bndbox")
+        try:
+            box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+        except (AttributeError, TypeError, ValueError):
+            box = None
+        difficult = (obj.findtext("difficult") or "0").strip() in ("1", "true")
+        objects.append((name, box, difficult))
+    return fname, objects
+
+
+def read(args: argparse.Namespace) -> ReadResult:
+    """Reader for `--format voc --root DIR [--split-file F] [--classes a,b,c] [--images DIR]`."""
+    if not getattr(args, "root", None):
+        raise DatasetError("--format voc needs --root DIR")
+    root = Path(args.root).resolve()
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder")
+    ann_dir = _find_dir(root, ANNOTATION_DIRS, "annotation")
+    img_dir = Path(args.images).resolve() if getattr(args, "images", None) else _find_dir(
+        root, IMAGE_DIRS, "image")
+    split = getattr(args, "split_file", None)
+    split_path = None
+    if split:
+        split_path = Path(split) if Path(split).is_absolute() else root / split
+        if not split_path.exists() and Path(split).exists():
+            split_path = Path(split)
+        ids = read_split(split_path.resolve())
+    else:
+        ids = sorted(p.stem for p in ann_dir.glob("*.xml"))
+        if not ids:
+            raise DatasetError(f"{ann_dir}: no XML files: empty dataset")
+
+    # One pass over the XML, before anything is written: a malformed file stops the run here.
+    parsed: list[tuple[str, tuple | None]] = []
+    for stem in ids:
+        xml = ann_dir / f"{stem}.xml"
+        parsed.append((stem, parse_xml(xml) if xml.is_file() else None))
+
+    given = None
+    if getattr(args, "classes", None):
+        given = [c.strip() for c in args.classes.split(",") if c.strip()]
+    names = given or sorted({o[0] for _, p in parsed if p for o in p[1] if o[0]})
+    if not names:
+        raise DatasetError(f"{ann_dir}: no object names in the selected XML files")
+    if len(set(names)) != len(names):
+        raise DatasetError(f"--classes lists a name twice: {','.join(names)}")
+    classes = [ClassInfo(i, n, i + 1) for i, n in enumerate(names)]
+    h = hashlib.sha256()
+    for stem, p in parsed:
+        h.update(repr((stem, p)).encode())
+    source = {"format": "voc", "root": str(root), "annotations": str(ann_dir), "images": str(img_dir),
+              "split_file": str(split_path.resolve()) if split_path else None,
+              "classes": given, "xml_sha256": h.hexdigest()}
+    return classes, _stream(parsed, ann_dir, img_dir, {n: i for i, n in enumerate(names)}), source
+
+
+def _image_path(img_dir: Path, stem: str, fname: str | None) -> Path | None:
+    if fname:
+        p = safe_join(img_dir, fname)
+        if p.is_file():
+            return p
+        if not Path(fname).suffix:  # some tools write the stem only
+            for ext in IMAGE_EXTS:
+                if (q := p.with_name(p.name + ext)).is_file():
+                    return q
+    for ext in IMAGE_EXTS:
+        if (q := img_dir / f"{stem}{ext}").is_file():
+            return q
+    return None
+
+
+def _stream(parsed: list, ann_dir: Path, img_dir: Path, index: dict[str, int]) -> Iterator:
+    image_id = 0
+    for stem, p in parsed:
+        if p is None:
+            yield Issue(stem, "annotation XML missing", "skipped", str(ann_dir / f"{stem}.xml"))
+            continue
+        fname, objects = p
+        try:
+            path = _image_path(img_dir, stem, fname)
+        except UnsafePathError as e:
+            yield Issue(fname or stem, "file name escapes the image root", "skipped", str(e))
+            continue
+        if path is None:
+            yield Issue(fname or stem, "missing image file", "skipped", f"not under {img_dir}")
+            continue
+        image_id += 1
+        rec = SourceImage(image_id=image_id, file_name=path.relative_to(img_dir).as_posix(), path=str(path))
+        for i, (name, box, difficult) in enumerate(objects):
+            item = f"{rec.file_name} object {i}"
+            if name not in index:
+                rec.issues.append(Issue(item, "unknown class name", "dropped", name or "(empty)"))
+            elif box is None:
+                rec.issues.append(Issue(item, "malformed bndbox", "dropped"))
+            else:
+                rec.boxes.append(box)
+                rec.labels.append(index[name])
+                rec.iscrowd.append(difficult)
+        yield rec

@@ -1,0 +1,318 @@
+"""Stream reader records into Parquet shards in parallel, resumably, and write the manifest.
+
+Flow: the reader's stream is cut, in its own order, into chunks of `rows_per_shard`
+images (chunk k -> `part-{k:05d}.parquet`). Each chunk is split into small batches
+that a process pool decodes/resizes/encodes (imaging.convert); the main process
+only collects a finished chunk's rows, writes the shard to a temp name, renames it,
+then writes `_stats/part-k.json` (counts + issues) the same way. A bounded window
+of batches in flight keeps memory flat whatever the dataset size.
+
+A rerun skips every chunk whose stats file exists with the same fingerprint
+(source + options + classes) and the same digest of its input records, so a run
+cut short by Ctrl-C or a kill continues where it stopped and ends with the same
+shards and manifest. A folder made with other options or from another source is
+refused, never mixed. manifest.json is written last.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from data_prep import imaging
+from data_prep.manifest import build_manifest, shard_stats, write_json_atomic
+from data_prep.records import ClassInfo, DatasetError, Issue, SourceImage
+
+log = logging.getLogger(__name__)
+
+SCHEMA = pa.schema([
+    ("image_id", pa.int64()),
+    ("file_name", pa.string()),
+    ("jpeg", pa.binary()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("orig_width", pa.int32()),
+    ("orig_height", pa.int32()),
+    ("boxes", pa.list_(pa.float32())),
+    ("labels", pa.list_(pa.int32())),
+    ("iscrowd", pa.list_(pa.bool_())),
+])
+CONFIG_NAME = "_shard_config.json"
+STATS_DIR = "_stats"  # pyarrow and Ray Data skip names starting with "_" or "."
+_PART = re.compile(r"^part-(\d{5,})\.parquet$")
+
+
+@dataclass
+class Options:
+    """What decides the output bytes (all in the fingerprint) plus how to run (workers, batch)."""
+
+    size: int = 640
+    rows_per_shard: int = 1000
+    quality: int = imaging.JPEG_QUALITY
+    classes_from: str | None = None
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    batch: int = 8  # images per pool task
+
+    def fingerprinted(self) -> dict:
+        return {"size": self.size, "rows_per_shard": self.rows_per_shard, "jpeg_quality": self.quality,
+                "classes_from": self.classes_from}
+
+
+@dataclass
+class _Chunk:
+    index: int
+    records: list[SourceImage] = field(default_factory=list)
+    issues: list[Issue] = field(default_factory=list)  # reader issues with no record of their own
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for r in self.records:
+            h.update(json.dumps([r.image_id, r.file_name, r.boxes, r.labels, r.iscrowd,
+                                 [i.to_dict() for i in r.issues]]).encode())
+        h.update(json.dumps([i.to_dict() for i in self.issues]).encode())
+        return h.hexdigest()
+
+
+def remap_classes(
+    stream: Iterable[SourceImage | Issue], classes: list[ClassInfo], frozen: list[ClassInfo]
+) -> Iterator[SourceImage | Issue]:
+    """Relabel records from the reader's class list onto `frozen` (matched by name).
+
+    A box whose class is not in `frozen` is dropped and listed.
+    """
+    by_name = {c.name: c.index for c in frozen}
+    mapping = {c.index: by_name.get(c.name) for c in classes}
+    names = {c.index: c.name for c in classes}
+    for rec in stream:
+        if isinstance(rec, Issue):
+            yield rec
+            continue
+        boxes, labels, crowd, issues = [], [], [], list(rec.issues)
+        for i, (b, lab, cr) in enumerate(zip(rec.boxes, rec.labels, rec.iscrowd, strict=True)):
+            new = mapping.get(lab)
+            if new is None:
+                issues.append(Issue(f"{rec.file_name} box {i}", "class not in --classes-from list", "dropped",
+                                    names.get(lab, str(lab))))
+                continue
+            boxes.append(b)
+            labels.append(new)
+            crowd.append(cr)
+        yield replace(rec, boxes=boxes, labels=labels, iscrowd=crowd, issues=issues)
+
+
+def _chunks(stream: Iterable[SourceImage | Issue], rows: int, num_classes: int) -> Iterator[_Chunk]:
+    """Cut the stream into chunks of `rows` records; trailing bare issues stay with the chunk before."""
+    chunk = _Chunk(0)
+    for item in stream:
+        if isinstance(item, Issue):
+            chunk.issues.append(item)
+            continue
+        if len(chunk.records) == rows:
+            yield chunk
+            chunk = _Chunk(chunk.index + 1)
+        bad = [lab for lab in item.labels if not 0 <= lab < num_classes]
+        if bad:  # readers must drop unknown classes themselves; this is a reader bug
+            raise DatasetError(f"{item.file_name}: label {bad[0]} outside 0..{num_classes - 1} (reader bug)")
+        chunk.records.append(item)
+    yield chunk
+
+
+def _prepare_out(out: Path, fingerprint: str, summary: dict) -> None:
+    """Create `out`, refuse one that holds another dataset's shards, clean stale temp files."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / STATS_DIR).mkdir(exist_ok=True)
+    config = out / CONFIG_NAME
+    if config.exists():
+        try:
+            old = json.loads(config.read_text()).get("fingerprint")
+        except (json.JSONDecodeError, AttributeError):
+            old = None
+        if old != fingerprint:
+            raise DatasetError(f"{out}: holds shards made from another source or with other options; "
+                               "use another --out or empty it")
+    elif any(_PART.match(p.name) for p in out.iterdir()) or (out / "manifest.json").exists():
+        raise DatasetError(f"{out}: holds shards of unknown origin (no {CONFIG_NAME}); "
+                           "use another --out or empty it")
+    else:
+        write_json_atomic(config, {"fingerprint": fingerprint, **summary})
+    for folder in (out, out / STATS_DIR):
+        for p in folder.iterdir():
+            if p.name.startswith(".") and p.name.endswith(".tmp"):
+                p.unlink()
+
+
+def _write_parquet_atomic(path: Path, rows: list[dict]) -> None:
+    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            pq.write_table(table, f, row_group_size=256, compression="snappy")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class _ShardSink:
+    """Collects a chunk's converted rows (from any batch order) and writes the shard when complete."""
+
+    def __init__(self, out: Path, fingerprint: str, num_classes: int):
+        self.out, self.fingerprint, self.num_classes = out, fingerprint, num_classes
+        self.pending: dict[int, tuple[_Chunk, str, list, int]] = {}  # index -> chunk, digest, slots, left
+        self.stats: dict[int, dict] = {}
+
+    def open(self, chunk: _Chunk, digest: str, batches: int) -> None:
+        self.pending[chunk.index] = (chunk, digest, [None] * len(chunk.records), batches)
+
+    def add(self, index: int, start: int, results: list) -> None:
+        chunk, digest, slots, left = self.pending[index]
+        slots[start:start + len(results)] = results
+        left -= 1
+        self.pending[index] = (chunk, digest, slots, left)
+        if left == 0:
+            del self.pending[index]
+            self.finish(chunk, digest, slots)
+
+    def finish(self, chunk: _Chunk, digest: str, results: list) -> None:
+        rows, issues = [], list(chunk.issues)
+        for rec, (row, row_issues) in zip(chunk.records, results, strict=True):
+            issues.extend(rec.issues)
+            issues.extend(row_issues)
+            if row is not None:
+                rows.append(row)
+        name = f"part-{chunk.index:05d}.parquet"
+        if rows:
+            _write_parquet_atomic(self.out / name, rows)
+        stats = shard_stats(rows, issues, self.num_classes)
+        stats.update(file=name, fingerprint=self.fingerprint, digest=digest)
+        write_json_atomic(self.out / STATS_DIR / f"part-{chunk.index:05d}.json", stats)
+        self.stats[chunk.index] = stats
+        log.info("wrote %s: %d rows, %d issues", name, len(rows), len(issues))
+
+
+def _finished_stats(out: Path, chunk: _Chunk, digest: str, fingerprint: str) -> dict | None:
+    """The saved stats of a chunk a previous run finished, None if it must be (re)done."""
+    path = out / STATS_DIR / f"part-{chunk.index:05d}.json"
+    try:
+        stats = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if stats.get("fingerprint") != fingerprint or stats.get("digest") != digest:
+        raise DatasetError(f"{out}: part-{chunk.index:05d} was made from different input records; "
+                           "use another --out or empty it")
+    if stats["rows"] and not (out / stats["file"]).exists():
+        return None
+    return stats
+
+
+def _pool(workers: int) -> cf.ProcessPoolExecutor:
+    # forkserver: workers start from a small clean server (no copy of the parent's annotation
+    # set, no inherited threads from pyarrow), faster than spawn for each new worker.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["data_prep.imaging"])
+    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+
+
+def write_dataset(
+    classes: list[ClassInfo],
+    stream: Iterable[SourceImage | Issue],
+    source: dict,
+    out: str | os.PathLike,
+    opts: Options,
+    frozen_classes: list[ClassInfo] | None = None,
+) -> dict:
+    """Write every record of `stream` into Parquet shards under `out`; return the manifest dict.
+
+    `classes`/`stream`/`source` are what a reader returned. With `frozen_classes`
+    (another manifest's class list) labels are remapped onto it by name.
+    Raises DatasetError (one line) for an empty dataset or an `out` holding other shards.
+    """
+    out = Path(out)
+    if opts.size < 1 or opts.rows_per_shard < 1:
+        raise DatasetError(f"--size and --rows-per-shard must be positive (got {opts.size}, "
+                           f"{opts.rows_per_shard})")
+    if frozen_classes is not None:
+        stream = remap_classes(stream, classes, frozen_classes)
+        classes = frozen_classes
+    stream = iter(stream)
+    head: list[SourceImage | Issue] = []
+    for item in stream:  # find the first image before anything is written
+        head.append(item)
+        if isinstance(item, SourceImage):
+            break
+    if not any(isinstance(i, SourceImage) for i in head):
+        where = source.get("annotations") or source.get("root") or "input"
+        raise DatasetError(f"{where}: empty dataset, no usable images ({len(head)} skipped)")
+    fp_obj = {"source": source, "options": opts.fingerprinted(),
+              "classes": [[c.index, c.name, c.category_id] for c in classes]}
+    fingerprint = hashlib.sha256(json.dumps(fp_obj, sort_keys=True).encode()).hexdigest()
+    _prepare_out(out, fingerprint, fp_obj)
+
+    sink = _ShardSink(out, fingerprint, len(classes))
+    pool = None
+    window = max(2, opts.workers) * 3
+    futures: dict[cf.Future, tuple[int, int]] = {}
+
+    def drain(until: int) -> None:
+        while len(futures) > until:
+            done, _ = cf.wait(futures, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                index, start = futures.pop(fut)
+                sink.add(index, start, fut.result())
+
+    n_chunks = 0
+    try:
+        for chunk in _chunks(_chain(head, stream), opts.rows_per_shard, len(classes)):
+            n_chunks += 1
+            digest = chunk.digest()
+            done_stats = _finished_stats(out, chunk, digest, fingerprint)
+            if done_stats is not None:
+                sink.stats[chunk.index] = done_stats
+                continue
+            if not chunk.records:  # only skipped items: stats, no shard
+                sink.finish(chunk, digest, [])
+                continue
+            starts = list(range(0, len(chunk.records), opts.batch))
+            sink.open(chunk, digest, len(starts))
+            for start in starts:
+                batch = chunk.records[start:start + opts.batch]
+                if opts.workers <= 1:
+                    sink.add(chunk.index, start, imaging.convert_batch(batch, opts.size, opts.quality))
+                    continue
+                if pool is None:
+                    pool = _pool(opts.workers)
+                drain(window - 1)
+                fut = pool.submit(imaging.convert_batch, batch, opts.size, opts.quality)
+                futures[fut] = (chunk.index, start)
+        drain(0)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    extra = [p.name for p in out.iterdir() if (m := _PART.match(p.name)) and int(m.group(1)) >= n_chunks]
+    if extra:
+        raise DatasetError(f"{out}: holds shards this input does not make ({extra[0]}); "
+                           "use another --out or empty it")
+    stats = [sink.stats[k] for k in range(n_chunks)]
+    manifest = build_manifest(classes, stats, source, opts.fingerprinted(), fingerprint)
+    if manifest["counts"]["images"] == 0:
+        raise DatasetError(f"{out}: no image could be used ({manifest['counts']['skipped_images']} skipped)")
+    write_json_atomic(out / "manifest.json", manifest)
+    return manifest
+
+
+def _chain(head: list, rest: Iterator) -> Iterator:
+    yield from head
+    yield from rest

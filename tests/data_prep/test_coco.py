@@ -1,0 +1,147 @@
+"""COCO reader + shard writer on coco128 (real data): classes, crowd boxes, round trip, bad JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from data_prep import shard
+
+SUBSET = [9, 25, 30, 34, 36, 42, 49, 61, 64, 71, 86, 149, 250]  # 86 grayscale, 149 crowd, 250 no boxes
+
+
+def rows(out: Path) -> list[dict]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return [r for s in manifest["shards"] for r in pq.read_table(out / s["file"]).to_pylist()]
+
+
+@pytest.fixture
+def coco128(shared_data):
+    root = shared_data / "coco128"
+    return root / "annotations" / "instances_train2017.json", root / "train2017"
+
+
+@pytest.fixture
+def subset_json(coco128, tmp_path):
+    data = json.loads(coco128[0].read_text())
+    data["images"] = [i for i in data["images"] if i["id"] in SUBSET]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in SUBSET]
+    path = tmp_path / "subset.json"
+    path.write_text(json.dumps(data))
+    return path, data
+
+
+def run(*argv) -> int:
+    return shard.main([str(a) for a in argv])
+
+
+def test_subset_round_trip(subset_json, coco128, tmp_path, capsys):
+    path, data = subset_json
+    out = tmp_path / "out"
+    assert run("--format", "coco", "--annotations", path, "--images", coco128[1], "--out", out,
+               "--size", 160, "--rows-per-shard", 5, "--workers", 2) == 0
+    assert "13 images written" in capsys.readouterr().out
+    m = json.loads((out / "manifest.json").read_text())
+    # All 80 declared categories kept, sorted by COCO id, with their own ids.
+    cats = sorted(data["categories"], key=lambda c: c["id"])
+    assert [(c["index"], c["name"], c["category_id"]) for c in m["classes"]] == [
+        (i, c["name"], c["id"]) for i, c in enumerate(cats)]
+    assert [s["rows"] for s in m["shards"]] == [5, 5, 3]
+    assert m["counts"]["negatives"] == 1 and m["counts"]["images"] == 13
+    assert m["issue_counts"] == {"L image converted to RGB": 1}
+
+    got = rows(out)
+    assert [r["image_id"] for r in got] == sorted(SUBSET)
+    index_of = {c["category_id"]: c["index"] for c in m["classes"]}
+    by_image = {}
+    for a in data["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    for r in got:
+        assert max(r["width"], r["height"]) == 160
+        src = next(i for i in data["images"] if i["id"] == r["image_id"])
+        assert (r["orig_width"], r["orig_height"]) == (src["width"], src["height"])
+        anns = by_image.get(r["image_id"], [])
+        assert len(r["labels"]) == len(anns)
+        boxes = np.array(r["boxes"], dtype=np.float64).reshape(-1, 4)
+        boxes[:, [0, 2]] *= r["orig_width"] / r["width"]
+        boxes[:, [1, 3]] *= r["orig_height"] / r["height"]
+        for box, lab, crowd, a in zip(boxes, r["labels"], r["iscrowd"], anns, strict=True):
+            x, y, w, h = a["bbox"]
+            ref = np.clip([x, y, x + w, y + h], 0, [src["width"], src["height"]] * 2)
+            assert np.abs(box - ref).max() < 1.0
+            assert lab == index_of[a["category_id"]]
+            assert crowd == bool(a["iscrowd"])
+    assert any(any(r["iscrowd"]) for r in got)  # image 149's crowd box is kept, flagged
+
+
+def test_full_coco128_keeps_declared_classes(coco128, tmp_path):
+    out = tmp_path / "out"
+    assert run("--format", "coco", "--annotations", coco128[0], "--images", coco128[1], "--out", out,
+               "--size", 64, "--rows-per-shard", 64, "--workers", 2) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["num_classes"] == 80
+    assert sum(c["boxes"] > 0 for c in m["classes"]) == 71
+    assert m["counts"] == {"images": 128, "boxes": 939, "negatives": 2, "crowd_boxes": 10,
+                           "skipped_images": 0, "repaired": 1, "dropped_boxes": 0}
+    assert sum(c["boxes"] for c in m["classes"]) == 939
+
+
+def test_annotation_faults_listed(subset_json, coco128, tmp_path):
+    path, data = subset_json
+    data["images"].append(dict(data["images"][0]))  # duplicate id
+    data["images"].append({"id": 900001, "file_name": "../../etc/passwd", "width": 10, "height": 10})
+    data["images"].append({"id": 900002, "file_name": "/etc/hostname", "width": 10, "height": 10})
+    data["images"].append({"id": 900003, "file_name": "nope.jpg", "width": 10, "height": 10})
+    a = dict(data["annotations"][0], id=777001, category_id=999)  # unknown category
+    b = dict(data["annotations"][0], id=777002, image_id=424242)  # unknown image
+    c = dict(data["annotations"][0], id=777003, bbox=[10, 10, 0, 5])  # zero width
+    data["annotations"] += [a, b, c]
+    path.write_text(json.dumps(data))
+    out = tmp_path / "out"
+    assert run("--format", "coco", "--annotations", path, "--images", coco128[1], "--out", out,
+               "--size", 96, "--workers", 1) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["counts"]["images"] == 13
+    ic = m["issue_counts"]
+    assert ic["duplicate image id"] == 1
+    assert ic["file name escapes the image root"] == 2
+    assert ic["missing image file"] == 1
+    assert ic["unknown category id"] == 1
+    assert ic["annotation of an unknown image id"] == 1
+    assert ic["zero or negative area box"] == 1
+    assert m["counts"]["skipped_images"] == 4
+    assert {i["item"] for i in m["issues"] if i["reason"] == "unknown category id"} == {"annotation 777001"}
+
+
+def test_classes_from_freezes_indices(subset_json, coco128, tmp_path):
+    path, data = subset_json
+    train = tmp_path / "train"
+    # A "train" manifest with only two classes, in reverse order: val must follow it.
+    train.mkdir()
+    (train / "manifest.json").write_text(json.dumps({"classes": [
+        {"index": 0, "name": "person", "category_id": 1}, {"index": 1, "name": "bowl", "category_id": 51}]}))
+    out = tmp_path / "val"
+    assert run("--format", "coco", "--annotations", path, "--images", coco128[1], "--out", out,
+               "--size", 96, "--workers", 1, "--classes-from", train / "manifest.json") == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert [c["name"] for c in m["classes"]] == ["person", "bowl"]
+    n_person = sum(a["category_id"] == 1 for a in data["annotations"])
+    n_bowl = sum(a["category_id"] == 51 for a in data["annotations"])
+    assert [c["boxes"] for c in m["classes"]] == [n_person, n_bowl]
+    n_other = len(data["annotations"]) - n_person - n_bowl
+    assert m["issue_counts"]["class not in --classes-from list"] == n_other
+    assert all(set(r["labels"]) <= {0, 1} for r in rows(out))
+
+
+def test_malformed_json_one_line_error(tmp_path, coco128, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [\n  {"id": 1,,}\n]}')
+    out = tmp_path / "out"
+    assert run("--format", "coco", "--annotations", bad, "--images", coco128[1], "--out", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{bad}:2:" in err and "malformed JSON" in err
+    assert not out.exists()
