@@ -96,7 +96,8 @@ def contact_sheet(
         x0 = (i % cols) * cell + (cell - fitted.width) // 2
         y0 = (i // cols) * cell + (cell - fitted.height) // 2
         sheet.paste(fitted, (x0, y0))
-        if captions:
-            draw.text(((i % cols) * cell + 4, (i // cols) * cell + 2), captions[i], fill=(255, 255, 255),
+        if captions:  # bottom-left, where it hides fewer box labels than at the top
+            y = (i // cols + 1) * cell - getattr(font, "size", 10) - 6
+            draw.text(((i % cols) * cell + 4, y), captions[i], fill=(255, 255, 255),
                       font=font, stroke_width=1, stroke_fill=(0, 0, 0))
     return sheet
