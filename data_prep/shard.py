@@ -16,7 +16,7 @@ import os
 import sys
 from collections import Counter
 
-from data_prep import coco, voc
+from data_prep import coco, imagenet_loc, voc, yolo
 from data_prep.manifest import load_classes
 from data_prep.records import DatasetError, Reader
 from data_prep.writer import Options, write_dataset
@@ -24,6 +24,8 @@ from data_prep.writer import Options, write_dataset
 READERS: dict[str, Reader] = {
     "coco": coco.read,
     "voc": voc.read,
+    "yolo": yolo.read,
+    "imagenet_loc": imagenet_loc.read,
 }
 
 
