@@ -1,0 +1,233 @@
+"""Reader for the ImageNet Object Localization Challenge layout (Kaggle's ILSVRC packaging).
+
+    ROOT/LOC_synset_mapping.txt              "n01440764 tench, Tinca tinca", one synset a line
+    ROOT/LOC_{train,val}_solution.csv        header "ImageId,PredictionString";
+                                             rows "ImageId,syn x1 y1 x2 y2 syn x1 y1 x2 y2 ..."
+    ROOT/ILSVRC/Data/CLS-LOC/train/<synset>/<ImageId>.JPEG
+    ROOT/ILSVRC/Data/CLS-LOC/val/<ImageId>.JPEG
+    ROOT/ILSVRC/Annotations/CLS-LOC/{train/<synset>,val}/<ImageId>.xml   (used when the CSV is absent)
+
+Classes: one per mapping line, in file order; index = line index, category_id =
+index + 1, name = the first name of the line ("tench"). ImageNet repeats a few
+first names ("crane" is a bird and a machine): those get their synset appended,
+"crane (n02012849)", so every name is unique.
+
+The CSV is streamed line by line (the header is checked before `read` returns);
+only the set of image ids already seen is kept, to catch duplicates. Rows are
+emitted in file order. Boxes are pixel x1 y1 x2 y2 as given. A row with a token
+count not a multiple of 5 or an unusable image id is skipped; a box with an
+unknown synset or a non-numeric coordinate is dropped; an image left with no
+box is skipped (ImageNet-LOC has no negative images: a row without boxes means
+unlabelled, not empty). Each such Issue names `LOC_..._solution.csv:LINE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import math
+import os
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+from data_prep.records import ClassInfo, DatasetError, Issue, ReadResult, SourceImage
+
+log = logging.getLogger(__name__)
+
+HEADER = "ImageId,PredictionString"
+_SYNSET = re.compile(r"^n\d{8}$")
+_IMAGE_ID = re.compile(r"^[A-Za-z0-9_\-]+$")  # ids become file names: no separators, no dots
+DATA_DIR = Path("ILSVRC/Data/CLS-LOC")
+XML_DIR = Path("ILSVRC/Annotations/CLS-LOC")
+
+
+def read_synsets(path: Path) -> tuple[list[ClassInfo], dict[str, int]]:
+    """Classes in mapping order and synset -> class index; DatasetError naming file:line on a fault."""
+    synsets: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                line = line.strip()
+                if not line:
+                    continue
+                synset, _, names = line.partition(" ")
+                name = names.split(",")[0].strip()
+                if not _SYNSET.match(synset) or not name:
+                    raise DatasetError(f"{path}:{lineno}: expected 'nXXXXXXXX name, ...', got {line[:60]!r}")
+                if synset in seen:
+                    raise DatasetError(f"{path}:{lineno}: synset {synset} listed twice")
+                seen.add(synset)
+                synsets.append((synset, name))
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if not synsets:
+        raise DatasetError(f"{path}: no synsets")
+    counts: dict[str, int] = {}
+    for _, name in synsets:
+        counts[name] = counts.get(name, 0) + 1
+    classes = [
+        ClassInfo(i, name if counts[name] == 1 else f"{name} ({synset})", i + 1)
+        for i, (synset, name) in enumerate(synsets)
+    ]
+    return classes, {synset: i for i, (synset, _) in enumerate(synsets)}
+
+
+def image_file_name(image_id: str, split: str) -> str:
+    """Path of an image relative to ROOT: train images sit in their synset's folder."""
+    if split == "train":
+        return (DATA_DIR / "train" / image_id.split("_")[0] / f"{image_id}.JPEG").as_posix()
+    return (DATA_DIR / split / f"{image_id}.JPEG").as_posix()
+
+
+def check_header(path: Path) -> None:
+    """DatasetError unless the first line of the CSV is exactly the solution header."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            header = f.readline().strip()
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e.reason})") from None
+    if header.replace(" ", "") != HEADER:
+        raise DatasetError(f"{path}:1: expected header '{HEADER}', got {header[:60]!r}")
+
+
+def _boxes(tokens: list[str], synsets: dict[str, int], where: str, rec: SourceImage) -> None:
+    """Append each (synset x1 y1 x2 y2) group of `tokens` to `rec`, dropping bad groups as Issues."""
+    for g in range(0, len(tokens), 5):
+        synset, *coords = tokens[g:g + 5]
+        if synset not in synsets:
+            rec.issues.append(Issue(where, "unknown synset", "dropped", synset))
+            continue
+        try:
+            box = [float(v) for v in coords]
+        except ValueError:
+            rec.issues.append(Issue(where, "non-numeric box", "dropped", " ".join(tokens[g:g + 5])))
+            continue
+        if not all(math.isfinite(v) for v in box):
+            rec.issues.append(Issue(where, "non-numeric box", "dropped", " ".join(tokens[g:g + 5])))
+            continue
+        rec.boxes.append(box)
+        rec.labels.append(synsets[synset])
+        rec.iscrowd.append(False)
+
+
+def _finish(rec: SourceImage, root: Path, where: str) -> SourceImage | Issue:
+    """The record, or an Issue when its image is missing or no box survived."""
+    if not rec.boxes:
+        return Issue(where, "no valid boxes", "skipped", rec.file_name)
+    if not os.path.isfile(rec.path):
+        return Issue(rec.file_name, "missing image file", "skipped", where)
+    return rec
+
+
+def _csv_records(
+    path: Path, root: Path, split: str, synsets: dict[str, int]
+) -> Iterator[SourceImage | Issue]:
+    seen: set[str] = set()
+    image_id = 0
+    with open(path, encoding="utf-8-sig") as f:
+        f.readline()  # header, checked by read_imagenet_loc
+        for lineno, line in enumerate(f, start=2):
+            line = line.strip()
+            if not line:
+                continue
+            where = f"{path.name}:{lineno}"
+            name, comma, prediction = line.partition(",")
+            name = name.strip()
+            tokens = prediction.split()
+            if not comma or not _IMAGE_ID.match(name):
+                yield Issue(where, "malformed row", "skipped", f"bad image id {name[:60]!r}")
+                continue
+            if len(tokens) % 5:
+                yield Issue(where, "malformed row", "skipped", f"{len(tokens)} tokens, not groups of 5")
+                continue
+            if name in seen:
+                yield Issue(where, "duplicate image id", "skipped", name)
+                continue
+            seen.add(name)
+            image_id += 1
+            file_name = image_file_name(name, split)
+            rec = SourceImage(image_id=image_id, file_name=file_name, path=str(root / file_name))
+            _boxes(tokens, synsets, where, rec)
+            yield _finish(rec, root, where)
+
+
+def _xml_records(
+    folder: Path, root: Path, split: str, synsets: dict[str, int]
+) -> Iterator[SourceImage | Issue]:
+    image_id = 0
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        for fname in sorted(filenames):
+            if not fname.endswith(".xml"):
+                continue
+            xml = Path(dirpath) / fname
+            where = xml.relative_to(root).as_posix()
+            name = xml.stem  # the file name, not <filename>: XML fields go stale when data is moved
+            if not _IMAGE_ID.match(name):
+                yield Issue(where, "malformed annotation", "skipped", "bad image id")
+                continue
+            try:
+                objects = ET.parse(xml).getroot().findall("object")
+            except (ET.ParseError, OSError) as e:
+                yield Issue(where, "malformed annotation", "skipped", str(e))
+                continue
+            tokens = []
+            for obj in objects:
+                bb = obj.find("bndbox")
+                tokens.append(obj.findtext("name", "").strip() or "?")
+                tokens += [(bb.findtext(k, "") if bb is not None else "").strip() or "?"
+                           for k in ("xmin", "ymin", "xmax", "ymax")]
+            image_id += 1
+            file_name = image_file_name(name, split)
+            rec = SourceImage(image_id=image_id, file_name=file_name, path=str(root / file_name))
+            _boxes(tokens, synsets, where, rec)
+            yield _finish(rec, root, where)
+
+
+def read_imagenet_loc(root: str | os.PathLike, split: str = "train") -> ReadResult:
+    """Classes (mapping order), a lazy stream of SourceImage (boxes xyxy pixels) / Issue, and the source."""
+    root = Path(root).resolve()
+    if split not in ("train", "val"):
+        raise DatasetError(f"imagenet_loc: split must be train or val, got {split!r}")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such dataset folder")
+    mapping = root / "LOC_synset_mapping.txt"
+    classes, synsets = read_synsets(mapping)
+    csv = root / f"LOC_{split}_solution.csv"
+    xml_dir = root / XML_DIR / split
+    if csv.is_file():
+        check_header(csv)
+        stat = csv.stat()
+        stream = _csv_records(csv, root, split, synsets)
+        annotations = {"annotations": str(csv), "annotations_bytes": stat.st_size,
+                       "annotations_mtime_ns": stat.st_mtime_ns}
+    elif xml_dir.is_dir():
+        stream = _xml_records(xml_dir, root, split, synsets)
+        annotations = {"annotations": str(xml_dir)}
+    else:
+        raise DatasetError(f"{root}: neither {csv.name} nor {XML_DIR / split} found")
+    source = {"format": "imagenet_loc", "root": str(root), "split": split,
+              "synset_mapping_sha256": hashlib.sha256(mapping.read_bytes()).hexdigest(), **annotations}
+    log.info("imagenet_loc %s: %d classes, annotations from %s", split, len(classes),
+             annotations["annotations"])
+    return classes, stream, source
+
+
+def read(args: argparse.Namespace) -> ReadResult:
+    """Reader for `--format imagenet_loc --root DIR [--opt split=train|val]`."""
+    if not getattr(args, "root", None):
+        raise DatasetError("--format imagenet_loc needs --root DIR")
+    return read_imagenet_loc(args.root, _split_arg(args))
+
+
+def _split_arg(args: argparse.Namespace) -> str:
+    """The split name: `--opt split=NAME` (or an args.split attribute), default train."""
+    return (getattr(args, "opts", None) or {}).get("split") or getattr(args, "split", None) or "train"
