@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -126,3 +130,26 @@ def test_xml_annotations_when_no_csv(root):
     assert [i.reason for i in recs[0].issues] == ["unknown synset"]
     assert [(i.item, i.reason) for i in issues] == [
         ("ILSVRC/Annotations/CLS-LOC/val/ILSVRC2012_val_00000002.xml", "malformed annotation")]
+
+
+def test_round_trip_through_shard_cli(root, tmp_path):
+    _jpeg(root / "ILSVRC/Data/CLS-LOC/train/n02012849/n02012849_7.JPEG", 200, 100)  # a wide one
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "data_prep.shard", "--format", "imagenet_loc", "--root",
+                           str(root), "--out", str(out), "--size", "50", "--workers", "1"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_classes"] == 3 and manifest["counts"]["images"] == 3
+    assert manifest["issue_counts"]["malformed row"] == 2
+    assert manifest["issue_counts"]["unknown synset"] == 1
+    rows = {r["file_name"].split("/")[-1]: r for p in sorted(out.glob("part-*.parquet"))
+            for r in pq.read_table(p).to_pylist()}
+    wide = rows["n02012849_7.JPEG"]
+    assert (wide["width"], wide["height"], wide["orig_width"], wide["orig_height"]) == (50, 25, 200, 100)
+    assert wide["boxes"] == pytest.approx([3 / 4, 4 / 4, 70 / 4, 50 / 4], abs=1.0)
+    first = rows["n01440764_1.JPEG"]  # 80x60 -> 50x38 (rounded)
+    sx, sy = first["width"] / 80, first["height"] / 60
+    assert first["labels"] == [0, 1]
+    want = [10 * sx, 20 * sy, 30 * sx, 40 * sy, 1 * sx, 2 * sy, 50 * sx, 60 * sy]
+    assert first["boxes"] == pytest.approx(want, abs=1.0)

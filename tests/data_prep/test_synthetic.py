@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -97,3 +98,33 @@ def test_cli_and_bad_arguments(tmp_path):
     assert bad.returncode != 0 and "--images" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     with pytest.raises(ValueError, match="val-fraction"):
         make_synthetic(tmp_path / "x", images=3, val_fraction=0.01)
+
+
+def test_round_trip_through_shard_cli_and_inspect(tmp_path):
+    paths = make_synthetic(tmp_path / "syn", images=12, seed=5, size=128, val_fraction=0.25)
+    out = tmp_path / "shards"
+    done = subprocess.run(
+        [sys.executable, "-m", "data_prep.shard", "--format", "coco", "--annotations",
+         str(paths.annotations["train"]), "--images", str(paths.images), "--out", str(out),
+         "--size", "96", "--workers", "1"],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    coco = _load(paths.annotations["train"])
+    manifest = _load(out / "manifest.json")
+    assert [c["name"] for c in manifest["classes"]] == list(CLASS_NAMES)
+    assert manifest["counts"]["images"] == 9 and manifest["counts"]["boxes"] == len(coco["annotations"])
+    rows = [r for p in sorted(out.glob("part-*.parquet")) for r in pq.read_table(p).to_pylist()]
+    for row in rows:
+        anns = [a for a in coco["annotations"] if a["image_id"] == row["image_id"]]
+        assert row["labels"] == [a["category_id"] - 1 for a in anns]
+        want = np.array([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)]).reshape(-1, 4)
+        got = np.array(row["boxes"]).reshape(-1, 4)
+        assert got.shape == want.shape and np.abs(got - want * 96 / 128).max(initial=0) <= 1
+    sheet_png = tmp_path / "sheet.png"
+    shown = subprocess.run([sys.executable, "-m", "data_prep.inspect", str(out), "--n", "4", "--out",
+                            str(sheet_png), "--cell", "96"], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert "circle" in shown.stdout and f"{manifest['counts']['boxes']} boxes" in shown.stdout
+    with Image.open(sheet_png) as im:
+        assert im.size == (192, 192)
