@@ -301,19 +301,25 @@ def save_weights(
 def load_weights(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load a weights file with weights_only=True; CheckpointError (one line) on any fault.
 
-    Also accepts a checkpoint directory or its state.pt (uses its "model" weights), so
-    evaluate/export can point at either.
+    Also accepts a checkpoint directory: its EMA weights when it has them (what best.pt/last.pt
+    hold, and what is evaluated), else the raw model weights; extra = {"source", "epoch", "step"}.
     """
     p = Path(path)
     if p.is_dir():
         state = load_checkpoint(p, map_location)
+        ema = state.get("ema")
+        use_ema = isinstance(ema, dict) and isinstance(ema.get("model"), dict)
         return {
             "format": WEIGHTS_FORMAT,
             "version": WEIGHTS_VERSION,
-            "model": state["model"],
+            "model": ema["model"] if use_ema else state["model"],
             "config": state["config"],
             "class_names": state["class_names"],
-            "extra": {},
+            "extra": {
+                "source": "ema" if use_ema else "model",
+                "epoch": state["epoch"],
+                "step": state["step"],
+            },
         }
     obj = _safe_load(p, map_location)
     if not isinstance(obj, dict):

@@ -241,8 +241,14 @@ def test_weights_round_trip_and_errors(tmp_path):
     with pytest.raises(CheckpointError, match=r"missing keys \['config', 'class_names'\]"):
         load_weights(tmp_path / "partial.pt")
     # a checkpoint dir works as a weights source too
-    d = _good(tmp_path, "ck", 2)
-    assert set(load_weights(d)["model"]) == set(_model().state_dict())
+    run = _Run()
+    run.train_step()
+    run.train_step()  # step 0 has LR 0 (warm-up): the second one moves the weights
+    d = save_checkpoint(tmp_path / "ck", run.state())
+    from_dir = load_weights(d)
+    assert from_dir["extra"] == {"source": "ema", "epoch": 0, "step": 2}
+    assert torch.equal(from_dir["model"]["0.weight"], run.ema.module[0].weight)
+    assert not torch.equal(from_dir["model"]["0.weight"], run.model[0].weight)
 
 
 def test_incompatible_config_or_classes_refused():

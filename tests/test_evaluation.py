@@ -220,3 +220,34 @@ def test_bad_shards_give_one_line_errors(tmp_path):
     pq.write_table(pa.Table.from_pylist([IMAGES[0]], schema=SCHEMA), tmp_path / "b.parquet")
     with pytest.raises(ValueError, match="b.parquet: duplicate image_id 11"):
         coco_gt_from_shards(tmp_path)
+
+
+@pytest.mark.slow
+def test_real_coco128_shards_match_the_source_annotations(shared_data, tmp_path, capsys):
+    """The shard writer's output, read back as GT, equals coco128's own json (ids, sizes, boxes)."""
+    from data_prep import shard
+
+    src = json.loads((shared_data / "coco128/annotations/instances_train2017.json").read_text())
+    keep = {i["id"] for i in src["images"][:16]}
+    sub = dict(src, images=[i for i in src["images"] if i["id"] in keep],
+               annotations=[a for a in src["annotations"] if a["image_id"] in keep])  # fmt: skip
+    (tmp_path / "sub.json").write_text(json.dumps(sub))
+    out = tmp_path / "shards"
+    argv = ["--format", "coco", "--annotations", tmp_path / "sub.json", "--images",
+            shared_data / "coco128/train2017", "--out", out, "--size", "160", "--workers", "1"]  # fmt: skip
+    assert shard.main([str(a) for a in argv]) == 0
+    capsys.readouterr()
+
+    gt = coco_gt_from_shards(out)
+    sizes = {i["id"]: (i["width"], i["height"]) for i in sub["images"]}
+    assert {i["id"]: (i["width"], i["height"]) for i in gt.dataset["images"]} == sizes
+    for image_id in keep:
+        ours = sorted((a["category_id"], *a["bbox"]) for a in gt.imgToAnns[image_id])
+        theirs = sorted(
+            (a["category_id"], *a["bbox"]) for a in sub["annotations"] if a["image_id"] == image_id
+        )
+        assert [o[0] for o in ours] == [t[0] for t in theirs]  # COCO's own (non-contiguous) ids
+        assert np.allclose([o[1:] for o in ours], [t[1:] for t in theirs], atol=0.05) if ours else not theirs
+    perfect = [dict(image_id=a["image_id"], category_id=a["category_id"], bbox=a["bbox"], score=1.0)
+               for a in sub["annotations"]]  # fmt: skip
+    assert coco_evaluate(gt, perfect)["mAP"] == pytest.approx(1.0)
