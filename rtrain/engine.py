@@ -77,7 +77,7 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _agree_max(values: list[float], device: torch.device) -> list[float]:
+def agree_max(values: list[float], device: torch.device) -> list[float]:
     """Element-wise max of `values` across DDP ranks (identity when not distributed).
 
     Used for flags (OR) and for the elapsed time, so that every rank stops at the same step
@@ -153,7 +153,7 @@ def train_one_epoch(
         step = step_offset + steps + skipped
         elapsed = schedule.elapsed() if schedule is not None else 0.0
         out_of_steps = max_steps is not None and steps + skipped >= max_steps
-        exhausted, stop, elapsed = _agree_max([float(batch is None), float(out_of_steps), elapsed], device)
+        exhausted, stop, elapsed = agree_max([float(batch is None), float(out_of_steps), elapsed], device)
         if stop_when_finished and schedule is not None and schedule.finished(step, elapsed):
             stop = True
         if exhausted or stop:
@@ -169,7 +169,7 @@ def train_one_epoch(
         with _autocast(device, dtype):
             losses = model(images, targets)
         loss = losses["loss"]
-        (bad_loss,) = _agree_max([float(not bool(torch.isfinite(loss.detach())))], device)
+        (bad_loss,) = agree_max([float(not bool(torch.isfinite(loss.detach())))], device)
         if not guard.check(losses, all_finite=not bad_loss):
             optimizer.zero_grad(set_to_none=True)
             skipped += 1
@@ -290,7 +290,10 @@ def evaluate(
         max_det=max_det, amp=amp,
     ):
         n_images += len(dets)
-        results.extend(to_coco_results(dets, batch, category_ids))
+        results.extend(to_coco_results(
+            batch["image_id"], dets, batch["scale"], batch["pad"], batch["stored_size"], batch["orig_size"],
+            category_ids,
+        ))
     model.train(was_training)
     metrics = dict(coco_evaluate(coco_gt, results, class_names))
     metrics.update(eval_images=n_images, eval_detections=len(results),

@@ -1,0 +1,193 @@
+"""The run directory: per-epoch metrics (JSON lines + CSV) and the plots a user looks at.
+
+Layout of RUN = <storage>/<name> (Ray Train writes its `checkpoint_*` dirs there too):
+
+    RUN/config.yaml          the resolved config the run trains with
+    RUN/metrics.jsonl        one JSON object per epoch (never duplicated after a resume)
+    RUN/metrics.csv          the same rows as CSV (columns: union of keys, in first-seen order)
+    RUN/best.pt, last.pt     EMA weights + config + class names (`rtrain.checkpoint.save_weights`)
+    RUN/plots/curves.png     loss parts, LR and mAP against epoch
+    RUN/plots/val_predictions.png   val images: predicted boxes (solid) and true boxes (dashed)
+    RUN/checkpoint_*/        Ray Train checkpoints (state.pt + COMPLETE), the last K and the best
+
+Every file is written to a temp name and renamed, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+METRICS_JSONL = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"
+CONFIG_YAML = "config.yaml"
+BEST_WEIGHTS = "best.pt"
+LAST_WEIGHTS = "last.pt"
+PLOTS_DIR = "plots"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _plain(value):
+    """JSON-safe scalars: NaN/Inf become None (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    """The rows of RUN/metrics.jsonl (empty list when absent); a malformed line raises naming it."""
+    path = Path(run_dir) / METRICS_JSONL
+    if not path.is_file():
+        return []
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not a JSON line ({exc.msg})") from None
+    return rows
+
+
+def _write_rows(run_dir: Path, rows: Sequence[Mapping]) -> None:
+    text = "".join(json.dumps(_plain(dict(r)), sort_keys=False) + "\n" for r in rows)
+    atomic_write_bytes(run_dir / METRICS_JSONL, text.encode("utf-8"))
+    columns: list[str] = []
+    for r in rows:
+        columns.extend(k for k in r if k not in columns and not isinstance(r[k], Mapping))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: _plain(r.get(k)) for k in columns})
+    atomic_write_bytes(run_dir / METRICS_CSV, buf.getvalue().encode("utf-8"))
+
+
+def truncate_metrics(run_dir: str | os.PathLike, from_epoch: int) -> int:
+    """Drop rows with epoch >= `from_epoch` (a resumed run redoes them); returns rows kept."""
+    run_dir = Path(run_dir)
+    rows = read_metrics(run_dir)
+    kept = [r for r in rows if int(r.get("epoch", -1)) < from_epoch]
+    if len(kept) != len(rows) or (rows and not (run_dir / METRICS_CSV).is_file()):
+        _write_rows(run_dir, kept)
+    return len(kept)
+
+
+def append_metrics(run_dir: str | os.PathLike, row: Mapping) -> None:
+    """Add one epoch's row (replacing a row of the same epoch, if any) to metrics.jsonl and .csv."""
+    run_dir = Path(run_dir)
+    rows = [r for r in read_metrics(run_dir) if r.get("epoch") != row.get("epoch")]
+    rows.append(dict(row))
+    _write_rows(run_dir, rows)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _savefig(fig, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def plot_curves(rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
+    """Loss parts, LR and mAP/mAP50 against epoch, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    epochs = [r["epoch"] for r in rows]
+    loss_keys = [k for k in ("loss", "loss_cls", "loss_box", "loss_dfl") if any(k in r for r in rows)]
+    for k in loss_keys:
+        axes[0].plot(epochs, [r.get(k, float("nan")) for r in rows], label=k, marker=".")
+    axes[0].set(title="training loss", xlabel="epoch")
+    axes[0].legend()
+    axes[1].plot(epochs, [r.get("lr", float("nan")) for r in rows], marker=".")
+    axes[1].set(title="learning rate (end of epoch)", xlabel="epoch")
+    for k in ("mAP", "mAP50"):
+        pts = [(r["epoch"], r[k]) for r in rows if r.get(k) is not None and r.get("evaluated")]
+        if pts:
+            axes[2].plot(*zip(*pts, strict=True), label=k, marker="o")
+    axes[2].set(title="val (EMA model)", xlabel="epoch", ylim=(0, 1))
+    axes[2].legend()
+    fig.tight_layout()
+    try:
+        return _savefig(fig, Path(path))
+    finally:
+        plt.close(fig)
+
+
+def plot_predictions(
+    images: Sequence,
+    predictions: Sequence[Mapping],
+    truths: Sequence[Mapping],
+    class_names: Sequence[str],
+    path: str | os.PathLike,
+    score_thresh: float = 0.3,
+) -> Path:
+    """A grid of images with predicted boxes (solid, with class and score) and true boxes (dashed).
+
+    images: uint8 arrays [H, W, 3] (or tensors [3, H, W]); predictions: {"boxes" [K,4] xyxy px,
+    "scores" [K], "labels" [K]}; truths: {"boxes" [M,4], "labels" [M]}, in the same pixels.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.patches as patches
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    n = len(images)
+    cols = min(4, max(n, 1))
+    rows_n = max(1, math.ceil(n / cols))
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 4 * rows_n), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, pred, true in zip(axes.flat, images, predictions, truths, strict=False):
+        arr = img.permute(1, 2, 0).cpu().numpy() if hasattr(img, "permute") else np.asarray(img)
+        ax.imshow(arr)
+        true_boxes = np.asarray(true["boxes"]).reshape(-1, 4)
+        for box, label in zip(true_boxes, np.asarray(true["labels"]), strict=True):
+            x1, y1, x2, y2 = box
+            ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, linestyle="--",
+                                           linewidth=1.5, edgecolor=colours(int(label) % 10)))
+        scores = np.asarray(pred["scores"])
+        for box, label, score in zip(np.asarray(pred["boxes"]).reshape(-1, 4), np.asarray(pred["labels"]),
+                                     scores, strict=True):
+            if score < score_thresh:
+                continue
+            x1, y1, x2, y2 = box
+            c = colours(int(label) % 10)
+            ax.add_patch(patches.Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, linewidth=2, edgecolor=c))
+            ax.text(x1, y1, f"{class_names[int(label)]} {score:.2f}", fontsize=7, color="white",
+                    bbox={"facecolor": c, "alpha": 0.8, "pad": 1, "linewidth": 0})
+    fig.suptitle("val: predicted (solid) vs true (dashed)")
+    fig.tight_layout()
+    try:
+        return _savefig(fig, Path(path))
+    finally:
+        plt.close(fig)

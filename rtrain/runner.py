@@ -1,0 +1,390 @@
+"""The Python API of training: `fit(config, ...) -> FitResult`.
+
+    from rtrain.runner import fit
+    result = fit("configs/bccd.yaml", overrides=["train.epochs=5"], workers=2)
+    print(result.best_metrics["mAP"], result.best_weights)
+
+`fit` checks everything it can before it starts anything (config, shards and
+manifests, that train and val name the same classes, that storage is writable),
+then starts a local Ray or joins one (`address`), builds a `TorchTrainer` that
+runs `rtrain.train_loop.train_loop` on every worker with the train shards
+streamed through Ray Data, waits, and draws the plots. It shuts Ray down only if
+it started it.
+
+Run names: the run lives in `<storage>/<name>` (Ray Train's own run directory:
+its checkpoints sit beside our metrics and weights, see `rtrain.run_dir`). The
+default name is `<config stem>-<YYYYmmdd-HHMMSS>`. An existing run is never
+continued by accident: without `resume=True` a name that already exists is
+refused; with `resume=True` and no name the most recent run under storage is
+continued, with its saved config.yaml (plus `overrides`, e.g. more epochs)
+unless a config is given. Ray Train V2 resumes by itself when storage + name
+match: it hands the loop the latest checkpoint.
+
+Multi-node clusters: storage must be a path every node sees (shared filesystem),
+because rank 0 writes metrics and weights there directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from rtrain import run_dir
+from rtrain.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
+
+logger = logging.getLogger(__name__)
+
+
+class FitError(RuntimeError):
+    """Training could not start or did not finish: one line saying why."""
+
+
+@dataclass
+class FitResult:
+    """What a finished `fit` leaves behind (paths are absolute)."""
+
+    run_dir: Path
+    name: str
+    config: Config
+    best_weights: Path | None  # RUN/best.pt: EMA weights of the best-mAP evaluation
+    last_weights: Path | None  # RUN/last.pt: EMA weights after the last epoch
+    best_metrics: dict  # the metrics.jsonl row with the highest mAP (evaluated rows only)
+    last_metrics: dict  # the last metrics.jsonl row
+    epochs_done: int
+    checkpoint: str | None = None  # Ray's latest checkpoint directory
+    plots: list[Path] = field(default_factory=list)
+
+    def summary(self) -> str:
+        best = self.best_metrics
+        if best:
+            best_line = (f"best mAP:     {best['mAP']:.4f} (mAP50 {best.get('mAP50', float('nan')):.4f}, "
+                         f"epoch {best['epoch'] + 1})")
+        else:
+            best_line = "best mAP:     - (no evaluation ran)"
+        lines = [
+            f"run:          {self.run_dir}",
+            f"epochs:       {self.epochs_done}",
+            best_line,
+            f"best weights: {self.best_weights}",
+            f"last weights: {self.last_weights}",
+            f"metrics:      {self.run_dir / run_dir.METRICS_JSONL}",
+        ]
+        lines += [f"plot:         {p}" for p in self.plots]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- checks before Ray
+
+
+def _as_config(config, overrides: list[str] | None) -> Config:
+    if isinstance(config, Config):
+        return config_from_dict(_merge_overrides(config_to_dict(config), overrides))
+    if isinstance(config, dict):
+        return config_from_dict(_merge_overrides(config, overrides))
+    return load_config(config, overrides)
+
+
+def _merge_overrides(data: dict, overrides: list[str] | None) -> dict:
+    from rtrain.config import merge, parse_overrides
+
+    return merge(data, parse_overrides(overrides))
+
+
+def check_storage(storage: Path) -> Path:
+    """Create `storage` if needed and prove it is writable; FitError (one line) otherwise."""
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=storage, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise FitError(f"{storage}: storage is not writable ({exc.strerror or exc})") from None
+    return storage
+
+
+def check_data(cfg: Config) -> tuple[list[dict], int]:
+    """The classes (train manifest) and the number of train images, after checking both splits.
+
+    Raises FitError naming the file: missing/corrupt shards or manifest, or val classes that
+    differ from train's.
+    """
+    from rtrain.data import ShardError, list_shards, read_manifest
+
+    if not cfg.data.train:
+        raise FitError("data.train is empty: set it to a shard directory (python -m data_prep.shard)")
+    if not cfg.data.val:
+        raise FitError("data.val is empty: set it to the val shard directory (evaluation needs it)")
+    try:
+        classes = read_manifest(cfg.data.train)["classes"]
+        train_files = list_shards(cfg.data.train)
+        val_classes = read_manifest(cfg.data.val)["classes"]
+        list_shards(cfg.data.val)
+    except ShardError as exc:
+        raise FitError(str(exc)) from None
+    names, val_names = [c["name"] for c in classes], [c["name"] for c in val_classes]
+    if names != val_names:
+        raise FitError(
+            f"{Path(cfg.data.val) / 'manifest.json'}: val classes {val_names} differ from train's {names}"
+        )
+    num_images = sum(pq.read_metadata(f).num_rows for f in train_files)
+    if num_images == 0:
+        raise FitError(f"{cfg.data.train}: the train shards hold no images")
+    return classes, num_images
+
+
+def _is_run(path: Path) -> bool:
+    return (path / run_dir.CONFIG_YAML).is_file() or any(path.glob("checkpoint_*"))
+
+
+def latest_run(storage: Path) -> Path | None:
+    """The most recently modified run directory under `storage` (None if there is none)."""
+    runs = [p for p in storage.iterdir() if p.is_dir() and _is_run(p)] if storage.is_dir() else []
+    if not runs:
+        return None
+
+    def mtime(p: Path) -> float:
+        files = [p / run_dir.METRICS_JSONL, p / run_dir.CONFIG_YAML]
+        return max([f.stat().st_mtime for f in files if f.exists()] + [p.stat().st_mtime])
+
+    return max(runs, key=mtime)
+
+
+def resolve_run(cfg_source, overrides, name: str | None, storage: Path, resume: bool) -> tuple[Config, str]:
+    """The config and run name to use (see the module doc for the rules)."""
+    if resume:
+        if name:
+            path = storage / name
+            if not _is_run(path):
+                raise FitError(f"{path}: no run named {name!r} to resume under {storage}")
+        else:
+            path = latest_run(storage)
+            if path is None:
+                raise FitError(f"{storage}: no run to resume (start one without --resume)")
+            name = path.name
+        if cfg_source is None:
+            cfg = load_config(path / run_dir.CONFIG_YAML, overrides)
+        else:
+            cfg = _as_config(cfg_source, overrides)
+        return cfg, name
+    if cfg_source is None:
+        raise FitError("no config given (pass a YAML path, a dict or a Config)")
+    cfg = _as_config(cfg_source, overrides)
+    name = name or cfg.run.name
+    if not name:
+        stem = Path(cfg_source).stem if isinstance(cfg_source, (str, os.PathLike)) else "run"
+        name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = storage / name
+    if path.exists() and _is_run(path):
+        raise FitError(f"{path}: a run named {name!r} exists; pass resume=True (--resume) to continue it "
+                       "or choose another name")
+    return cfg, name
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def _start_ray(cfg: Config) -> bool:
+    """Join `cfg.run.address`, reuse an initialised Ray, or start a local one. True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    if cfg.run.dashboard:
+        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # the dashboard's Train view
+    if cfg.run.address:
+        ray.init(address=cfg.run.address, configure_logging=False)
+        logger.info("joined the Ray cluster at %s", cfg.run.address)
+        return False
+    # More logical CPUs than cores on small machines: Ray Data's file listing needs a whole CPU
+    # and Ray Train takes its workers' CPUs out of Ray Data's budget, so with num_cpus = 2 cores a
+    # 1-2 worker run deadlocks ("Cluster resources are not enough"; ../shared/RAY_NOTES.md).
+    # The work itself is still bounded by the real cores; only the scheduler's count grows.
+    num_cpus = max(4, os.cpu_count() or 1)
+    context = ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=cfg.run.dashboard,
+        dashboard_host=cfg.run.dashboard_host,
+        configure_logging=False,
+    )
+    if cfg.run.dashboard:
+        logger.info("Ray dashboard: http://%s (token: run `ray get-auth-token`)", context.dashboard_url)
+    return True
+
+
+def _trainer(cfg: Config, name: str, storage: Path, out_dir: Path, classes: list[dict], num_images: int):
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from rtrain.augment import AugmentParams
+    from rtrain.data import build_dataset, make_epoch_clock
+    from rtrain.train_loop import SCORE_METRIC, train_loop
+
+    use_gpu = cfg.run.gpus > 0
+    # workers = 0 ("in the driver") is not a Ray Train mode here: V2's num_workers=0 keeps
+    # checkpoints in a temp dir, which would defeat resuming; it runs as one worker.
+    num_workers = cfg.run.gpus if use_gpu else max(1, cfg.run.workers)
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    clock = make_epoch_clock()
+    ds_train = build_dataset(
+        cfg.data.train, train=True, img_size=cfg.data.img_size, aug=AugmentParams.from_obj(cfg.data),
+        seed=cfg.train.seed, epoch=clock, num_actors=cfg.data.num_actors,
+        cpus_per_actor=cfg.data.cpus_per_actor, batch_rows=max(16, cfg.train.batch_size),
+    )
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": config_to_dict(cfg), "run_dir": str(out_dir), "classes": classes,
+            "num_train_images": num_images, "epoch_clock": clock,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.run.keep_last, checkpoint_score_attribute=SCORE_METRIC,
+                checkpoint_score_order="max",
+            ),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+        ),
+        datasets={"train": ds_train},
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    return trainer, clock
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def fit(
+    config: Config | dict | str | os.PathLike | None = None,
+    *,
+    overrides: list[str] | None = None,
+    gpus: int | None = None,
+    workers: int | None = None,
+    cpus_per_worker: float | None = None,
+    address: str | None = None,
+    name: str | None = None,
+    storage: str | os.PathLike | None = None,
+    resume: bool = False,
+    dashboard: bool | None = None,
+    dashboard_host: str | None = None,
+    plots: bool = True,
+) -> FitResult:
+    """Train a detector on Ray Train; returns where the results are.
+
+    config: a YAML path, a plain dict, or a Config (None only with resume: the run's config.yaml).
+    overrides: `--set`-style "section.key=value" strings applied on top.
+    gpus/workers/cpus_per_worker/address/name/storage/dashboard/dashboard_host: override `cfg.run`.
+        gpus > 0 trains on that many GPU workers (one GPU each); otherwise `workers` CPU workers.
+    resume: continue the run `name` (or the latest one under storage) from its last checkpoint.
+    Raises FitError/ConfigError with one line for bad input, before Ray starts.
+    """
+    run_overrides = {
+        "gpus": gpus, "workers": workers, "cpus_per_worker": cpus_per_worker, "address": address,
+        "storage": None if storage is None else str(storage), "dashboard": dashboard,
+        "dashboard_host": dashboard_host,
+    }
+    run_overrides = {k: v for k, v in run_overrides.items() if v is not None}
+    base = load_config(None, overrides) if config is None and not resume else None
+    storage_path = Path(run_overrides.get("storage") or (base.run.storage if base else "runs"))
+    if config is not None and "storage" not in run_overrides:
+        storage_path = Path(_as_config(config, overrides).run.storage)
+    storage_path = check_storage(storage_path.expanduser().resolve())
+    cfg, name = resolve_run(config, overrides, name, storage_path, resume)
+    run_section = {**config_to_dict(cfg)["run"], **run_overrides, "name": name, "storage": str(storage_path)}
+    try:
+        cfg = dataclasses.replace(cfg, run=config_from_dict({"run": run_section}).run)
+    except ConfigError as exc:
+        raise FitError(str(exc)) from None
+    classes, num_images = check_data(cfg)
+    out_dir = storage_path / name
+    dump_config(cfg, out_dir / run_dir.CONFIG_YAML)
+    logger.info("run %s: %d train images, %d classes -> %s", name, num_images, len(classes), out_dir)
+
+    import ray
+
+    started = _start_ray(cfg)
+    clock = None
+    try:
+        trainer, clock = _trainer(cfg, name, storage_path, out_dir, classes, num_images)
+        try:
+            result = trainer.fit()
+        except Exception as exc:  # ray.train.TrainingFailedError and friends: keep the cause visible
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise FitError(
+                f"training failed: {first} (run dir: {out_dir}; rerun with resume to continue)"
+            ) from exc
+        if getattr(result, "error", None) is not None:
+            raise FitError(f"training failed: {result.error} (run dir: {out_dir})")
+        checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    finally:
+        if clock is not None:
+            ray.kill(clock)
+        if started:
+            ray.shutdown()
+    return _finish(cfg, name, out_dir, [c["name"] for c in classes], checkpoint, plots)
+
+
+def _finish(
+    cfg: Config, name: str, out_dir: Path, class_names: list[str], checkpoint, plots: bool
+) -> FitResult:
+    rows = run_dir.read_metrics(out_dir)
+    evaluated = [r for r in rows if r.get("evaluated")]
+    best = max(evaluated, key=lambda r: r.get("mAP", -1.0)) if evaluated else {}
+    best_w, last_w = out_dir / run_dir.BEST_WEIGHTS, out_dir / run_dir.LAST_WEIGHTS
+    result = FitResult(
+        run_dir=out_dir, name=name, config=cfg,
+        best_weights=best_w if best_w.is_file() else None,
+        last_weights=last_w if last_w.is_file() else None,
+        best_metrics=best, last_metrics=rows[-1] if rows else {}, epochs_done=len(rows),
+        checkpoint=checkpoint,
+    )
+    if plots and rows:
+        try:
+            result.plots = make_plots(out_dir, cfg, class_names, result.best_weights or result.last_weights)
+        except Exception as exc:  # a plot must never cost the user a finished run
+            logger.warning("plots not written: %s", exc)
+    logger.info("\n%s", result.summary())
+    return result
+
+
+def make_plots(out_dir: Path, cfg: Config, class_names: list[str], weights: Path | None,
+               num_images: int = 8) -> list[Path]:
+    """RUN/plots/curves.png and (with weights) RUN/plots/val_predictions.png."""
+    import itertools
+
+    import torch
+
+    from rtrain.checkpoint import load_weights
+    from rtrain.data import batch_to_targets, iter_batches_local
+    from rtrain.engine import predict_batches
+    from rtrain.train_loop import build_detector
+
+    plots_dir = out_dir / run_dir.PLOTS_DIR
+    paths = [run_dir.plot_curves(run_dir.read_metrics(out_dir), plots_dir / "curves.png")]
+    if weights is None:
+        return paths
+    model = build_detector(cfg, len(class_names))
+    model.load_state_dict(load_weights(weights)["model"])
+    batches = iter_batches_local(cfg.data.val, batch_size=num_images, train=False, img_size=cfg.data.img_size)
+    images, preds, truths = [], [], []
+    with torch.no_grad():
+        for batch, dets in itertools.islice(predict_batches(model, batches, device="cpu",
+                                                            score_thresh=0.3, amp=False), 1):
+            images += list(batch["images"])
+            preds += dets
+            truths += batch_to_targets(batch, "cpu")
+    paths.append(run_dir.plot_predictions(images, preds, truths, class_names,
+                                          plots_dir / "val_predictions.png"))
+    return paths

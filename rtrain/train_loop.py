@@ -1,0 +1,298 @@
+"""What one Ray Train worker runs: rebuild the config, build the model, resume, train, report.
+
+`train_loop(loop_config)` is the `train_loop_per_worker` of the TorchTrainer that
+`rtrain.runner.fit` builds. `loop_config` is plain data plus one actor handle:
+
+    {"config": config_to_dict(cfg), "run_dir": "/abs/RUN", "classes": manifest classes
+     [{index, name, category_id}], "num_train_images": int, "epoch_clock": EpochClock handle}
+
+Every epoch every worker calls `ray.train.report` exactly once (it is a barrier): rank 0
+with the metrics and a checkpoint directory (state.pt + COMPLETE, `rtrain.checkpoint`),
+the others with the same metrics and no checkpoint. Rank 0 alone evaluates (the EMA
+model, on the val shards, in-process), appends RUN/metrics.jsonl and writes RUN/best.pt
+and RUN/last.pt. All the numerical work is in `rtrain.engine` (no Ray there).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rtrain import engine, run_dir
+from rtrain.augment import rescale_batch
+from rtrain.checkpoint import (
+    capture_rng_state,
+    check_compatible,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    save_weights,
+)
+from rtrain.config import Config, config_from_dict, config_to_dict
+from rtrain.ema import ModelEMA, unwrap_model
+from rtrain.guard import NonFiniteGuard
+from rtrain.models import build_model
+from rtrain.optim import build_optimizer
+from rtrain.schedule import LRSchedule, scale_lr
+
+logger = logging.getLogger(__name__)
+
+SCORE_METRIC = "mAP"  # CheckpointConfig.checkpoint_score_attribute: every checkpointed report has it
+
+
+def build_detector(cfg: Config, num_classes: int) -> torch.nn.Module:
+    m = cfg.model
+    return build_model(m.name, num_classes, width=m.width, depth=m.depth, neck_channels=m.neck_channels,
+                       head_convs=m.head_convs, reg_max=m.reg_max)
+
+
+def steps_per_epoch(num_images: int, batch_size: int, world_size: int) -> int:
+    """Batches one worker sees per epoch: Ray Data splits rows equally (remainder dropped)."""
+    return max(1, math.ceil((num_images // world_size) / batch_size))
+
+
+def multi_scale_fn(cfg: Config):
+    """(batch, step) -> batch resized to a random multiple of 32 within +-multi_scale, or None.
+
+    The size depends only on (seed, step), so all ranks pick the same one.
+    """
+    frac = cfg.data.multi_scale
+    if frac <= 0:
+        return None
+    size = cfg.data.img_size
+    lo = max(32, int(size * (1 - frac)) // 32 * 32)
+    hi = max(lo, int(size * (1 + frac)) // 32 * 32)
+    choices = list(range(lo, hi + 1, 32))
+
+    def transform(batch, step):
+        new = choices[np.random.default_rng([cfg.train.seed, step]).integers(len(choices))]
+        if new == batch["images"].shape[-1]:
+            return batch
+        images, boxes = rescale_batch(batch["images"], batch["boxes"], new)
+        return {**batch, "images": images, "boxes": boxes}
+
+    return transform
+
+
+def _log_setup() -> None:
+    """Workers are fresh processes: give the rtrain loggers a handler so epoch lines reach the driver."""
+    root = logging.getLogger("rtrain")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
+class _Gauges:
+    """Throughput gauges exported through Ray's metrics port (rank 0 only; cheap)."""
+
+    def __init__(self) -> None:
+        from ray.util.metrics import Gauge
+
+        self.images_per_s = Gauge("rtrain_images_per_s", description="training images per second (rank 0)")
+        self.loss = Gauge("rtrain_loss", description="mean training loss of the last epoch")
+        self.data_wait = Gauge("rtrain_data_wait_frac", description="fraction of epoch time waiting for data")
+
+    def set(self, metrics: dict) -> None:
+        self.images_per_s.set(float(metrics.get("images_per_s", 0.0)))
+        self.loss.set(float(metrics.get("loss", 0.0)))
+        self.data_wait.set(float(metrics.get("data_wait_frac", 0.0)))
+
+
+def _flat_eval(metrics: dict) -> dict:
+    """COCO metrics with per-class AP flattened to `AP/<class>` (Ray wants flat scalars)."""
+    out = {k: v for k, v in metrics.items() if k != "per_class"}
+    for name, ap in metrics.get("per_class", {}).items():
+        out[f"AP/{name}"] = ap
+    return out
+
+
+def train_loop(loop_config: dict) -> None:
+    """The per-worker function of the TorchTrainer (see the module doc for `loop_config`)."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from rtrain.data import DetectionCollate, set_epoch
+
+    _log_setup()
+    cfg = config_from_dict(loop_config["config"])
+    cfg_dict = config_to_dict(cfg)
+    classes = loop_config["classes"]
+    class_names = [c["name"] for c in classes]
+    category_ids = [int(c["category_id"]) for c in classes]
+    out_dir = Path(loop_config["run_dir"])
+    clock = loop_config.get("epoch_clock")
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed + rank)
+    np.random.seed(cfg.train.seed + rank)
+
+    model = build_detector(cfg, len(class_names)).to(device)
+    ema = ModelEMA(model, decay=cfg.train.ema_decay)
+    global_batch = cfg.train.batch_size * world
+    base_lr = scale_lr(cfg.train.lr, global_batch, cfg.train.nominal_batch_size)
+    optimizer = build_optimizer(model, cfg.train.optimizer, lr=base_lr, momentum=cfg.train.momentum,
+                                weight_decay=cfg.train.weight_decay)
+    spe = steps_per_epoch(int(loop_config["num_train_images"]), cfg.train.batch_size, world)
+    total_steps = cfg.train.epochs * spe
+    time_limit = cfg.train.time_limit_min * 60.0 if cfg.train.time_limit_min > 0 else None
+    schedule = LRSchedule(
+        base_lr=base_lr, total_steps=total_steps,
+        warmup_steps=min(total_steps, round(cfg.train.warmup_epochs * spe)),
+        final_lr_ratio=cfg.train.final_lr_ratio, time_limit=time_limit,
+    )
+    scaler = engine.make_grad_scaler(device, cfg.train.amp)
+    guard = NonFiniteGuard(max_consecutive=cfg.train.max_nonfinite)
+
+    start_epoch, step, best_map, last_map = 0, 0, -1.0, 0.0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = load_checkpoint(ckpt_dir, map_location=device)
+        check_compatible(state, cfg_dict, class_names)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        if time_limit is None:  # the epoch count may have been raised to train longer
+            schedule.total_steps = total_steps
+        schedule.time_limit = time_limit
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        guard.load_state_dict(state["guard"])
+        restore_rng_state(state["rng"])
+        start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
+        best_map = float(state["extra"].get("best_map", -1.0))
+        last_map = float(state["extra"].get("last_map", 0.0))
+        if rank == 0:
+            logger.info("resumed from epoch %d (step %d, best mAP %.4f)", start_epoch - 1, step, best_map)
+
+    model = ray.train.torch.prepare_model(model)
+    train_shard = ray.train.get_dataset_shard("train")
+    transform = multi_scale_fn(cfg)
+    gauges = val_gt = None
+    if rank == 0:
+        from rtrain.evaluation import coco_gt_from_shards
+
+        run_dir.truncate_metrics(out_dir, start_epoch)
+        val_gt = coco_gt_from_shards(cfg.data.val)
+        try:
+            gauges = _Gauges()
+        except Exception as exc:  # metrics export is optional (e.g. no metrics agent)
+            logger.warning("ray metrics gauges unavailable: %s", exc)
+
+    schedule.start()
+    epoch = start_epoch
+    finished = start_epoch >= cfg.train.epochs or (time_limit is not None and schedule.finished(step))
+    while not finished:
+        t_epoch = time.perf_counter()
+        if clock is not None:
+            set_epoch(clock, epoch)
+        batches = train_shard.iter_torch_batches(
+            batch_size=cfg.train.batch_size, collate_fn=DetectionCollate(),
+            local_shuffle_buffer_size=(max(cfg.data.shuffle_buffer, cfg.train.batch_size)
+                                       if cfg.data.shuffle_buffer else None),
+            prefetch_batches=cfg.data.prefetch_batches,
+        )
+        metrics = engine.train_one_epoch(
+            model, optimizer, batches, device=device, schedule=schedule, ema=ema, amp=cfg.train.amp,
+            scaler=scaler, guard=guard, grad_clip=cfg.train.grad_clip, batch_transform=transform,
+            step_offset=step, stop_when_finished=time_limit is not None, epoch=epoch,
+        )
+        step += metrics["steps"] + metrics["skipped"]
+        (budget_spent,) = engine.agree_max([float(schedule.finished(step))], device)
+        finished = epoch + 1 >= cfg.train.epochs or (time_limit is not None and bool(budget_spent))
+
+        metrics.update(epoch=epoch, step=step, world_size=world, global_batch=global_batch,
+                       nonfinite_total=guard.total, evaluated=False, mAP=last_map)
+        ckpt = None
+        if rank == 0:
+            if finished or (epoch + 1) % cfg.eval.interval == 0:
+                val = engine.evaluate(
+                    ema.module, _val_batches(cfg), val_gt, category_ids, class_names, device=device,
+                    score_thresh=cfg.eval.score_thresh, iou_thresh=cfg.eval.iou_thresh,
+                    max_det=cfg.eval.max_det, amp=cfg.train.amp,
+                )
+                metrics.update(_flat_eval(val), evaluated=True)
+                last_map = float(val["mAP"])
+            metrics["best_mAP"] = best_map = max(best_map, last_map) if metrics["evaluated"] else best_map
+            metrics["elapsed_s"] = schedule.elapsed()
+            metrics["epoch_wall_s"] = time.perf_counter() - t_epoch
+            ckpt_tmp = tempfile.TemporaryDirectory(prefix="rtrain-ckpt-")
+            _write_outputs(ckpt_tmp.name, out_dir, cfg_dict, class_names, model, ema, optimizer, schedule,
+                           scaler, guard, epoch, step, metrics, best_map, last_map)
+            ckpt = Checkpoint.from_directory(ckpt_tmp.name)
+            if gauges is not None:
+                gauges.set(metrics)
+            _log_epoch(cfg, metrics, schedule, time_limit)
+        ray.train.report(metrics, checkpoint=ckpt)
+        if ckpt is not None:
+            ckpt_tmp.cleanup()  # report has copied it to storage
+        epoch += 1
+
+
+def _val_batches(cfg: Config):
+    from rtrain.data import iter_batches_local
+
+    return iter_batches_local(cfg.data.val, batch_size=cfg.eval.batch_size, train=False,
+                              img_size=cfg.data.img_size)
+
+
+def _write_outputs(ckpt_dir, out_dir, cfg_dict, class_names, model, ema, optimizer, schedule, scaler, guard,
+                   epoch, step, metrics, best_map, last_map) -> None:
+    """Rank 0: the checkpoint dir for Ray, the metrics row, last.pt and (when improved) best.pt."""
+    save_checkpoint(ckpt_dir, {
+        "model": unwrap_model(model).state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": schedule.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "guard": guard.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "rng": capture_rng_state(),
+        "config": cfg_dict,
+        "class_names": list(class_names),
+        "extra": {"best_map": best_map, "last_map": last_map},
+    })
+    run_dir.append_metrics(out_dir, metrics)
+    weights = ema.module.state_dict()
+    extra = {"epoch": epoch, "step": step, "mAP": last_map if metrics["evaluated"] else None}
+    save_weights(out_dir / run_dir.LAST_WEIGHTS, weights, cfg_dict, class_names, extra)
+    best_file = out_dir / run_dir.BEST_WEIGHTS
+    if metrics["evaluated"] and (last_map >= best_map or not best_file.exists()):
+        save_weights(best_file, weights, cfg_dict, class_names, extra)
+
+
+def _log_epoch(cfg: Config, m: dict, schedule: LRSchedule, time_limit: float | None) -> None:
+    """One terminal line per epoch: epoch, time, loss, mAP, throughput, ETA."""
+    epoch = m["epoch"]
+    elapsed = schedule.elapsed()
+    if time_limit is not None:
+        eta = max(0.0, time_limit - elapsed)
+    else:
+        eta = elapsed / max(1, epoch + 1) * max(0, cfg.train.epochs - epoch - 1)
+    val = f"mAP {m['mAP']:.4f} mAP50 {m.get('mAP50', float('nan')):.4f}" if m["evaluated"] else "mAP -"
+    logger.info(
+        "epoch %d/%d  %.1fs  loss %.4f (cls %.3f box %.3f dfl %.3f)  %s  lr %.5f  %.1f img/s  "
+        "data-wait %.0f%%  ETA %s",
+        epoch + 1, cfg.train.epochs, m["epoch_wall_s"], m.get("loss", float("nan")),
+        m.get("loss_cls", float("nan")), m.get("loss_box", float("nan")), m.get("loss_dfl", float("nan")),
+        val, m["lr"], m["images_per_s"], 100 * m["data_wait_frac"], _fmt_time(eta),
+    )
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,104 @@
+"""rtrain.fit end to end on Ray Train (tiny synthetic shards); the shipped configs; the checks before Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rtrain import run_dir
+from rtrain.checkpoint import load_weights
+from rtrain.config import config_from_dict, config_to_dict, load_config
+from rtrain.quickstart import QUICKSTART, prepare_synthetic
+from rtrain.runner import FitError, fit
+from rtrain.train_loop import build_detector
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads_and_builds_its_model(path):
+    cfg = load_config(path)
+    model = build_detector(cfg, num_classes=3)
+    assert sum(p.numel() for p in model.parameters()) > 0
+    assert "python -m rtrain.fit" in path.read_text(), "each config names the command that trains it"
+
+
+def test_quickstart_yaml_equals_the_built_in_default():
+    from_yaml = load_config(REPO / "configs" / "quickstart.yaml")
+    assert config_to_dict(from_yaml) == config_to_dict(config_from_dict(QUICKSTART))
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("synthetic")
+    return prepare_synthetic(root, images=24, size=128, seed=3)
+
+
+def _tiny_config(train: Path, val: Path, storage: Path, epochs: int) -> dict:
+    return {
+        "model": {"name": "compact_n"},
+        "data": {"train": str(train), "val": str(val), "img_size": 128, "num_actors": 1,
+                 "cpus_per_actor": 0.5, "shuffle_buffer": 16},
+        "train": {"epochs": epochs, "batch_size": 8, "optimizer": "adamw", "lr": 0.002,
+                  "nominal_batch_size": 16, "warmup_epochs": 0.5},
+        "eval": {"interval": 1, "batch_size": 8},
+        "run": {"storage": str(storage), "workers": 2, "cpus_per_worker": 1.0, "keep_last": 2},
+    }
+
+
+def test_checks_before_ray(tiny_shards, tmp_path):
+    train, val = tiny_shards
+    cfg = _tiny_config(train, val, tmp_path / "runs", epochs=1)
+    bad = {**cfg, "data": {**cfg["data"], "val": str(tmp_path / "missing")}}
+    with pytest.raises(FitError, match="missing: shard directory not found"):
+        fit(bad, name="x", plots=False)
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    (tmp_path / "runs" / "taken" / "config.yaml").write_text("{}")
+    with pytest.raises(FitError, match="exists; pass resume=True"):
+        fit(cfg, name="taken", plots=False)
+    with pytest.raises(FitError, match="no run named 'nope'"):
+        fit(cfg, name="nope", resume=True, plots=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(FitError, match="storage is not writable"):
+        fit(cfg, storage=blocker / "runs", name="y", plots=False)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_fit_reports_checkpoints_and_resumes(ray_session, tiny_shards, tmp_path):
+    train, val = tiny_shards
+    storage = tmp_path / "runs"
+    result = fit(_tiny_config(train, val, storage, epochs=2), name="e2e")
+
+    out = storage / "e2e"
+    assert result.run_dir == out and result.epochs_done == 2
+    rows = run_dir.read_metrics(out)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert all(r["evaluated"] and 0.0 <= r["mAP"] <= 1.0 for r in rows)
+    assert rows[1]["step"] > rows[0]["step"] > 0 and rows[0]["world_size"] == 2
+    assert {"loss", "loss_cls", "loss_box", "lr", "images_per_s", "data_wait_frac", "mAP50"} <= rows[0].keys()
+    assert (out / "metrics.csv").read_text().count("\n") == 3  # header + 2 rows
+    saved_cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved_cfg["run"]["name"] == "e2e" and saved_cfg["train"]["epochs"] == 2
+    for weights in (result.best_weights, result.last_weights):
+        obj = torch.load(weights, weights_only=True)
+        assert obj["class_names"] == ["circle", "square", "triangle", "star", "cross", "ring"]
+        model = build_detector(config_from_dict(obj["config"]), len(obj["class_names"]))
+        model.load_state_dict(obj["model"])
+    assert load_weights(result.last_weights)["extra"]["epoch"] == 1
+    assert len(list(out.glob("checkpoint_*"))) >= 1
+    assert {p.name for p in result.plots} == {"curves.png", "val_predictions.png"}
+    assert all(p.stat().st_size > 1000 for p in result.plots)
+
+    # Resume with more epochs: continues at epoch 2, no duplicated rows, the step count carries on.
+    resumed = fit(None, overrides=["train.epochs=3"], storage=storage, resume=True, plots=False)
+    assert resumed.name == "e2e"
+    rows = run_dir.read_metrics(out)
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert rows[2]["step"] > rows[1]["step"]
+    assert load_weights(out / "last.pt")["extra"]["epoch"] == 2
