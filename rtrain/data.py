@@ -1,0 +1,417 @@
+"""Training data path: Parquet shards -> decode + augment -> fixed-size batches of tensors.
+
+    files = list_shards(shard_dir)                       # checks every shard's footer and schema
+    ds = build_dataset(shard_dir, train=True, img_size=320, aug=AugmentParams(), epoch=clock)
+    for batch in ds.iter_torch_batches(batch_size=16, collate_fn=DetectionCollate(),
+                                       local_shuffle_buffer_size=64):
+        images = batch["images"].float().div_(255)        # uint8 [B, 3, S, S] -> float on device
+        targets = batch_to_targets(batch, device)        # list of {boxes, labels, iscrowd}
+
+Rows after `DecodeAugment` (one per image): `image` uint8 [S, S, 3]; `boxes` float32 flat
+[x1, y1, x2, y2, ...] in input (S x S) pixels; `labels` int32; `iscrowd` bool; `image_id` int64;
+`scale` float32 and `pad` float32 [2] (left, top) with `input = stored * scale + pad` (exact in
+val mode); `stored_size` and `orig_size` int32 [2] as (width, height). Ragged columns are 1-D
+arrays (Ray keeps them as Arrow lists); nested lists would fall back to pickle.
+
+The epoch reaches the augmentation seed through an `EpochClock` actor: the driver makes one
+(`make_epoch_clock()`), passes it to `build_dataset(epoch=clock)` and to the train loop, and
+every worker calls `set_epoch(clock, epoch)` before it iterates that epoch's shard. Each
+`DecodeAugment` batch reads the clock, so the augmentation of image i in epoch e depends only on
+(seed, e, i) whatever the actor or worker (mosaic partners come from the same batch; see
+`rtrain.augment.Augmenter`). The end-of-epoch `ray.train.report` barrier means no batch of
+epoch e is still being made when a worker sets e + 1. An int `epoch` fixes it (eval, tests).
+
+Resources (2-core machines): Ray Data's file-listing task asks for a whole CPU and Ray Train
+takes its workers' CPUs out of Ray Data's budget, so 2 Train workers on `ray.init(num_cpus=2)`
+deadlock. Start Ray with more logical CPUs than cores (`ray.init(num_cpus=4)`, as the tests'
+`ray_session` fixture and the fit CLI on small machines do), give Train workers 1 CPU each and
+the decode actors `cpus_per_actor` <= 1 (default 1; 0.5 fits 2 actors beside 2 workers on 4
+logical CPUs). Without Ray, `iter_batches_local` runs the same decode/augment/collate in-process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from rtrain.augment import Augmenter, AugmentParams, Sample
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SHARD_GLOB = "*.parquet"
+
+
+class ShardError(ValueError):
+    """Shards or manifest unusable: one line naming the file and the fault."""
+
+
+# ---------------------------------------------------------------- shards and manifest
+
+
+def _is_int(t: pa.DataType) -> bool:
+    return pa.types.is_int32(t) or pa.types.is_int64(t)
+
+
+def _list_of(pred):
+    return lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and pred(t.value_type)
+
+
+# column -> (check, what it should be), DESIGN.md's shard schema
+SCHEMA = {
+    "image_id": (pa.types.is_int64, "int64"),
+    "file_name": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "string"),
+    "jpeg": (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "binary"),
+    "width": (_is_int, "int32/int64"),
+    "height": (_is_int, "int32/int64"),
+    "orig_width": (_is_int, "int32/int64"),
+    "orig_height": (_is_int, "int32/int64"),
+    "boxes": (_list_of(pa.types.is_float32), "list<float32>"),
+    "labels": (_list_of(pa.types.is_int32), "list<int32>"),
+    "iscrowd": (_list_of(pa.types.is_boolean), "list<bool>"),
+}
+
+
+def check_schema(schema: pa.Schema, path: str) -> None:
+    """Raise ShardError naming `path` if a column of DESIGN.md's shard schema is missing or mistyped."""
+    missing = [name for name in SCHEMA if schema.get_field_index(name) < 0]
+    if missing:
+        raise ShardError(f"{path}: not a shard: missing column(s) {', '.join(missing)}")
+    for name, (ok, want) in SCHEMA.items():
+        got = schema.field(name).type
+        if not ok(got):
+            raise ShardError(f"{path}: column {name!r} is {got}, expected {want}")
+
+
+def read_manifest(shard_dir: str | Path) -> dict:
+    """The shards' manifest.json as a dict; checks `classes` is [{index, name, category_id}] with
+    indices 0..C-1 in order. One-line ShardError naming the file otherwise."""
+    shard_dir = Path(shard_dir)
+    if not shard_dir.is_dir():
+        raise ShardError(f"{shard_dir}: shard directory not found")
+    path = shard_dir / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{path}: manifest not found (write shards with python -m data_prep.shard)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ShardError(f"{path}: unreadable manifest: {str(e).splitlines()[0]}") from None
+    classes = manifest.get("classes") if isinstance(manifest, dict) else None
+    if not isinstance(classes, list) or not classes:
+        raise ShardError(f"{path}: manifest has no 'classes' list")
+    for i, c in enumerate(classes):
+        if not isinstance(c, dict) or not {"index", "name", "category_id"} <= c.keys():
+            raise ShardError(f"{path}: classes[{i}] needs index, name and category_id")
+        if c["index"] != i:
+            raise ShardError(f"{path}: classes[{i}] has index {c['index']}, expected {i} (contiguous 0..C-1)")
+    return manifest
+
+
+def list_shards(shard_dir: str | Path) -> list[str]:
+    """Sorted shard paths of `shard_dir`, after reading every shard's footer and schema (cheap).
+
+    Raises ShardError naming the file: missing dir, no shards, truncated/corrupt Parquet, wrong
+    schema. Hidden files (writers' temp names) are ignored.
+    """
+    shard_dir = Path(shard_dir)
+    if not shard_dir.is_dir():
+        raise ShardError(f"{shard_dir}: shard directory not found")
+    files = sorted(str(p) for p in shard_dir.glob(SHARD_GLOB) if not p.name.startswith("."))
+    if not files:
+        raise ShardError(f"{shard_dir}: no {SHARD_GLOB} shards")
+    for path in files:
+        try:
+            meta = pq.read_metadata(path)
+        except (OSError, pa.ArrowException) as e:
+            raise ShardError(f"{path}: unreadable Parquet (truncated?): {str(e).splitlines()[0]}") from None
+        check_schema(meta.schema.to_arrow_schema(), path)
+    return files
+
+
+def num_classes(shard_dir: str | Path) -> int:
+    return len(read_manifest(shard_dir)["classes"])
+
+
+# ---------------------------------------------------------------- decode + augment
+
+
+def make_epoch_clock():
+    """A tiny actor holding the current epoch, shared by the train loop and the decode actors."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class EpochClock:
+        def __init__(self) -> None:
+            self.epoch = 0
+
+        def set(self, epoch: int) -> int:
+            self.epoch = int(epoch)
+            return self.epoch
+
+        def get(self) -> int:
+            return self.epoch
+
+    return EpochClock.remote()
+
+
+def set_epoch(clock, epoch: int) -> None:
+    """Call before iterating an epoch (every worker may call it; it is idempotent)."""
+    import ray
+
+    ray.get(clock.set.remote(epoch))
+
+
+def _decode(jpeg: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(jpeg)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+class DecodeAugment:
+    """Callable for `map_batches(batch_format="numpy")`: decodes each row's JPEG, augments (train)
+    or letterboxes (val) to img_size x img_size, and returns the row format of the module doc.
+
+    `epoch`: an int, or an EpochClock actor handle read once per batch. A row whose JPEG fails to
+    decode is dropped with a warning (counted in `self.skipped`).
+    """
+
+    def __init__(
+        self, *, train: bool, img_size: int, aug: AugmentParams | None = None, seed: int = 0, epoch=0
+    ) -> None:
+        self.augmenter = Augmenter(img_size=img_size, train=train, params=aug or AugmentParams(), seed=seed)
+        self.epoch = epoch
+        self.skipped = 0
+
+    def _current_epoch(self) -> int:
+        if isinstance(self.epoch, int | np.integer):
+            return int(self.epoch)
+        import ray
+
+        return int(ray.get(self.epoch.get.remote()))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        epoch = self._current_epoch()
+        samples, rows = [], []
+        for i in range(len(batch["image_id"])):
+            try:
+                image = _decode(batch["jpeg"][i])
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                self.skipped += 1
+                log.warning(
+                    "image_id %s (%s): undecodable JPEG skipped: %s",
+                    batch["image_id"][i],
+                    batch["file_name"][i],
+                    e,
+                )
+                continue
+            samples.append(
+                Sample(
+                    image, np.asarray(batch["boxes"][i], np.float32), batch["labels"][i], batch["iscrowd"][i]
+                )
+            )
+            rows.append(i)
+        ids = [int(batch["image_id"][i]) for i in rows]
+        out = self.augmenter(samples, ids, epoch)
+        size = self.augmenter.img_size
+        n = len(out)
+        return {
+            "image": np.stack([s.image for s in out]) if n else np.zeros((0, size, size, 3), np.uint8),
+            "boxes": _ragged([s.boxes.reshape(-1) for s in out], np.float32),
+            "labels": _ragged([s.labels for s in out], np.int32),
+            "iscrowd": _ragged([s.iscrowd for s in out], bool),
+            "image_id": np.asarray(ids, np.int64),
+            "scale": np.asarray([s.scale for s in out], np.float32),
+            "pad": np.asarray([s.pad for s in out], np.float32).reshape(n, 2),
+            "stored_size": np.asarray(
+                [(batch["width"][i], batch["height"][i]) for i in rows], np.int32
+            ).reshape(n, 2),
+            "orig_size": np.asarray(
+                [(batch["orig_width"][i], batch["orig_height"][i]) for i in rows], np.int32
+            ).reshape(n, 2),
+        }
+
+
+def _ragged(arrays: list[np.ndarray], dtype) -> np.ndarray:
+    """An object array of 1-D arrays (built by hand so numpy never makes it 2-D)."""
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = np.asarray(a, dtype=dtype).reshape(-1)
+    return out
+
+
+# ---------------------------------------------------------------- collate
+
+
+class DetectionCollate(NumpyBatchCollateFn):
+    """Numpy batch of DecodeAugment rows -> dict of tensors, boxes padded to the batch's max M.
+
+    images uint8 [B, 3, S, S]; boxes float32 [B, M, 4] xyxy input px (0 where padded);
+    labels int64 [B, M] (-1 where padded); iscrowd bool [B, M]; image_id int64 [B];
+    scale float32 [B]; pad float32 [B, 2] (left, top); orig_size, stored_size int64 [B, 2]
+    (width, height). M >= 1 so reductions over the box axis never see an empty dimension.
+    """
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return collate(batch)
+
+
+def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """See DetectionCollate."""
+    images = np.asarray(batch["image"])
+    if images.ndim != 4:  # a ragged-looking object column of equal-shaped images
+        images = np.stack(list(images))
+    b = images.shape[0]
+    labels_in = [np.asarray(x, np.int64).reshape(-1) for x in batch["labels"]]
+    m = max([1] + [len(x) for x in labels_in])
+    boxes = np.zeros((b, m, 4), np.float32)
+    labels = np.full((b, m), -1, np.int64)
+    iscrowd = np.zeros((b, m), bool)
+    for i in range(b):
+        k = len(labels_in[i])
+        boxes[i, :k] = np.asarray(batch["boxes"][i], np.float32).reshape(-1, 4)
+        labels[i, :k] = labels_in[i]
+        iscrowd[i, :k] = np.asarray(batch["iscrowd"][i], bool).reshape(-1)
+    return {
+        "images": torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
+        "boxes": torch.from_numpy(boxes),
+        "labels": torch.from_numpy(labels),
+        "iscrowd": torch.from_numpy(iscrowd),
+        "image_id": torch.as_tensor(np.asarray(batch["image_id"], np.int64)),
+        "scale": torch.as_tensor(np.asarray(batch["scale"], np.float32)),
+        "pad": torch.as_tensor(np.stack([np.asarray(p, np.float32) for p in batch["pad"]]).reshape(b, 2)),
+        "orig_size": torch.as_tensor(
+            np.stack([np.asarray(p, np.int64) for p in batch["orig_size"]]).reshape(b, 2)
+        ),
+        "stored_size": torch.as_tensor(
+            np.stack([np.asarray(p, np.int64) for p in batch["stored_size"]]).reshape(b, 2)
+        ),
+    }
+
+
+def batch_to_targets(batch: dict[str, torch.Tensor], device=None) -> list[dict[str, torch.Tensor]]:
+    """Unpadded per-image targets: [{boxes float32 [M, 4] xyxy input px, labels int64 [M],
+    iscrowd bool [M]}], on `device`."""
+    out = []
+    for boxes, labels, crowd in zip(batch["boxes"], batch["labels"], batch["iscrowd"], strict=True):
+        keep = labels >= 0
+        out.append(
+            {
+                "boxes": boxes[keep].to(device),
+                "labels": labels[keep].to(device),
+                "iscrowd": crowd[keep].to(device),
+            }
+        )
+    return out
+
+
+def boxes_to_original(boxes: torch.Tensor, scale, pad, stored_size, orig_size) -> torch.Tensor:
+    """Map boxes [..., 4] xyxy from input (letterboxed) px of one image back to original px:
+    stored = (input - pad) / scale, then x * orig_w / stored_w, y * orig_h / stored_h."""
+    pad = torch.as_tensor(pad, dtype=boxes.dtype, device=boxes.device).reshape(2).repeat(2)
+    ratio = (
+        torch.as_tensor(orig_size, dtype=boxes.dtype, device=boxes.device).reshape(2)
+        / torch.as_tensor(stored_size, dtype=boxes.dtype, device=boxes.device).reshape(2)
+    ).repeat(2)
+    return (boxes - pad) / float(scale) * ratio
+
+
+# ---------------------------------------------------------------- datasets
+
+
+READ_COLUMNS = list(SCHEMA)
+
+
+def build_dataset(
+    shard_dir: str | Path,
+    *,
+    train: bool,
+    img_size: int,
+    aug: AugmentParams | None = None,
+    seed: int = 0,
+    epoch=0,
+    num_actors: int = 1,
+    cpus_per_actor: float = 1.0,
+    batch_rows: int = 16,
+    shuffle_files: bool | None = None,
+):
+    """ray.data.Dataset of DecodeAugment rows (module doc) from the shards of `shard_dir`.
+
+    Checks the manifest and every shard first (ShardError). `epoch`: int or EpochClock handle.
+    `batch_rows`: rows per decode call (also the pool mosaic partners come from).
+    `shuffle_files` (default: = train) shuffles the file order each execution.
+    """
+    import ray
+
+    read_manifest(shard_dir)
+    files = list_shards(shard_dir)
+    shuffle = train if shuffle_files is None else shuffle_files
+    ds = ray.data.read_parquet(files, shuffle="files" if shuffle else None).select_columns(READ_COLUMNS)
+    return ds.map_batches(
+        DecodeAugment,
+        fn_constructor_kwargs={
+            "train": train,
+            "img_size": img_size,
+            "aug": aug,
+            "seed": seed,
+            "epoch": epoch,
+        },
+        batch_size=batch_rows,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        num_cpus=cpus_per_actor,
+    )
+
+
+def iter_batches_local(
+    shard_dir: str | Path,
+    *,
+    batch_size: int,
+    train: bool,
+    img_size: int,
+    aug: AugmentParams | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = False,
+    drop_last: bool = False,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """In-process twin of build_dataset + DetectionCollate (pyarrow, no Ray): yields collated
+    batches. `shuffle` permutes rows with a generator seeded by (seed, epoch)."""
+    read_manifest(shard_dir)
+    files = list_shards(shard_dir)
+    fn = DecodeAugment(train=train, img_size=img_size, aug=aug, seed=seed, epoch=epoch)
+    table = pa.concat_tables(
+        [pq.read_table(f, columns=READ_COLUMNS) for f in files], promote_options="default"
+    )
+    order = np.arange(table.num_rows)
+    if shuffle:
+        order = np.random.default_rng([seed % 2**63, epoch % 2**63]).permutation(table.num_rows)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        if drop_last and len(idx) < batch_size:
+            break
+        chunk = table.take(pa.array(idx))
+        rows = {name: _column_numpy(chunk.column(name)) for name in READ_COLUMNS}
+        out = fn(rows)
+        if len(out["image_id"]):
+            yield collate(out)
+
+
+def _column_numpy(col: pa.ChunkedArray) -> np.ndarray:
+    """Like Ray's numpy batches: scalars as arrays, binaries and lists as object arrays."""
+    t = col.type
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        arr = col.combine_chunks()
+        values, offsets = arr.values.to_numpy(zero_copy_only=False), arr.offsets.to_numpy()
+        return _ragged([values[offsets[i] : offsets[i + 1]] for i in range(len(arr))], None)
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_string(t):
+        return np.asarray(col.to_pylist(), dtype=object)
+    return col.to_numpy()
