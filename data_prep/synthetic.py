@@ -283,7 +283,8 @@ def make_synthetic(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m data_prep.synthetic",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--images", type=int, default=300, help="number of images (default 300)")
     parser.add_argument("--seed", type=int, default=0)
