@@ -19,7 +19,6 @@ from collections import Counter
 from data_prep import coco, imagenet_loc, voc, yolo
 from data_prep.manifest import load_classes
 from data_prep.records import DatasetError, Reader
-from data_prep.writer import Options, write_dataset
 
 READERS: dict[str, Reader] = {
     "coco": coco.read,
@@ -60,11 +59,20 @@ def shard(args: argparse.Namespace) -> dict:
     if bad:
         raise DatasetError(f"--opt {bad[0]!r} is not KEY=VALUE")
     args.opts = opts
+    # Imported here, not at the top: worker processes import this module again, and need
+    # neither pyarrow nor numpy.
+    from data_prep.writer import Options, start_pool, write_dataset
+
     frozen = load_classes(args.classes_from) if args.classes_from else None
-    classes, stream, source = READERS[args.format](args)
     options = Options(size=args.size, rows_per_shard=args.rows_per_shard, workers=args.workers,
                       classes_from=os.path.abspath(args.classes_from) if args.classes_from else None)
-    return write_dataset(classes, stream, source, args.out, options, frozen)
+    pool = start_pool(args.workers)  # the workers boot while the reader parses the annotations
+    try:
+        classes, stream, source = READERS[args.format](args)
+        return write_dataset(classes, stream, source, args.out, options, frozen, pool=pool)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def summary(manifest: dict, out: str) -> str:

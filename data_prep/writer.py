@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -48,6 +49,7 @@ SCHEMA = pa.schema([
     ("labels", pa.list_(pa.int32())),
     ("iscrowd", pa.list_(pa.bool_())),
 ])
+_COMPRESSION = {n: ("NONE" if n == "jpeg" else "snappy") for n in SCHEMA.names}
 CONFIG_NAME = "_shard_config.json"
 STATS_DIR = "_stats"  # pyarrow and Ray Data skip names starting with "_" or "."
 _PART = re.compile(r"^part-(\d{5,})\.parquet$")
@@ -152,12 +154,44 @@ def _prepare_out(out: Path, fingerprint: str, summary: dict) -> None:
                 p.unlink()
 
 
+def _offsets(lengths: list[int]) -> pa.Buffer:
+    return pa.py_buffer(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+
+
+def _column(field: pa.Field, values: list) -> pa.Array:
+    """One column from Python values, built from buffers.
+
+    pa.array() imports pandas on first use (a second or more of every run's time), so
+    the arrays are assembled from numpy buffers instead.
+    """
+    t, n = field.type, len(values)
+    if pa.types.is_integer(t):
+        return pa.Array.from_buffers(t, n, [None, pa.py_buffer(np.asarray(values, t.to_pandas_dtype()))])
+    if pa.types.is_binary(t) or pa.types.is_string(t):
+        data = [v.encode() if isinstance(v, str) else v for v in values]
+        buffers = [None, _offsets([len(d) for d in data]), pa.py_buffer(b"".join(data))]
+        return pa.Array.from_buffers(t, n, buffers)
+    if pa.types.is_list(t):
+        flat = [x for v in values for x in v]
+        vt = t.value_type
+        if pa.types.is_boolean(vt):
+            bits = np.packbits(np.asarray(flat, dtype=bool), bitorder="little")
+            child = pa.Array.from_buffers(vt, len(flat), [None, pa.py_buffer(bits)])
+        else:
+            data = pa.py_buffer(np.asarray(flat, vt.to_pandas_dtype()))
+            child = pa.Array.from_buffers(vt, len(flat), [None, data])
+        return pa.Array.from_buffers(t, n, [None, _offsets([len(v) for v in values])], children=[child])
+    raise TypeError(f"no column builder for {t}")
+
+
 def _write_parquet_atomic(path: Path, rows: list[dict]) -> None:
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
+    table = pa.Table.from_arrays([_column(f, [r[f.name] for r in rows]) for f in SCHEMA], schema=SCHEMA)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as f:
-            pq.write_table(table, f, row_group_size=256, compression="snappy")
+            # JPEG bytes are compressed already: snappy and dictionary tries on them only cost time.
+            pq.write_table(table, f, row_group_size=256, compression=_COMPRESSION,
+                           use_dictionary=[n for n in SCHEMA.names if n != "jpeg"])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -218,12 +252,23 @@ def _finished_stats(out: Path, chunk: _Chunk, digest: str, fingerprint: str) -> 
     return stats
 
 
-def _pool(workers: int) -> cf.ProcessPoolExecutor:
-    # forkserver: workers start from a small clean server (no copy of the parent's annotation
-    # set, no inherited threads from pyarrow), faster than spawn for each new worker.
+def start_pool(workers: int) -> cf.ProcessPoolExecutor | None:
+    """A started pool of `workers` decode processes (None for workers <= 1: work inline).
+
+    forkserver: workers fork from a small clean server that has imported PIL once (no
+    copy of the parent's annotation set, no threads inherited from pyarrow). A no-op
+    per worker makes them all start now, so they boot while the reader parses.
+    """
+    if workers <= 1:
+        return None
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["data_prep.imaging"])
-    return cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    # "__main__" too: the server imports the main module once and every worker inherits it,
+    # instead of each worker importing it (and its imports) again at start.
+    ctx.set_forkserver_preload(["__main__", "data_prep.imaging"])
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    for _ in range(workers):
+        pool.submit(int)
+    return pool
 
 
 def write_dataset(
@@ -233,11 +278,13 @@ def write_dataset(
     out: str | os.PathLike,
     opts: Options,
     frozen_classes: list[ClassInfo] | None = None,
+    pool: cf.Executor | None = None,
 ) -> dict:
     """Write every record of `stream` into Parquet shards under `out`; return the manifest dict.
 
     `classes`/`stream`/`source` are what a reader returned. With `frozen_classes`
-    (another manifest's class list) labels are remapped onto it by name.
+    (another manifest's class list) labels are remapped onto it by name. `pool`: a
+    started pool (start_pool) the caller owns; without it one is made and shut down here.
     Raises DatasetError (one line) for an empty dataset or an `out` holding other shards.
     """
     out = Path(out)
@@ -262,7 +309,7 @@ def write_dataset(
     _prepare_out(out, fingerprint, fp_obj)
 
     sink = _ShardSink(out, fingerprint, len(classes))
-    pool = None
+    own_pool = pool is None
     window = max(2, opts.workers) * 3
     futures: dict[cf.Future, tuple[int, int]] = {}
 
@@ -289,17 +336,19 @@ def write_dataset(
             sink.open(chunk, digest, len(starts))
             for start in starts:
                 batch = chunk.records[start:start + opts.batch]
-                if opts.workers <= 1:
+                if pool is None and own_pool and opts.workers > 1:
+                    pool = start_pool(opts.workers)
+                if pool is None:
                     sink.add(chunk.index, start, imaging.convert_batch(batch, opts.size, opts.quality))
                     continue
-                if pool is None:
-                    pool = _pool(opts.workers)
                 drain(window - 1)
                 fut = pool.submit(imaging.convert_batch, batch, opts.size, opts.quality)
                 futures[fut] = (chunk.index, start)
         drain(0)
     finally:
-        if pool is not None:
+        for fut in futures:
+            fut.cancel()
+        if own_pool and pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     extra = [p.name for p in out.iterdir() if (m := _PART.match(p.name)) and int(m.group(1)) >= n_chunks]
     if extra:
