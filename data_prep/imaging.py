@@ -7,6 +7,9 @@ one shard row (or a skip), so the benchmark can time exactly this work alone.
 from __future__ import annotations
 
 import math
+import os
+import threading
+import time
 from io import BytesIO
 
 from PIL import Image, ImageOps
@@ -140,3 +143,23 @@ def convert(rec: SourceImage, size: int, quality: int = JPEG_QUALITY) -> tuple[d
 def convert_batch(recs: list[SourceImage], size: int, quality: int) -> list[tuple[dict | None, list[Issue]]]:
     """`convert` over a few records: one task for a worker process (fewer round trips)."""
     return [convert(r, size, quality) for r in recs]
+
+
+def watch_parent(pid: int, every_s: float = 1.0) -> None:
+    """Pool initializer: end this worker when process `pid` (the main process) is gone.
+
+    A pool worker holds both ends of its task pipe, so after the main process is
+    killed (SIGKILL, OOM) it would wait for work forever; this thread ends it.
+    """
+
+    def watch() -> None:
+        while True:
+            time.sleep(every_s)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # the pid was reused by another user's process
+                os._exit(1)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()

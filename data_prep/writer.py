@@ -265,7 +265,8 @@ def start_pool(workers: int) -> cf.ProcessPoolExecutor | None:
     # "__main__" too: the server imports the main module once and every worker inherits it,
     # instead of each worker importing it (and its imports) again at start.
     ctx.set_forkserver_preload(["__main__", "data_prep.imaging"])
-    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    pool = cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                  initializer=imaging.watch_parent, initargs=(os.getpid(),))
     for _ in range(workers):
         pool.submit(int)
     return pool
