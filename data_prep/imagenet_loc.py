@@ -223,12 +223,12 @@ def read_imagenet_loc(root: str | os.PathLike, split: str = "train") -> ReadResu
 
 
 def read(args: argparse.Namespace) -> ReadResult:
-    """Reader for `--format imagenet_loc --root DIR [--opt split=train|val]`."""
+    """Reader for `--format imagenet-loc --root DIR [--split train|val]`."""
     if not getattr(args, "root", None):
-        raise DatasetError("--format imagenet_loc needs --root DIR")
+        raise DatasetError("--format imagenet-loc needs --root DIR")
     return read_imagenet_loc(args.root, _split_arg(args))
 
 
 def _split_arg(args: argparse.Namespace) -> str:
-    """The split name: `--opt split=NAME` (or an args.split attribute), default train."""
-    return (getattr(args, "opts", None) or {}).get("split") or getattr(args, "split", None) or "train"
+    """The split name: `--split NAME` (or `--opt split=NAME`), default train."""
+    return getattr(args, "split", None) or (getattr(args, "opts", None) or {}).get("split") or "train"

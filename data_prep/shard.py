@@ -2,6 +2,8 @@
 
     python -m data_prep.shard --format coco --annotations instances.json --images DIR --out OUT
     python -m data_prep.shard --format voc --root DIR [--split-file ImageSets/Main/train.txt] --out OUT
+    python -m data_prep.shard --format yolo --root DIR --data data.yaml --split val --out OUT
+    python -m data_prep.shard --format imagenet-loc --root DIR --split train|val --out OUT
     ... [--size 640] [--rows-per-shard 1000] [--workers N] [--classes-from TRAIN_OUT/manifest.json]
 
 A new format is one line in READERS: a function `read(args) -> (classes, stream, source)`
@@ -24,7 +26,8 @@ READERS: dict[str, Reader] = {
     "coco": coco.read,
     "voc": voc.read,
     "yolo": yolo.read,
-    "imagenet_loc": imagenet_loc.read,
+    "imagenet-loc": imagenet_loc.read,
+    "imagenet_loc": imagenet_loc.read,  # the spelling of the module name, kept as an alias
 }
 
 
@@ -47,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--root", help="dataset root folder (voc)")
     g.add_argument("--split-file", help="ids to use: a .txt of ids or a .csv with a filename column")
     g.add_argument("--classes", help="comma-separated class names, in index order")
+    g.add_argument("--data", help="yolo: the data.yaml naming classes and split folders")
+    g.add_argument("--split", help="yolo / imagenet-loc: which split to read (train, val, ...)")
     g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                    help="extra reader-specific option (repeatable), seen by readers as args.opts[KEY]")
     return p

@@ -282,14 +282,14 @@ def read_yolo(root: str | os.PathLike, split: str = "train", data_yaml: str | os
 
 
 def read(args: argparse.Namespace) -> ReadResult:
-    """Reader for `--format yolo --root DIR|data.yaml [--opt split=val] [--annotations data.yaml]`."""
+    """Reader for `--format yolo --root DIR [--data data.yaml] [--split val]`."""
     root = getattr(args, "root", None)
-    data_yaml = getattr(args, "annotations", None)
+    data_yaml = getattr(args, "data", None) or getattr(args, "annotations", None)
     if not root and not data_yaml:
         raise DatasetError("--format yolo needs --root DIR (or its data.yaml)")
     return read_yolo(root or Path(data_yaml).parent, _split_arg(args), data_yaml)
 
 
 def _split_arg(args: argparse.Namespace) -> str:
-    """The split name: `--opt split=NAME` (or an args.split attribute), default train."""
-    return (getattr(args, "opts", None) or {}).get("split") or getattr(args, "split", None) or "train"
+    """The split name: `--split NAME` (or `--opt split=NAME`), default train."""
+    return getattr(args, "split", None) or (getattr(args, "opts", None) or {}).get("split") or "train"

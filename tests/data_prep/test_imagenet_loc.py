@@ -135,7 +135,7 @@ def test_xml_annotations_when_no_csv(root):
 def test_round_trip_through_shard_cli(root, tmp_path):
     _jpeg(root / "ILSVRC/Data/CLS-LOC/train/n02012849/n02012849_7.JPEG", 200, 100)  # a wide one
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "data_prep.shard", "--format", "imagenet_loc", "--root",
+    done = subprocess.run([sys.executable, "-m", "data_prep.shard", "--format", "imagenet-loc", "--root",
                            str(root), "--out", str(out), "--size", "50", "--workers", "1"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

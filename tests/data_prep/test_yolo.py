@@ -166,7 +166,8 @@ def test_round_trip_through_shard_cli(tmp_path):
     _image(root / "images/val/r.jpg", 120, 80, exif_orientation=6)
     _label(root / "labels/val/r.txt", "1 0.5 0.25 0.5 0.25\n")
     out = tmp_path / "out"
-    done = _shard_cli("--format", "yolo", "--root", str(root), "--opt", "split=val", "--out", str(out),
+    done = _shard_cli("--format", "yolo", "--root", str(root), "--data", str(root / "data.yaml"),
+                      "--split", "val", "--out", str(out),
                       "--size", "64", "--workers", "1")
     assert done.returncode == 0, done.stderr
     manifest = json.loads((out / "manifest.json").read_text())
