@@ -152,7 +152,8 @@ class TaskAlignedAssigner:
         batch, num_points, num_classes = cls_scores.shape
         num_gts = gt_boxes.shape[1]
 
-        inside = points_in_boxes(points, gt_boxes)  # [B, M, N]
+        in_box = points_in_boxes(points, gt_boxes)  # [B, M, N]
+        inside = in_box
         if self.center_radius > 0:
             # Tiny gts (smaller than the finest stride) may contain no point at all.
             empty = ~inside.any(dim=-1, keepdim=True)
@@ -174,7 +175,8 @@ class TaskAlignedAssigner:
 
         # A point claimed by several gts keeps only the one its prediction overlaps most.
         multi = pos.sum(dim=1, keepdim=True) > 1  # [B, 1, N]
-        best = torch.nn.functional.one_hot((iou * pos).argmax(dim=1), num_gts).permute(0, 2, 1).bool()
+        gt_ids = torch.arange(num_gts, device=pos.device).view(1, -1, 1)
+        best = gt_ids == (iou * pos).argmax(dim=1, keepdim=True)  # [B, M, N], no int64 one-hot
         pos = torch.where(multi, best & pos, pos)
 
         fg_mask = pos.any(dim=1)  # [B, N]
@@ -193,9 +195,11 @@ class TaskAlignedAssigner:
         # fixed eps, which would shrink every soft target towards 0.
         tiny = torch.finfo(metric.dtype).tiny
         norm = (metric * iou_max / metric_max.clamp(min=tiny)).amax(dim=1)  # [B, N]
-        one_hot = torch.nn.functional.one_hot(target_labels, num_classes + 1)[..., :num_classes]
-        target_scores = one_hot.float() * norm[..., None]
+        # Background points carry label `num_classes`: scatter into an extra column, then drop it.
+        target_scores = torch.zeros(batch, num_points, num_classes + 1, device=norm.device)
+        target_scores = target_scores.scatter_(-1, target_labels[..., None], norm[..., None])
+        target_scores = target_scores[..., :num_classes]
 
-        crowd_cover = (points_in_boxes(points, gt_boxes) & gt_crowd[..., None]).any(dim=1)
+        crowd_cover = (in_box & gt_crowd[..., None]).any(dim=1)
         ignore_mask = crowd_cover & ~fg_mask
         return Assignment(fg_mask, gt_index, target_labels, target_boxes, target_scores, ignore_mask)

@@ -185,3 +185,17 @@ def test_bad_label_is_a_clear_error():
     target["labels"] = torch.tensor([5])
     with pytest.raises(ValueError, match="labels must be in 0..1"):
         assign(pred, [target])
+
+
+def test_tiny_metrics_still_give_the_best_point_the_max_iou_target():
+    # Early in training: class prior 0.01 and poor boxes (best IoU 1/16) make metrics ~6e-10; the
+    # normalisation must not let a fixed eps (say 1e-9) swamp them and shrink the targets.
+    pred = far_boxes(16)
+    pred[0] = torch.tensor([0.0, 0.0, 4.0, 4.0])  # IoU 16/256 with gt [0, 0, 16, 16]
+    pred[5] = torch.tensor([10.0, 10.0, 12.0, 12.0])  # IoU 4/256
+    target = {"boxes": torch.tensor([[0.0, 0.0, 16.0, 16.0]]), "labels": torch.tensor([0])}
+    scores = torch.full((1, 16, NUM_CLASSES), 0.01)
+    a = assign(pred[None], [target], scores=scores, topk=13)
+    assert torch.nonzero(a.fg_mask[0]).flatten().tolist() == [0, 5]
+    assert a.target_scores[0, 0, 0].item() == pytest.approx(1 / 16, rel=1e-4)
+    assert a.target_scores[0, 5, 0].item() == pytest.approx(1 / 16 * 0.25**6, rel=1e-3)
