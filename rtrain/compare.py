@@ -1,0 +1,52 @@
+"""python -m rtrain.compare: overlay the curves of several runs and print their final and best figures.
+
+    python -m rtrain.compare RUN_A RUN_B [...] [--metric loss|mAP|mAP50|...] [--x step|epoch|images|time]
+                             [--smooth 0.6] [--out compare.png]
+
+The legend names what differs between the runs' config.yaml (e.g. train.batch_size=1 vs 16).
+Runs with partly written metrics still plot what is there; what was skipped is printed per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from rtrain.curves import X_AXES, CompareError, compare_runs, skipped_lines
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m rtrain.compare", description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl and config.yaml)")
+    p.add_argument("--metric", default="loss", help="metrics.jsonl key: loss, loss_cls, mAP, mAP50, lr, ...")
+    p.add_argument("--x", default="epoch", choices=X_AXES, help="x axis (default epoch)")
+    p.add_argument("--smooth", type=float, default=0.6, help="EMA smoothing weight in [0, 1) (default 0.6)")
+    p.add_argument("--out", default="compare.png", help="PNG to write (default ./compare.png)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        result = compare_runs(args.runs, metric=args.metric, x=args.x, smooth=args.smooth, out=args.out)
+    except CompareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path, reason in result.skipped_runs:
+        print(f"left out {path}: {reason}")
+    for line in skipped_lines(result.series):
+        print(line)
+    print(result.table)
+    print(f"wrote {result.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
