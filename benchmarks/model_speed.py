@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -79,16 +80,23 @@ def ssd_gflops(model: torch.nn.Module, size: int) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def time_round_robin(runners: list[Runner], method: str, warmup: int, iters: int) -> dict[str, float]:
-    """Median seconds per call of `method` for each runner, calls interleaved across runners."""
-    times: dict[str, list[float]] = {r.name: [] for r in runners}
+def time_round_robin(
+    runners: list[Runner], method: str, warmup: int, iters: int
+) -> dict[str, tuple[float, float]]:
+    """Median (wall seconds, process CPU seconds) per call of `method` for each runner, calls interleaved.
+
+    CPU seconds (all threads of this process) are the steadier figure on a shared, loaded machine.
+    """
+    wall: dict[str, list[float]] = {r.name: [] for r in runners}
+    cpu: dict[str, list[float]] = {r.name: [] for r in runners}
     for i in range(warmup + iters):
         for r in runners:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             getattr(r, method)()
             if i >= warmup:
-                times[r.name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+                wall[r.name].append(time.perf_counter() - start)
+                cpu[r.name].append(time.process_time() - start_cpu)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in wall}
 
 
 def bench_size(
@@ -118,28 +126,34 @@ def bench_size(
                 "batch": batch,
                 "params_m": info[r.name][0] / 1e6,
                 "gflops": info[r.name][1],
-                "train_ips": batch / train[r.name],
-                "infer_ips": batch / infer[r.name],
+                "train_ips": batch / train[r.name][0],
+                "infer_ips": batch / infer[r.name][0],
+                "train_cpu_s": train[r.name][1] / batch,
+                "infer_cpu_s": infer[r.name][1] / batch,
             }
         )
     base = rows[0]
     for row in rows:
         row["train_ratio"] = row["train_ips"] / base["train_ips"]
         row["infer_ratio"] = row["infer_ips"] / base["infer_ips"]
+        row["train_ratio_cpu"] = base["train_cpu_s"] / row["train_cpu_s"]
+        row["infer_ratio_cpu"] = base["infer_cpu_s"] / row["infer_cpu_s"]
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
     head = (
         f"{'variant':<16} {'size':>4} {'batch':>5} {'params M':>8} {'GFLOPs':>7} {'train img/s':>11} "
-        f"{'infer img/s':>11} {'train x SSD':>11} {'infer x SSD':>11}"
+        f"{'infer img/s':>11} {'train x SSD':>11} {'infer x SSD':>11} {'train x SSD cpu':>15} "
+        f"{'infer x SSD cpu':>15}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r['variant']:<16} {r['size']:>4} {r['batch']:>5} {r['params_m']:>8.3f} {r['gflops']:>7.3f} "
             f"{r['train_ips']:>11.2f} {r['infer_ips']:>11.2f} "
-            f"{r['train_ratio']:>11.2f} {r['infer_ratio']:>11.2f}"
+            f"{r['train_ratio']:>11.2f} {r['infer_ratio']:>11.2f} "
+            f"{r['train_ratio_cpu']:>15.2f} {r['infer_ratio_cpu']:>15.2f}"
         )
     return "\n".join(lines)
 
@@ -163,20 +177,25 @@ def main(argv: list[str] | None = None) -> int:
         variants.append(DEFAULT_VARIANT)
     plan = [(320, args.batch)] + ([] if args.quick else [(640, args.batch_640)])
     rows = []
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
     for size, batch in plan:
         rows += bench_size(size, batch, variants, args.num_classes, args.warmup, args.iters)
     print(
         f"threads={args.threads} num_classes={args.num_classes} warmup={args.warmup} timed={args.iters} "
-        f"(median); GFLOPs = 2 x GMACs per image; {time.perf_counter() - start:.0f} s"
+        f"(median); GFLOPs = 2 x GMACs per image; {time.perf_counter() - start:.0f} s; "
+        f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
+    print("img/s = batch / median wall step; 'x SSD cpu' = ratio of process CPU seconds per image")
+    print("(steadier on a loaded machine); ratios > 1 mean faster than SSDLite.")
     print(format_rows(rows))
     default = next(r for r in rows if r["variant"] == DEFAULT_VARIANT and r["size"] == 320)
     ssd = next(r for r in rows if r["variant"] == SSD and r["size"] == 320)
     summary = {
         "default_variant": DEFAULT_VARIANT,
         "train_speedup_vs_ssdlite": round(default["train_ratio"], 3),
+        "train_speedup_vs_ssdlite_cpu_time": round(default["train_ratio_cpu"], 3),
         "infer_speedup_vs_ssdlite": round(default["infer_ratio"], 3),
+        "infer_speedup_vs_ssdlite_cpu_time": round(default["infer_ratio_cpu"], 3),
         "default_gflops_320": round(default["gflops"], 4),
         "ssdlite_gflops_320": round(ssd["gflops"], 4),
         "default_train_ips_320": round(default["train_ips"], 2),
