@@ -23,7 +23,7 @@ SEED = 0
 
 # Tuned on a 2-core CPU to reach mAP >= 0.3 on the synthetic val split in ~5 minutes.
 QUICKSTART: dict = {
-    "model": {"name": "compact_s"},
+    "model": {"name": "compact_n"},
     "data": {
         "train": f"{DEFAULT_ROOT}/shards/train",
         "val": f"{DEFAULT_ROOT}/shards/val",

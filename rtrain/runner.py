@@ -186,6 +186,29 @@ def resolve_run(cfg_source, overrides, name: str | None, storage: Path, resume: 
     return cfg, name
 
 
+def check_resume(cfg: Config, out_dir: Path, class_names: list[str]) -> Path | None:
+    """Before Ray starts: the run's latest complete checkpoint must fit this config and these classes.
+
+    Returns that checkpoint dir (None when the run has none yet). FitError with one line otherwise.
+    """
+    from rtrain.checkpoint import CheckpointError, find_latest_complete, load_checkpoint
+    from rtrain.checkpoint import check_compatible as _check_compatible
+    from rtrain.train_loop import build_detector, load_model_weights
+
+    latest, skipped = find_latest_complete(sorted(out_dir.glob("checkpoint_*")))
+    for path, reason in skipped:
+        logger.warning("skipping checkpoint %s: %s", path, reason)
+    if latest is None:
+        return None
+    try:
+        state = load_checkpoint(latest)
+        _check_compatible(state, config_to_dict(cfg), class_names, source=f"checkpoint {latest}")
+        load_model_weights(build_detector(cfg, len(class_names)), state["model"], str(latest))
+    except CheckpointError as exc:
+        raise FitError(f"cannot resume: {exc}") from None
+    return latest
+
+
 # --------------------------------------------------------------------------- Ray
 
 
@@ -309,6 +332,9 @@ def fit(
         raise FitError(str(exc)) from None
     classes, num_images = check_data(cfg)
     out_dir = storage_path / name
+    if resume:
+        latest = check_resume(cfg, out_dir, [c["name"] for c in classes])
+        logger.info("resuming %s from %s", name, latest or "its start (no complete checkpoint yet)")
     dump_config(cfg, out_dir / run_dir.CONFIG_YAML)
     logger.info("run %s: %d train images, %d classes -> %s", name, num_images, len(classes), out_dir)
 
@@ -355,7 +381,8 @@ def _finish(
             result.plots = make_plots(out_dir, cfg, class_names, result.best_weights or result.last_weights)
         except Exception as exc:  # a plot must never cost the user a finished run
             logger.warning("plots not written: %s", exc)
-    logger.info("\n%s", result.summary())
+    logger.info("run %s finished: %d epochs, best mAP %s", name, result.epochs_done,
+                f"{best['mAP']:.4f}" if best else "-")
     return result
 
 

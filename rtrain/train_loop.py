@@ -27,6 +27,7 @@ import torch
 from rtrain import engine, run_dir
 from rtrain.augment import rescale_batch
 from rtrain.checkpoint import (
+    IncompatibleCheckpointError,
     capture_rng_state,
     check_compatible,
     load_checkpoint,
@@ -50,6 +51,18 @@ def build_detector(cfg: Config, num_classes: int) -> torch.nn.Module:
     m = cfg.model
     return build_model(m.name, num_classes, width=m.width, depth=m.depth, neck_channels=m.neck_channels,
                        head_convs=m.head_convs, reg_max=m.reg_max)
+
+
+def load_model_weights(model: torch.nn.Module, state_dict: dict, source: str) -> None:
+    """load_state_dict, with a one-line IncompatibleCheckpointError when the architecture differs."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
+        raise IncompatibleCheckpointError(
+            f"{source}: its weights do not fit the model built now ({detail[:160]}); "
+            "the model variant or its options changed"
+        ) from None
 
 
 def steps_per_epoch(num_images: int, batch_size: int, world_size: int) -> int:
@@ -161,7 +174,7 @@ def train_loop(loop_config: dict) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             state = load_checkpoint(ckpt_dir, map_location=device)
         check_compatible(state, cfg_dict, class_names)
-        model.load_state_dict(state["model"])
+        load_model_weights(model, state["model"], checkpoint.path)
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])

@@ -21,10 +21,14 @@ CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads_and_builds_its_model(path):
-    cfg = load_config(path)
+    data = yaml.safe_load(path.read_text())
+    if "base" in data:  # a sweep (rtrain.tune): its `base` is a training config
+        cfg = config_from_dict(data["base"])
+    else:
+        cfg = load_config(path)
     model = build_detector(cfg, num_classes=3)
     assert sum(p.numel() for p in model.parameters()) > 0
-    assert "python -m rtrain.fit" in path.read_text(), "each config names the command that trains it"
+    assert "python -m rtrain." in path.read_text(), "each config names the command that trains it"
 
 
 def test_quickstart_yaml_equals_the_built_in_default():
@@ -66,6 +70,32 @@ def test_checks_before_ray(tiny_shards, tmp_path):
     blocker.write_text("")
     with pytest.raises(FitError, match="storage is not writable"):
         fit(cfg, storage=blocker / "runs", name="y", plots=False)
+
+
+def test_resume_with_another_model_or_classes_is_refused_before_ray(tiny_shards, tmp_path):
+    from rtrain.checkpoint import capture_rng_state, save_checkpoint
+    from rtrain.config import dump_config
+
+    train, val = tiny_shards
+    cfg = config_from_dict(_tiny_config(train, val, tmp_path / "runs", epochs=1))
+    out = tmp_path / "runs" / "old"
+    dump_config(cfg, out / "config.yaml")
+    names = ["circle", "square", "triangle", "star", "cross", "ring"]
+
+    def checkpoint(model_cfg: dict, class_names: list[str]) -> None:
+        c = config_from_dict({**config_to_dict(cfg), "model": model_cfg})
+        model = build_detector(c, len(class_names))
+        save_checkpoint(out / "checkpoint_2026-01-01_00-00-00.000000", {
+            "model": model.state_dict(), "optimizer": {}, "epoch": 0, "step": 1, "rng": capture_rng_state(),
+            "config": config_to_dict(c), "class_names": class_names,
+        })
+
+    checkpoint({"name": "compact_s"}, names)
+    with pytest.raises(FitError, match="cannot resume: .*model.name differs"):
+        fit(None, storage=tmp_path / "runs", resume=True, plots=False)
+    checkpoint({"name": "compact_n"}, names[:5] + ["blob"])
+    with pytest.raises(FitError, match="other classes .*'ring', the data has|class 5 is 'blob'"):
+        fit(None, storage=tmp_path / "runs", resume=True, plots=False)
 
 
 @pytest.mark.ray
