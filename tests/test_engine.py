@@ -179,3 +179,48 @@ def test_time_budget_ends_the_epoch_early():
 def test_amp_is_off_on_cpu():
     assert amp_dtype("cpu", True) is None
     assert make_grad_scaler("cpu", True) is None
+
+
+
+class Oracle(nn.Module):
+    """A 'detector' whose postprocess returns given boxes (input px): checks evaluate's pixel mapping."""
+
+    def __init__(self, detections: list[dict]) -> None:
+        super().__init__()
+        self.detections = detections
+
+    def forward_raw(self, images):
+        return images.new_zeros(images.shape[0], 1, 3), images.new_zeros(images.shape[0], 1, 4)
+
+    def postprocess(self, cls_logits, box_dist, image_size, score_thresh, iou_thresh, max_det):
+        return self.detections
+
+
+def test_evaluate_maps_predictions_to_original_pixels_and_source_ids():
+    from rtrain.engine import evaluate
+    from rtrain.evaluation import coco_from_dict
+
+    batch = make_batches(1, batch_size=2, size=64)[0]
+    # Stored images 128 px (orig 256 x 256): letterbox scale 0.5 to the 64 px input, no padding.
+    batch.update(
+        image_id=torch.tensor([7, 9]), scale=torch.tensor([0.5, 0.5]), pad=torch.zeros(2, 2),
+        stored_size=torch.tensor([[128, 128]] * 2), orig_size=torch.tensor([[256, 256]] * 2),
+    )
+    annotations, detections = [], []
+    for i, image_id in enumerate((7, 9)):
+        box, label = batch["boxes"][i, :1], batch["labels"][i, :1]
+        x1, y1, x2, y2 = (box[0] * 4).tolist()  # input px -> original px
+        annotations.append({"id": i + 1, "image_id": image_id, "category_id": 10 + int(label),
+                            "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+        detections.append({"boxes": box, "scores": torch.tensor([0.9]), "labels": label})
+    cats = [{"id": 10 + k, "name": n} for k, n in enumerate("abc")]
+    images = [{"id": 7, "width": 256, "height": 256}, {"id": 9, "width": 256, "height": 256}]
+    gt = coco_from_dict({"images": images, "annotations": annotations, "categories": cats})
+
+    metrics = evaluate(Oracle(detections), [batch], gt, [10, 11, 12], ["a", "b", "c"], device="cpu")
+    assert metrics["mAP"] == pytest.approx(1.0) and metrics["mAP50"] == pytest.approx(1.0)
+    assert metrics["eval_images"] == 2 and metrics["eval_detections"] == 2
+    assert set(metrics["per_class"]) == {"a", "b", "c"}
+    # Boxes left in input pixels (no mapping back) would miss: scale the predictions wrongly.
+    wrong = [{**d, "boxes": d["boxes"] / 4} for d in detections]
+    assert evaluate(Oracle(wrong), [batch], gt, [10, 11, 12], ["a", "b", "c"], device="cpu")["mAP"] < 0.2
