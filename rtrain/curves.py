@@ -403,6 +403,10 @@ def compare_runs(
         series.append(s)
     if not series:
         why = "; ".join(f"{p}: {r}" for p, r in left_out)
+        known = sorted({k for run in runs for row in run.rows for k, v in row.items()
+                        if _number(v) is not None})
+        if known and metric not in known:
+            why += f"; keys with numbers: {', '.join(known)}"
         raise CompareError(f"nothing to plot for {metric} vs {x}: {why}")
     table = format_table(series, metric, x)
     path = plot_series(series, metric, x, out, smooth) if out is not None else None
