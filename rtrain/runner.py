@@ -138,6 +138,10 @@ def check_data(cfg: Config) -> tuple[list[dict], int]:
     return classes, num_images
 
 
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve()) if path else path
+
+
 def _is_run(path: Path) -> bool:
     return (path / run_dir.CONFIG_YAML).is_file() or any(path.glob("checkpoint_*"))
 
@@ -330,6 +334,9 @@ def fit(
         cfg = dataclasses.replace(cfg, run=config_from_dict({"run": run_section}).run)
     except ConfigError as exc:
         raise FitError(str(exc)) from None
+    # Absolute shard paths: Ray workers (and a later --resume) may run from another directory.
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        cfg.data, train=_absolute(cfg.data.train), val=_absolute(cfg.data.val)))
     classes, num_images = check_data(cfg)
     out_dir = storage_path / name
     if resume:
