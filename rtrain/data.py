@@ -16,17 +16,25 @@ arrays (Ray keeps them as Arrow lists); nested lists would fall back to pickle.
 The epoch reaches the augmentation seed through an `EpochClock` actor: the driver makes one
 (`make_epoch_clock()`), passes it to `build_dataset(epoch=clock)` and to the train loop, and
 every worker calls `set_epoch(clock, epoch)` before it iterates that epoch's shard. Each
-`DecodeAugment` batch reads the clock, so the augmentation of image i in epoch e depends only on
+decode batch reads the clock, so the augmentation of image i in epoch e depends only on
 (seed, e, i) whatever the actor or worker (mosaic partners come from the same batch; see
 `rtrain.augment.Augmenter`). The end-of-epoch `ray.train.report` barrier means no batch of
 epoch e is still being made when a worker sets e + 1. An int `epoch` fixes it (eval, tests).
 
-Resources (2-core machines): Ray Data's file-listing task asks for a whole CPU and Ray Train
-takes its workers' CPUs out of Ray Data's budget, so 2 Train workers on `ray.init(num_cpus=2)`
-deadlock. Start Ray with more logical CPUs than cores (`ray.init(num_cpus=4)`, as the tests'
+Compute: decode/augment runs as Ray tasks (`pool="tasks"`, default; at most `num_actors` at a
+time, `cpus_per_actor` each) on worker processes Ray reuses across epochs. An actor pool
+(`pool="actors"`) is re-created by Ray Data for every execution, i.e. every epoch, and paid
+process start + imports each time: 5 vs 14 img/s for actors vs tasks in benchmarks/data_speed.py
+on the 2-core machine. Shards are read with Ray's V1 Parquet reader: 2.60's V2 reader spent
+35-45 s wall per epoch in its ListFiles step here. Blocks are cut to `batch_rows` rows so every
+task/actor gets work (the reader merges small shards into one block).
+
+Resources (2-core machines): Ray Data's read step asks for a whole CPU and Ray Train takes its
+workers' CPUs out of Ray Data's budget, so 2 Train workers on `ray.init(num_cpus=2)` deadlock.
+Start Ray with more logical CPUs than cores (`ray.init(num_cpus=4)`, as the tests'
 `ray_session` fixture and the fit CLI on small machines do), give Train workers 1 CPU each and
-the decode actors `cpus_per_actor` <= 1 (default 1; 0.5 fits 2 actors beside 2 workers on 4
-logical CPUs). Without Ray, `iter_batches_local` runs the same decode/augment/collate in-process.
+decode `cpus_per_actor` <= 1 (default 1; 0.5 fits 2 decoders beside 2 workers on 4 logical
+CPUs). Without Ray, `iter_batches_local` runs the same decode/augment/collate in-process.
 """
 
 from __future__ import annotations
@@ -285,8 +293,10 @@ def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         "boxes": torch.from_numpy(boxes),
         "labels": torch.from_numpy(labels),
         "iscrowd": torch.from_numpy(iscrowd),
-        "image_id": torch.as_tensor(np.asarray(batch["image_id"], np.int64)),
-        "scale": torch.as_tensor(np.asarray(batch["scale"], np.float32)),
+        "image_id": torch.tensor(
+            np.asarray(batch["image_id"], np.int64)
+        ),  # copies: Ray's arrays are read-only
+        "scale": torch.tensor(np.asarray(batch["scale"], np.float32)),
         "pad": torch.as_tensor(np.stack([np.asarray(p, np.float32) for p in batch["pad"]]).reshape(b, 2)),
         "orig_size": torch.as_tensor(
             np.stack([np.asarray(p, np.int64) for p in batch["orig_size"]]).reshape(b, 2)
@@ -342,33 +352,68 @@ def build_dataset(
     cpus_per_actor: float = 1.0,
     batch_rows: int = 16,
     shuffle_files: bool | None = None,
+    pool: str = "tasks",
 ):
     """ray.data.Dataset of DecodeAugment rows (module doc) from the shards of `shard_dir`.
 
     Checks the manifest and every shard first (ShardError). `epoch`: int or EpochClock handle.
     `batch_rows`: rows per decode call (also the pool mosaic partners come from).
     `shuffle_files` (default: = train) shuffles the file order each execution.
+    `pool`: "tasks" (default) runs decode/augment as up to `num_actors` concurrent Ray tasks on
+    reused worker processes; "actors" uses an ActorPoolStrategy of `num_actors` DecodeAugment
+    actors, which Ray Data starts afresh for every execution, i.e. every epoch (seconds of
+    process start + imports each epoch on a small machine; see benchmarks/data_speed.py).
     """
     import ray
 
     read_manifest(shard_dir)
     files = list_shards(shard_dir)
     shuffle = train if shuffle_files is None else shuffle_files
-    ds = ray.data.read_parquet(files, shuffle="files" if shuffle else None).select_columns(READ_COLUMNS)
+    ctx = ray.data.DataContext.get_current()
+    v2 = ctx.use_datasource_v2
+    # Ray 2.60's V2 Parquet reader runs a ListFiles task every epoch that took 35-45 s of wall time
+    # (0.2 s CPU) here, against 2-5 s for a whole epoch read with V1: read with V1.
+    ctx.use_datasource_v2 = False
+    try:
+        ds = ray.data.read_parquet(files, shuffle="files" if shuffle else None)
+    finally:
+        ctx.use_datasource_v2 = v2
+    ds = ds.select_columns(READ_COLUMNS)
+    # The reader merges small shards into one block, and an actor pool works one block per actor:
+    # cut blocks to batch_rows (a streaming op, no all-to-all) so every actor gets work.
+    ds = ds.repartition(target_num_rows_per_block=batch_rows)
+    kwargs = {"train": train, "img_size": img_size, "aug": aug, "seed": seed, "epoch": epoch}
+    if pool == "actors":
+        return ds.map_batches(
+            DecodeAugment,
+            fn_constructor_kwargs=kwargs,
+            batch_size=batch_rows,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=num_actors),
+            num_cpus=cpus_per_actor,
+        )
+    if pool != "tasks":
+        raise ValueError(f"pool must be 'tasks' or 'actors', got {pool!r}")
     return ds.map_batches(
-        DecodeAugment,
-        fn_constructor_kwargs={
-            "train": train,
-            "img_size": img_size,
-            "aug": aug,
-            "seed": seed,
-            "epoch": epoch,
-        },
+        decode_augment_batch,
+        fn_kwargs=kwargs,
         batch_size=batch_rows,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
+        compute=ray.data.TaskPoolStrategy(size=num_actors),
         num_cpus=cpus_per_actor,
     )
+
+
+_FN_CACHE: dict[tuple, DecodeAugment] = {}
+
+
+def decode_augment_batch(batch: dict[str, np.ndarray], **kwargs) -> dict[str, np.ndarray]:
+    """Task form of DecodeAugment (same arguments); reuses one instance per worker process."""
+    key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+    fn = _FN_CACHE.get(key)
+    if fn is None:
+        fn = _FN_CACHE[key] = DecodeAugment(**kwargs)
+    return fn(batch)
 
 
 def iter_batches_local(

@@ -234,7 +234,8 @@ def test_ray_dataset_streams_val_and_train(ray_session, rows, shards):
         assert item["orig_size"].tolist() == [640, 480]
         assert torch.equal(item["images"], local[image_id])
 
-    # train: the epoch reaches the seed through the clock; results match the local path per image
+    # train (actor pool this time): the epoch reaches the seed through the clock; results match
+    # the local path image by image
     clock = make_epoch_clock()
     aug = AugmentParams(mosaic=0.0)
     train = build_dataset(
@@ -247,6 +248,7 @@ def test_ray_dataset_streams_val_and_train(ray_session, rows, shards):
         num_actors=1,
         cpus_per_actor=0.5,
         batch_rows=4,
+        pool="actors",
     )
     set_epoch(clock, 3)
     got = _collect(train, batch_size=4)

@@ -1,0 +1,223 @@
+"""Images/s of rtrain's Ray Data path against a torch DataLoader over the raw JPEG files.
+
+Both sides do the same work per image: decode a 640x480 BCCD JPEG, apply the same train recipe
+(`rtrain.augment.Augmenter`: letterbox, random affine, HSV, flip), collate to the same batch
+dict (`rtrain.data.collate`). Ray: Parquet shards (written by `python -m data_prep.shard` in a
+temp dir) -> `build_dataset` (N decode actors) -> `iter_torch_batches`. DataLoader: a map-style
+Dataset over the JPEG files + VOC XML, `num_workers` = N. The first epoch of each is a warm-up
+(process start, imports); the figure is over the following epochs.
+
+    python benchmarks/data_speed.py --actors 2 --epochs 3 --img-size 320
+
+Last line: JSON with ray_img_s, dataloader_img_s, ratio (ray / dataloader).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rtrain.augment import Augmenter, AugmentParams, Sample  # noqa: E402
+from rtrain.data import DetectionCollate, build_dataset, collate  # noqa: E402
+
+BCCD = ROOT.parent / "shared" / "data" / "bccd"
+CLASSES = ["RBC", "WBC", "Platelets"]
+
+
+def make_shards(out: Path, rows_per_shard: int) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep.shard",
+        "--format",
+        "voc",
+        "--root",
+        str(BCCD),
+        "--out",
+        str(out),
+        "--size",
+        "640",
+        "--rows-per-shard",
+        str(rows_per_shard),
+        "--workers",
+        "2",
+    ]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+
+
+class VocJpegs(torch.utils.data.Dataset):
+    """Raw BCCD: one item = decoded + augmented image as the same row dict DecodeAugment makes."""
+
+    def __init__(self, root: Path, img_size: int, aug: AugmentParams, seed: int, epoch: int):
+        self.items = []
+        for i, xml in enumerate(sorted((root / "Annotations").glob("*.xml"))):
+            r = ET.parse(xml).getroot()
+            boxes, labels = [], []
+            for o in r.iter("object"):
+                b = o.find("bndbox")
+                box = [float(b.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+                if box[2] > box[0] and box[3] > box[1]:
+                    boxes.append(box)
+                    labels.append(CLASSES.index(o.findtext("name").strip()))
+            self.items.append((i + 1, root / "JPEGImages" / r.findtext("filename"), boxes, labels))
+        self.augmenter = Augmenter(img_size=img_size, train=True, params=aug, seed=seed)
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> dict:
+        from PIL import Image
+
+        image_id, path, boxes, labels = self.items[k]
+        with Image.open(path) as im:
+            image = np.asarray(im.convert("RGB"))
+        h, w = image.shape[:2]
+        s = self.augmenter([Sample(image, boxes, labels, [False] * len(labels))], [image_id], self.epoch)[0]
+        return {
+            "image": s.image,
+            "boxes": s.boxes.reshape(-1),
+            "labels": s.labels.astype(np.int32),
+            "iscrowd": s.iscrowd,
+            "image_id": image_id,
+            "scale": np.float32(s.scale),
+            "pad": np.asarray(s.pad, np.float32),
+            "stored_size": np.array([w, h], np.int32),
+            "orig_size": np.array([w, h], np.int32),
+        }
+
+
+def collate_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
+    batch = {k: [r[k] for r in rows] for k in rows[0]}
+    batch["image"] = np.stack(batch["image"])
+    return collate(batch)
+
+
+def run_ray(shards: Path, args, aug: AugmentParams, pool: str) -> list[tuple[float, int]]:
+    from rtrain.data import make_epoch_clock, set_epoch
+
+    clock = make_epoch_clock()
+    ds = build_dataset(
+        shards,
+        train=True,
+        img_size=args.img_size,
+        aug=aug,
+        epoch=clock,
+        num_actors=args.actors,
+        cpus_per_actor=1.0,
+        batch_rows=args.batch_size,
+        pool=pool,
+    )
+    times = []
+    for epoch in range(args.epochs):
+        set_epoch(clock, epoch)
+        t, n = time.perf_counter(), 0
+        for batch in ds.iter_torch_batches(
+            batch_size=args.batch_size, collate_fn=DetectionCollate(), prefetch_batches=2
+        ):
+            n += batch["images"].shape[0]
+        times.append((time.perf_counter() - t, n))
+    return times
+
+
+def run_dataloader(args, aug: AugmentParams) -> list[tuple[float, int]]:
+    times = []
+    for epoch in range(args.epochs):
+        ds = VocJpegs(BCCD, args.img_size, aug, seed=0, epoch=epoch)
+        loader = torch.utils.data.DataLoader(
+            ds,
+            batch_size=args.batch_size,
+            shuffle=True,
+            num_workers=args.actors,
+            collate_fn=collate_rows,
+            prefetch_factor=2,
+        )
+        t, n = time.perf_counter(), 0
+        for batch in loader:
+            n += batch["images"].shape[0]
+        times.append((time.perf_counter() - t, n))
+    return times
+
+
+def _rate(times: list[tuple[float, int]]) -> float:
+    steady = times[1:] or times
+    return sum(n for _, n in steady) / sum(t for t, _ in steady)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--actors", type=int, default=2, help="Ray decode actors = DataLoader workers")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per side (the first is a warm-up)")
+    p.add_argument("--img-size", type=int, default=320)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--mosaic", type=float, default=0.0)
+    p.add_argument("--pool", choices=["tasks", "actors", "both"], default="both", help="Ray Data compute")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    aug = AugmentParams(mosaic=args.mosaic)
+
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    pools = ["tasks", "actors"] if args.pool == "both" else [args.pool]
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = Path(tmp) / "bccd"
+        t = time.perf_counter()
+        make_shards(shards, rows_per_shard=64)
+        print(f"shards: {len(list(shards.glob('*.parquet')))} files in {time.perf_counter() - t:.1f} s")
+        dl = run_dataloader(args, aug)
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            object_store_memory=512 * 1024**2,
+            configure_logging=False,
+            log_to_driver=False,
+        )
+        try:
+            rt = {pool: run_ray(shards, args, aug, pool) for pool in pools}
+        finally:
+            ray.shutdown()
+
+    rows = [(f"ray data, {pool} (shards)", times, _rate(times)) for pool, times in rt.items()]
+    rows.append(("torch DataLoader (jpegs)", dl, _rate(dl)))
+    print(
+        f"\nload average at end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+        f"{args.actors} processes per side, img_size {args.img_size}, batch {args.batch_size}"
+    )
+    print(f"{'path':<30}{'epoch s (each)':<34}{'img/s (after warm-up)':>22}")
+    for name, times, rate in rows:
+        each = " ".join(f"{t:.1f}" for t, _ in times)
+        print(f"{name:<30}{each:<34}{rate:>22.1f}")
+    ray_rate, dl_rate = rows[0][2], rows[-1][2]
+    figures = {
+        "ray_img_s": round(ray_rate, 1),
+        "dataloader_img_s": round(dl_rate, 1),
+        "ratio": round(ray_rate / dl_rate, 3),
+        "ray_pool": pools[0],
+    }
+    if len(pools) > 1:
+        figures["ray_actors_img_s"] = round(rows[1][2], 1)
+    figures.update(
+        processes=args.actors,
+        img_size=args.img_size,
+        images_per_epoch=dl[-1][1],
+        load_avg=round(os.getloadavg()[0], 1),
+    )
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
