@@ -429,25 +429,33 @@ def iter_batches_local(
     drop_last: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """In-process twin of build_dataset + DetectionCollate (pyarrow, no Ray): yields collated
-    batches. `shuffle` permutes rows with a generator seeded by (seed, epoch)."""
+    batches. `shuffle` permutes the files and the rows within each file with a generator seeded by
+    (seed, epoch); one shard is held in memory at a time."""
     read_manifest(shard_dir)
     files = list_shards(shard_dir)
     fn = DecodeAugment(train=train, img_size=img_size, aug=aug, seed=seed, epoch=epoch)
-    table = pa.concat_tables(
-        [pq.read_table(f, columns=READ_COLUMNS) for f in files], promote_options="default"
-    )
-    order = np.arange(table.num_rows)
-    if shuffle:
-        order = np.random.default_rng([seed % 2**63, epoch % 2**63]).permutation(table.num_rows)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        if drop_last and len(idx) < batch_size:
-            break
-        chunk = table.take(pa.array(idx))
-        rows = {name: _column_numpy(chunk.column(name)) for name in READ_COLUMNS}
-        out = fn(rows)
-        if len(out["image_id"]):
-            yield collate(out)
+    rng = np.random.default_rng([seed % 2**63, epoch % 2**63])
+    if shuffle:  # files in random order, rows shuffled within each file: one shard in memory at a time
+        files = [files[k] for k in rng.permutation(len(files))]
+    pending: list[pa.Table] = []  # rows carried over to the next file so batches stay full
+    for path in files:
+        table = pq.read_table(path, columns=READ_COLUMNS)
+        if shuffle:
+            table = table.take(pa.array(rng.permutation(table.num_rows)))
+        pending.append(table)
+        table = pa.concat_tables(pending, promote_options="permissive")
+        full = table.num_rows - table.num_rows % batch_size
+        for start in range(0, full, batch_size):
+            yield from _local_batch(fn, table.slice(start, batch_size))
+        pending = [table.slice(full)] if full < table.num_rows else []
+    if pending and not drop_last:
+        yield from _local_batch(fn, pending[0])
+
+
+def _local_batch(fn: DecodeAugment, chunk: pa.Table) -> Iterator[dict[str, torch.Tensor]]:
+    out = fn({name: _column_numpy(chunk.column(name)) for name in READ_COLUMNS})
+    if len(out["image_id"]):
+        yield collate(out)
 
 
 def _column_numpy(col: pa.ChunkedArray) -> np.ndarray:
