@@ -347,7 +347,12 @@ def fit(
 
     import ray
 
-    started = _start_ray(cfg)
+    try:
+        started = _start_ray(cfg)
+    except Exception as exc:  # e.g. "The current node timed out during startup" on an overloaded host
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        where = f"join Ray at {cfg.run.address}" if cfg.run.address else "start a local Ray"
+        raise FitError(f"could not {where}: {first}") from exc
     clock = None
     try:
         trainer, clock = _trainer(cfg, name, storage_path, out_dir, classes, num_images)
