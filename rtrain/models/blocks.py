@@ -116,12 +116,14 @@ class InvertedResidual(nn.Module):
         return x + y if self.use_shortcut else y
 
 
+BLOCKS: dict[str, type[nn.Module]] = {"ds": DepthwiseSeparable, "ir": InvertedResidual}
+
+
 def make_block(
     kind: str, in_ch: int, out_ch: int, stride: int, act: str, expand: float = 1.0, se: bool = False
 ) -> nn.Module:
-    """Block by table name: "ds" (DepthwiseSeparable) or "ir" (InvertedResidual)."""
-    if kind == "ds":
-        return DepthwiseSeparable(in_ch, out_ch, stride, act=act, se=se)
-    if kind == "ir":
-        return InvertedResidual(in_ch, out_ch, stride, expand=expand, act=act, se=se)
-    raise ValueError(f"unknown block kind {kind!r}; known: 'ds', 'ir'")
+    """Block by table name: "ds" (DepthwiseSeparable, `expand` unused) or "ir" (InvertedResidual)."""
+    if kind not in BLOCKS:
+        raise ValueError(f"unknown block kind {kind!r}; known: {sorted(BLOCKS)}")
+    extra = {"expand": expand} if kind == "ir" else {}
+    return BLOCKS[kind](in_ch, out_ch, stride, act=act, se=se, **extra)

@@ -70,6 +70,9 @@ def test_overrides_change_the_model():
     assert count_params(wide) > count_params(base)
     assert wide.reg_max == 10 and wide.spec.neck_channels == 96 and len(wide.head.tower) == 1
     assert wide.forward_raw(torch.rand(1, 3, 64, 64))[1].shape[-1] == 4 * 11
+    for width in (0.25, 2.0):  # the compact family's documented width range
+        thin_or_wide = build_model("compact_s", NUM_CLASSES, width=width, depth=0.5)
+        assert thin_or_wide.forward_raw(torch.rand(1, 3, 64, 64))[0].shape == (1, 64 + 16 + 4, NUM_CLASSES)
     with pytest.raises(ValueError, match="unknown model variant"):
         build_model("nope", NUM_CLASSES)
     with pytest.raises(ValueError, match="num_classes"):
