@@ -23,7 +23,7 @@ from pathlib import Path
 from data_prep.shard import build_parser as shard_parser
 from data_prep.shard import shard
 from rtrain.curves import CompareError, compare_runs, skipped_lines
-from rtrain.runner import fit
+from rtrain.runner import FitError, fit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,4 +95,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FitError as exc:
+        raise SystemExit(f"error: {exc}") from None
