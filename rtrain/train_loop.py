@@ -218,6 +218,8 @@ def train_loop(loop_config: dict) -> None:
                                        if cfg.data.shuffle_buffer else None),
             prefetch_batches=cfg.data.prefetch_batches,
         )
+        if epoch == start_epoch:
+            batches = _clock_from_first_batch(batches, schedule)
         metrics = engine.train_one_epoch(
             model, optimizer, batches, device=device, schedule=schedule, ema=ema, amp=cfg.train.amp,
             scaler=scaler, guard=guard, grad_clip=cfg.train.grad_clip, batch_transform=transform,
@@ -253,6 +255,21 @@ def train_loop(loop_config: dict) -> None:
         if ckpt is not None:
             ckpt_tmp.cleanup()  # report has copied it to storage
         epoch += 1
+
+
+def _clock_from_first_batch(batches, schedule: LRSchedule):
+    """Yield `batches`, restarting the schedule's clock when the first one arrives.
+
+    Ray Data's one-time start-up (workers, file listing, first decode) can take tens of
+    seconds on a small machine; it is not training, so the time budget starts after it.
+    """
+    iterator = iter(batches)
+    first = next(iterator, None)
+    schedule.start()
+    if first is None:
+        return
+    yield first
+    yield from iterator
 
 
 def _val_batches(cfg: Config):
