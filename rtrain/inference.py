@@ -226,6 +226,9 @@ class ExportedModel:
                max_det: int | None = None) -> dict[str, np.ndarray]:
         """Detections in the image's own pixels: {"boxes" [K, 4] xyxy, "scores" [K], "labels" [K]}.
 
+        Boxes that lie wholly in the letterbox padding (empty once clipped to the image) are dropped,
+        as rtrain.predict does.
+
         `image`: a path, PIL image or HxWx3 uint8 RGB array. Thresholds default to the sidecar's.
         """
         rgb = image if isinstance(image, np.ndarray) else np.asarray(read_image(image))
@@ -238,8 +241,9 @@ class ExportedModel:
             iou=post.get("iou", 0.5) if iou is None else iou,
             max_det=post.get("max_det", 100) if max_det is None else max_det,
         )[0]
-        det["boxes"] = to_original(det["boxes"], scale, pad, (rgb.shape[1], rgb.shape[0]))
-        return det
+        boxes = to_original(det["boxes"], scale, pad, (rgb.shape[1], rgb.shape[0]))
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # boxes lying in the padding
+        return {"boxes": boxes[keep], "scores": det["scores"][keep], "labels": det["labels"][keep]}
 
 
 def load_exported(path: str | os.PathLike, threads: int | None = None) -> ExportedModel:
