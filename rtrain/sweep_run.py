@@ -94,6 +94,7 @@ class SweepResult:
     plot: Path | None
     table_text: str = ""
     counts: dict = field(default_factory=dict)
+    interrupted: bool = False  # trials left to run: `python -m rtrain.tune --resume` continues
 
     def summary(self) -> str:
         lines = [self.table_text, "", f"sweep:       {self.sweep_dir}",
@@ -105,6 +106,9 @@ class SweepResult:
                       f"best config: {self.best_yaml}  (python -m rtrain.fit --config {self.best_yaml})"]
         else:
             lines.append("best:        - (no trial was evaluated)")
+        if self.interrupted:
+            lines.append(f"interrupted: continue with python -m rtrain.tune --resume --name {self.name} "
+                         f"--storage {self.sweep_dir.parent}")
         return "\n".join(lines)
 
 
@@ -446,12 +450,25 @@ def run_sweep(
     return write_report(records, spec, sweep_dir)
 
 
+def saved_trial_status(sweep_dir: Path) -> dict[str, str]:
+    """Trial id -> Tune status as last saved (TERMINATED/ERROR/RUNNING/PENDING/PAUSED).
+
+    The saved state, not the ResultGrid: after Ctrl-C Tune stops running trials in memory (they look
+    TERMINATED) but saves them as RUNNING, which is what tells an interrupted trial from an
+    ASHA-stopped one. {} when the state cannot be read.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        return {t.trial_id: t.status for t in ExperimentAnalysis(str(sweep_dir)).trials}
+    except Exception as exc:  # the table still comes out, just without the interrupted mark
+        logger.warning("%s: Tune's saved trial states not read: %s", sweep_dir, exc)
+        return {}
+
+
 def collect_records(grid, spec: SweepSpec, num_classes: int) -> list[TrialRecord]:
     """One TrialRecord per Tune result (trial dir + its rtrain run dir)."""
-    # Tune's own trial status (TERMINATED / ERROR / RUNNING / PENDING) is not public on a Result;
-    # use it where the grid exposes it, so an interrupted trial is not mistaken for a stopped one.
-    analysis = getattr(grid, "_experiment_analysis", None)
-    tune_status = {t.trial_id: t.status for t in getattr(analysis, "trials", None) or []}
+    tune_status = saved_trial_status(Path(grid.experiment_path)) if len(grid) else {}
     records = []
     for result in grid:
         trial_dir = Path(result.path)
@@ -538,9 +555,10 @@ def write_report(records: list[TrialRecord], spec: SweepSpec, sweep_dir: Path) -
     counts: dict[str, int] = {}
     for r in records:
         counts[r.status] = counts.get(r.status, 0) + 1
+    interrupted = len(records) < spec.num_trials() or bool(counts.get("unfinished") or counts.get("pending"))
     return SweepResult(sweep_dir=sweep_dir, name=sweep_dir.name, records=records, best=best,
                        best_yaml=best_yaml, tables=tables, plot=plot, table_text=format_table(records),
-                       counts=counts)
+                       counts=counts, interrupted=interrupted)
 
 
 __all__ = ["SweepResult", "TrialFailed", "FitError", "run_sweep", "run_trial", "free_placement_groups",

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     print(result.summary())
-    return 0
+    return 130 if result.interrupted else 0
 
 
 if __name__ == "__main__":
