@@ -61,7 +61,7 @@ def _tmp_path(final: Path) -> Path:
     return Path(tmp)
 
 
-def _export_file(model: torch.nn.Module, fmt: str, size: int, dynamic_batch: bool, out: Path) -> None:
+def export_model(model: torch.nn.Module, fmt: str, size: int, dynamic_batch: bool, out: Path) -> None:
     """Write the exported graph to `out` atomically (temp name in the same folder, then rename)."""
     raw = RawDetector(model).eval()
     example = torch.rand(1, 3, size, size)
@@ -247,7 +247,7 @@ def export_weights(
     if Path(weights).is_dir() and not out:
         out_path = Path(weights) / f"model{SUFFIX[fmt]}"
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    _export_file(loaded.model, fmt, size, dynamic_batch, out_path)
+    export_model(loaded.model, fmt, size, dynamic_batch, out_path)
     meta = sidecar(loaded, fmt, size, dynamic_batch, out_path)
     meta_path = inference.sidecar_path(out_path)
     from rtrain.run_dir import atomic_write_bytes

@@ -159,14 +159,17 @@ def decode(
     ltrb = (probs * np.arange(reg_max + 1, dtype=np.float32)).sum(-1) * point_strides[:, None]
     boxes = np.concatenate([points - ltrb[..., :2], points + ltrb[..., 2:]], axis=-1)
     boxes = np.clip(boxes, 0.0, np.array([width, height, width, height], np.float32))
-    scores = (1.0 / (1.0 + np.exp(-cls_logits))).reshape(batch, -1)  # index = point * C + label
-    k = min(pre_nms_topk, scores.shape[1])
+    flat = cls_logits.reshape(batch, -1)  # index = point * C + label
     results = []
     for b in range(batch):
-        top = np.argsort(-scores[b], kind="stable")[:k]
-        top = top[scores[b, top] > conf]
+        # "top-k of all, then > conf" equals "top-k of those > conf": threshold first, sort few.
+        top = np.flatnonzero(1.0 / (1.0 + np.exp(-flat[b])) > conf)
+        scores = 1.0 / (1.0 + np.exp(-flat[b, top]))
+        if top.size > pre_nms_topk:
+            part = np.argpartition(-scores, pre_nms_topk - 1)[:pre_nms_topk]
+            top, scores = top[part], scores[part]
         point_idx, labels = top // num_classes, top % num_classes
-        cand_boxes, cand_scores = boxes[b, point_idx], scores[b, top]
+        cand_boxes, cand_scores = boxes[b, point_idx], scores
         # Class-aware NMS in one call: shift each class to its own region (torchvision's trick).
         offset = labels[:, None].astype(np.float64) * (float(max(width, height)) + 1.0)
         kept = nms(cand_boxes + offset, cand_scores, iou)[:max_det]

@@ -76,25 +76,26 @@ def test_nms_equals_torchvision():
         assert np.array_equal(ours, ref)
 
 
-@pytest.mark.parametrize("variant", ["compact_s", "seed"])
-def test_decode_equals_detector_postprocess(bccd_image, variant):
+@pytest.mark.parametrize("variant,size,conf", [("compact_s", 128, 0.2), ("seed", 128, 0.2),
+                                               ("compact_s", 256, 0.001)])  # > pre_nms_topk candidates
+def test_decode_equals_detector_postprocess(bccd_image, variant, size, conf):
     torch.manual_seed(0)
     model = spread_head(build_model(variant, 3)).eval()
-    tensor, _, _ = inference.preprocess(bccd_image, 128)
+    tensor, _, _ = inference.preprocess(bccd_image, size)
     batch = torch.from_numpy(np.concatenate([tensor, tensor[:, :, ::-1]]))  # + a flipped copy
     with torch.no_grad():
         cls_logits, box_dist = model.forward_raw(batch)
-        ref = model.postprocess(cls_logits, box_dist, (128, 128), score_thresh=0.2, iou_thresh=0.5,
+        ref = model.postprocess(cls_logits, box_dist, (size, size), score_thresh=conf, iou_thresh=0.5,
                                 max_det=50)
-    ours = inference.decode(cls_logits, box_dist, model.strides, model.reg_max, (128, 128),
-                            conf=0.2, iou=0.5, max_det=50)
+    ours = inference.decode(cls_logits, box_dist, model.strides, model.reg_max, (size, size),
+                            conf=conf, iou=0.5, max_det=50)
     assert len(ours) == 2
     for o, r in zip(ours, ref, strict=True):
         assert len(r["scores"]) > 5, "the test needs detections to compare"
         assert np.array_equal(o["labels"], r["labels"].numpy())
         np.testing.assert_allclose(o["scores"], r["scores"].numpy(), atol=1e-6)
         np.testing.assert_allclose(o["boxes"], r["boxes"].numpy(), atol=1e-3)
-        assert o["boxes"].min() >= 0 and o["boxes"].max() <= 128
+        assert o["boxes"].min() >= 0 and o["boxes"].max() <= size
 
 
 def test_make_points_matches_box_ops():
