@@ -1,8 +1,12 @@
 """Inference speed on CPU: compact_s in PyTorch eager, TorchScript and ONNX Runtime, vs SSDLite eager.
 
-    python benchmarks/infer_speed.py                 # 320 and 640 px, batch 1, 2 threads (~2-4 min)
+    python benchmarks/infer_speed.py                 # 320 and 640 px, batch 1, 1 thread (~1 min)
     python benchmarks/infer_speed.py --quick         # fewer iterations
-    python benchmarks/infer_speed.py --variant compact_n --batch 4 --threads 1
+    python benchmarks/infer_speed.py --variant compact_n --batch 4 --threads 2
+
+Default 1 thread: on a 2-core host shared with other jobs, torch's OpenMP spin-waiting with 2
+threads made eager runs erratic (1-2 s per 320 px image in one run, 70 ms in the next), while
+1 thread gave stable figures.
 
 What is timed (all on the same random batch, same torch/ORT thread count, round-robin so a noisy
 neighbour slows every runner alike; median of the iterations):
@@ -101,7 +105,7 @@ def main(argv=None) -> int:
     p.add_argument("--variant", default="compact_s")
     p.add_argument("--sizes", type=int, nargs="+", default=[320, 640])
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--classes", type=int, default=80)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
