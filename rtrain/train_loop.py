@@ -226,7 +226,8 @@ def train_loop(loop_config: dict) -> None:
             step_offset=step, stop_when_finished=time_limit is not None, epoch=epoch,
         )
         step += metrics["steps"] + metrics["skipped"]
-        (budget_spent,) = engine.agree_max([float(schedule.finished(step))], device)
+        (budget_spent,) = engine.agree_max([float(_budget_ends_before_next_epoch(schedule, step, metrics))],
+                                           device)
         finished = epoch + 1 >= cfg.train.epochs or (time_limit is not None and bool(budget_spent))
 
         metrics.update(epoch=epoch, step=step, world_size=world, global_batch=global_batch,
@@ -255,6 +256,20 @@ def train_loop(loop_config: dict) -> None:
         if ckpt is not None:
             ckpt_tmp.cleanup()  # report has copied it to storage
         epoch += 1
+
+
+def _budget_ends_before_next_epoch(schedule: LRSchedule, step: int, epoch_metrics: dict) -> bool:
+    """True when the budget is spent, or what is left of it is under half an epoch.
+
+    Otherwise a time-limited run starts one more epoch only to find, after the data
+    pipeline's restart, that the budget ran out: an epoch of zero steps.
+    """
+    if schedule.finished(step):
+        return True
+    if schedule.time_limit is None:
+        return False
+    remaining = schedule.time_limit - schedule.elapsed()
+    return remaining < 0.5 * float(epoch_metrics.get("epoch_time_s", 0.0))
 
 
 def _clock_from_first_batch(batches, schedule: LRSchedule):
