@@ -245,7 +245,28 @@ def _start_ray(cfg: Config) -> bool:
     return True
 
 
-def _trainer(cfg: Config, name: str, storage: Path, out_dir: Path, classes: list[dict], num_images: int):
+def build_trainer(
+    cfg: Config,
+    name: str,
+    storage: Path,
+    out_dir: Path,
+    classes: list[dict],
+    num_images: int,
+    *,
+    train_fn=None,
+    callbacks: list | None = None,
+    loop_extra: dict | None = None,
+    num_workers: int | None = None,
+    gpus_per_worker: float = 1.0,
+):
+    """The TorchTrainer of one rtrain run, and the epoch-clock actor its data path reads.
+
+    fit and every Tune trial build their trainer here. `train_fn` defaults to
+    `rtrain.train_loop.train_loop`; `callbacks` go to Ray's RunConfig (Tune's report
+    callback); `loop_extra` joins the loop's config; `num_workers` defaults to
+    `run.gpus` GPU workers or `run.workers` CPU workers. The caller kills the clock
+    when the run ends.
+    """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -254,12 +275,13 @@ def _trainer(cfg: Config, name: str, storage: Path, out_dir: Path, classes: list
     from rtrain.train_loop import SCORE_METRIC, train_loop
 
     use_gpu = cfg.run.gpus > 0
-    # workers = 0 ("in the driver") is not a Ray Train mode here: V2's num_workers=0 keeps
-    # checkpoints in a temp dir, which would defeat resuming; it runs as one worker.
-    num_workers = cfg.run.gpus if use_gpu else max(1, cfg.run.workers)
+    if num_workers is None:
+        # workers = 0 ("in the driver") is not a Ray Train mode here: V2's num_workers=0 keeps
+        # checkpoints in a temp dir, which would defeat resuming; it runs as one worker.
+        num_workers = cfg.run.gpus if use_gpu else max(1, cfg.run.workers)
     resources = {"CPU": cfg.run.cpus_per_worker}
     if use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = gpus_per_worker
     clock = make_epoch_clock()
     ds_train = build_dataset(
         cfg.data.train, train=True, img_size=cfg.data.img_size, aug=AugmentParams.from_obj(cfg.data),
@@ -267,10 +289,10 @@ def _trainer(cfg: Config, name: str, storage: Path, out_dir: Path, classes: list
         cpus_per_actor=cfg.data.cpus_per_actor, batch_rows=max(16, cfg.train.batch_size),
     )
     trainer = TorchTrainer(
-        train_loop,
+        train_fn or train_loop,
         train_loop_config={
             "config": config_to_dict(cfg), "run_dir": str(out_dir), "classes": classes,
-            "num_train_images": num_images, "epoch_clock": clock,
+            "num_train_images": num_images, "epoch_clock": clock, **(loop_extra or {}),
         },
         scaling_config=ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
@@ -283,6 +305,7 @@ def _trainer(cfg: Config, name: str, storage: Path, out_dir: Path, classes: list
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=list(callbacks or []),
         ),
         datasets={"train": ds_train},
         dataset_config=DataConfig(datasets_to_split=["train"]),
@@ -355,7 +378,7 @@ def fit(
         raise FitError(f"could not {where}: {first}") from exc
     clock = None
     try:
-        trainer, clock = _trainer(cfg, name, storage_path, out_dir, classes, num_images)
+        trainer, clock = build_trainer(cfg, name, storage_path, out_dir, classes, num_images)
         try:
             result = trainer.fit()
         except Exception as exc:  # ray.train.TrainingFailedError and friends: keep the cause visible

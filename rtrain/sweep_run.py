@@ -169,13 +169,9 @@ def run_trial(params: dict, context: dict) -> None:
     """
     import ray
     from ray import tune
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from rtrain.augment import AugmentParams
     from rtrain.config import ConfigError
-    from rtrain.data import build_dataset, make_epoch_clock
-    from rtrain.train_loop import SCORE_METRIC
+    from rtrain.runner import build_trainer
 
     tctx = tune.get_context()
     trial_dir = Path(tctx.get_trial_dir())
@@ -203,35 +199,13 @@ def run_trial(params: dict, context: dict) -> None:
         fail(f"bad config: {exc}", exc)
     dump_config(cfg, out_dir / run_files.CONFIG_YAML)
 
-    resources = {"CPU": settings["cpus_per_worker"]}
-    if gpus > 0:
-        resources["GPU"] = gpus / workers
-    clock = make_epoch_clock()
+    clock = None
     try:
-        ds_train = build_dataset(
-            cfg.data.train, train=True, img_size=cfg.data.img_size, aug=AugmentParams.from_obj(cfg.data),
-            seed=cfg.train.seed, epoch=clock, num_actors=cfg.data.num_actors,
-            cpus_per_actor=cfg.data.cpus_per_actor, batch_rows=max(16, cfg.train.batch_size),
-        )
-        trainer = TorchTrainer(
-            train_loop_noting_group,
-            train_loop_config={
-                "config": config_to_dict(cfg), "run_dir": str(out_dir), "classes": context["classes"],
-                "num_train_images": context["num_images"], "epoch_clock": clock,
-                "placement_group_note": str(out_dir / PG_NOTE),
-            },
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
-                                         resources_per_worker=resources),
-            run_config=RunConfig(
-                name=TRIAL_RUN, storage_path=str(trial_dir),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_last,
-                                                   checkpoint_score_attribute=SCORE_METRIC,
-                                                   checkpoint_score_order="max"),
-                failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-                callbacks=[_report_callback()],
-            ),
-            datasets={"train": ds_train},
-            dataset_config=DataConfig(datasets_to_split=["train"]),
+        trainer, clock = build_trainer(
+            cfg, TRIAL_RUN, trial_dir, out_dir, context["classes"], context["num_images"],
+            train_fn=train_loop_noting_group, callbacks=[_report_callback()],
+            loop_extra={"placement_group_note": str(out_dir / PG_NOTE)},
+            num_workers=workers, gpus_per_worker=gpus / workers,
         )
         trainer.fit()
     except TrialFailed:
@@ -239,7 +213,8 @@ def run_trial(params: dict, context: dict) -> None:
     except Exception as exc:  # OOM, NonFiniteLossError, a bad shape: recorded, the sweep goes on
         fail(failure_reason(exc), exc)
     finally:
-        ray.kill(clock)
+        if clock is not None:
+            ray.kill(clock)
 
 
 # --------------------------------------------------------------------------- in the driver
