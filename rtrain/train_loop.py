@@ -208,6 +208,7 @@ def train_loop(loop_config: dict) -> None:
     schedule.start()
     epoch = start_epoch
     finished = start_epoch >= cfg.train.epochs or (time_limit is not None and schedule.finished(step))
+    cycle_start = None  # wall time of a whole epoch cycle: data restart, training, eval, checkpoint
     while not finished:
         t_epoch = time.perf_counter()
         if clock is not None:
@@ -226,7 +227,10 @@ def train_loop(loop_config: dict) -> None:
             step_offset=step, stop_when_finished=time_limit is not None, epoch=epoch,
         )
         step += metrics["steps"] + metrics["skipped"]
-        (budget_spent,) = engine.agree_max([float(_budget_ends_before_next_epoch(schedule, step, metrics))],
+        now = time.perf_counter()
+        cycle_s = now - (cycle_start if cycle_start is not None else t_epoch)
+        cycle_start = now
+        (budget_spent,) = engine.agree_max([float(_budget_ends_before_next_epoch(schedule, step, cycle_s))],
                                            device)
         finished = epoch + 1 >= cfg.train.epochs or (time_limit is not None and bool(budget_spent))
 
@@ -258,18 +262,19 @@ def train_loop(loop_config: dict) -> None:
         epoch += 1
 
 
-def _budget_ends_before_next_epoch(schedule: LRSchedule, step: int, epoch_metrics: dict) -> bool:
-    """True when the budget is spent, or what is left of it is under half an epoch.
+def _budget_ends_before_next_epoch(schedule: LRSchedule, step: int, cycle_s: float) -> bool:
+    """True when the budget is spent, or what is left of it is under half an epoch cycle.
 
-    Otherwise a time-limited run starts one more epoch only to find, after the data
-    pipeline's restart, that the budget ran out: an epoch of zero steps.
+    `cycle_s` is the wall time from one epoch's end to the next (the data pipeline's restart,
+    training, evaluation, checkpoint). Without this a time-limited run starts one more epoch
+    only to find, after the restart, that the budget ran out: an epoch of zero steps.
     """
     if schedule.finished(step):
         return True
     if schedule.time_limit is None:
         return False
     remaining = schedule.time_limit - schedule.elapsed()
-    return remaining < 0.5 * float(epoch_metrics.get("epoch_time_s", 0.0))
+    return remaining < 0.5 * cycle_s
 
 
 def _clock_from_first_batch(batches, schedule: LRSchedule):
