@@ -13,16 +13,12 @@ import argparse
 import logging
 import sys
 
+from rtrain.cli import OneLineParser
 from rtrain.curves import X_AXES, CompareError, compare_runs, skipped_lines
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m rtrain.compare", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m rtrain.compare", description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl and config.yaml)")
     p.add_argument("--metric", default="loss", help="metrics.jsonl key: loss, loss_cls, mAP, mAP50, lr, ...")
     p.add_argument("--x", default="epoch", choices=X_AXES, help="x axis (default epoch)")

@@ -16,16 +16,12 @@ import json
 import logging
 import sys
 
+from rtrain.cli import OneLineParser
 from rtrain.config import add_config_arguments
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m rtrain.evaluate", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m rtrain.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--weights", required=True, help="best.pt / last.pt, or a checkpoint directory")
     p.add_argument("--shards", required=True, help="shard folder (*.parquet + manifest.json) to evaluate on")
     p.add_argument("--batch-size", type=int, help="images per batch (default: the config's eval.batch_size)")

@@ -18,16 +18,12 @@ import argparse
 import logging
 import sys
 
+from rtrain.cli import OneLineParser
 from rtrain.config import add_config_arguments
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m rtrain.export", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m rtrain.export", description=__doc__.split("\n")[0])
     p.add_argument("--weights", required=True, help="best.pt / last.pt, or a checkpoint directory")
     p.add_argument("--format", required=True, choices=("onnx", "torchscript"), help="export format")
     p.add_argument("--size", type=int, help="input size, multiple of 32 (default: weights' data.img_size)")

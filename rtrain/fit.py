@@ -15,18 +15,14 @@ import logging
 import sys
 import time
 
+from rtrain.cli import OneLineParser
 from rtrain.config import ConfigError, add_config_arguments
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m rtrain.fit", description=__doc__.split("\n")[0],
-                epilog="Without --config (and without --resume) the built-in quickstart runs: it makes "
-                       "./data/synthetic and its shards if absent, then trains for a few minutes.")
+    p = OneLineParser(prog="python -m rtrain.fit", description=__doc__.split("\n")[0],
+                      epilog="Without --config (and without --resume) the built-in quickstart runs: it makes "
+                             "./data/synthetic and its shards if absent, then trains for a few minutes.")
     add_config_arguments(p)
     p.add_argument("--gpus", type=int, help="GPU workers, one GPU each (run.gpus)")
     p.add_argument("--workers", type=int, help="CPU workers when --gpus is 0 (run.workers; 0 runs as 1)")

@@ -25,16 +25,13 @@ import argparse
 import logging
 import sys
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+from rtrain.cli import OneLineParser
 
 
 def build_parser() -> argparse.ArgumentParser:
     from rtrain.config import add_config_arguments
 
-    p = _Parser(prog="python -m rtrain.tune", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m rtrain.tune", description=__doc__.split("\n")[0])
     add_config_arguments(p)  # --config SWEEP.yaml, --set section.key=value (tune.* sets the tune: section)
     p.add_argument("--num-samples", type=int, help="samples per grid point (tune.num_samples)")
     p.add_argument("--gpus-per-trial", type=float, help="GPUs per trial, e.g. 0.25 (tune.gpus_per_trial)")

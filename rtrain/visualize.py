@@ -14,16 +14,12 @@ import logging
 import sys
 
 from rtrain.checkpoint import CheckpointError
+from rtrain.cli import OneLineParser
 from rtrain.feature_maps import VisualizeError, load_detector, visualize
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m rtrain.visualize", description=__doc__.split("\n")[0])
+    p = OneLineParser(prog="python -m rtrain.visualize", description=__doc__.split("\n")[0])
     p.add_argument("--weights", required=True, help="best.pt / last.pt, a checkpoint dir, or a run dir")
     p.add_argument("--source", required=True, help="the image to look at")
     p.add_argument("--layers", nargs="+", metavar="NAME",
