@@ -74,6 +74,8 @@ def read(args: argparse.Namespace) -> ReadResult:
     data, sha = load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DatasetError(f"{path}: no 'images' list (not a COCO instances file)")
+    if not data["images"]:
+        raise DatasetError(f"{path}: empty dataset, its 'images' list holds no images")
     anns = data.get("annotations", [])
     if not isinstance(anns, list):
         raise DatasetError(f"{path}: 'annotations' is not a list")

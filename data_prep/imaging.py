@@ -17,6 +17,9 @@ from PIL import Image, ImageOps
 from data_prep.records import Issue, SourceImage
 
 JPEG_QUALITY = 90
+# Issue reason for a file above PIL's hard pixel limit (Image.MAX_IMAGE_PIXELS x 2): PIL refuses to
+# open it as a possible decompression bomb. Not "unreadable": the file may be fine, just too large.
+TOO_LARGE = "image over PIL's pixel limit"
 # EXIF orientations that swap width and height (transpose, rotate 90/270, transverse).
 _SWAPS = {5, 6, 7, 8}
 
@@ -105,7 +108,9 @@ def convert(rec: SourceImage, size: int, quality: int = JPEG_QUALITY) -> tuple[d
         im = Image.open(rec.path)
     except FileNotFoundError:
         return None, [Issue(name, "missing image file", "skipped", rec.path)]
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        return None, [Issue(name, TOO_LARGE, "skipped", str(e))]
+    except (OSError, ValueError, SyntaxError) as e:
         return None, [Issue(name, "unreadable image", "skipped", str(e))]
     with im:
         try:

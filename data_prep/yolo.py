@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from data_prep.imaging import orient_box
+from data_prep.imaging import TOO_LARGE, orient_box
 from data_prep.paths import UnsafePathError, safe_join
 from data_prep.records import ClassInfo, DatasetError, Issue, ReadResult, SourceImage
 
@@ -199,7 +199,9 @@ def _record(image_id: int, image: Path, base: Path, num_classes: int) -> SourceI
         raw_w, raw_h, orientation = _header(image)
     except FileNotFoundError:
         return Issue(file_name, "missing image file", "skipped", str(image))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:
+        return Issue(file_name, TOO_LARGE, "skipped", str(e))
+    except (OSError, ValueError, SyntaxError) as e:
         return Issue(file_name, "unreadable image", "skipped", str(e))
     up_w, up_h = (raw_h, raw_w) if orientation in _SWAPS else (raw_w, raw_h)
     for cls, cx, cy, w, h in parsed:

@@ -11,6 +11,11 @@ original image's pixels, draw the picture, and return flat columns. The Ray path
 `PredictActor`s (the weights are loaded once per actor) behind `map_batches` with an
 `ActorPoolStrategy`, streaming; actors ask for one GPU each when `gpus` > 0.
 
+A JPEG file whose longer side is at least 2 * DECODE_MAX px is decoded by libjpeg at 1/2, 1/4
+or 1/8 scale (its longer side still >= DECODE_MAX, as data_prep.shard does for shards): a 100 MP
+photo costs ~75 MB instead of ~1 GB; its boxes are still mapped to the original pixels, only its
+picture is drawn at the decoded size. An image over PIL's pixel limit is skipped, not decoded.
+
 Output columns per image (row): id int64, name str, width/height int64 (original pixels), boxes
 float32 flat [x1, y1, x2, y2, ...] original px, scores float32, labels int32, error str ("" when
 fine), picture str (written file, "" when none).
@@ -21,6 +26,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -30,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from rtrain.augment import Sample, letterbox
 from rtrain.inference import read_image
@@ -42,6 +48,7 @@ RAY_THRESHOLD = 64  # more images than this go through Ray Data
 SHARD_COLUMNS = ["image_id", "file_name", "jpeg", "width", "height", "orig_width", "orig_height"]
 PREDICTIONS_JSON = "predictions.json"
 _KEEP_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+DECODE_MAX = 4096  # JPEGs of twice this (longer side) or more are decoded at a reduced scale
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,21 @@ def _save_picture(image: Image.Image, path: Path) -> None:
         raise
 
 
+def _read_file(path: str) -> tuple[Image.Image, tuple[int, int]]:
+    """(RGB image, original upright (w, h)) as `read_image` gives, except that a JPEG with a longer
+    side of 2 * DECODE_MAX px or more is decoded at the smallest DCT scale keeping it >= DECODE_MAX."""
+    with Image.open(path) as im:
+        w, h = im.size
+        if im.format != "JPEG" or max(w, h) < 2 * DECODE_MAX:
+            image = read_image(ImageOps.exif_transpose(im))  # what read_image(path) does
+            return image, image.size
+        s = DECODE_MAX / max(w, h)
+        im.draft("RGB", (math.ceil(w * s), math.ceil(h * s)))
+        swap = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # the orientations exif_transpose swaps
+        image = read_image(ImageOps.exif_transpose(im))
+    return image, ((h, w) if swap else (w, h))
+
+
 def _load_rows(rows: dict[str, np.ndarray]) -> list[tuple[Image.Image | None, str, tuple[int, int]]]:
     """Per row: (RGB image or None, error, original (w, h)). Files or shard JPEG bytes."""
     out = []
@@ -114,15 +136,17 @@ def _load_rows(rows: dict[str, np.ndarray]) -> list[tuple[Image.Image | None, st
     for i in range(n):
         try:
             if "path" in rows:
-                image = read_image(str(rows["path"][i]))
-                out.append((image, "", image.size))
+                image, size = _read_file(str(rows["path"][i]))
+                out.append((image, "", size))
             else:
                 with Image.open(io.BytesIO(rows["jpeg"][i])) as im:
                     image = im.convert("RGB")
                 out.append((image, "", (int(rows["orig_width"][i]), int(rows["orig_height"][i]))))
         except (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError) as e:
             first = (str(e).splitlines() or [""])[0] or type(e).__name__
-            out.append((None, f"unreadable image ({first})", (0, 0)))
+            what = "image over PIL's pixel limit" if isinstance(e, Image.DecompressionBombError) else \
+                "unreadable image"
+            out.append((None, f"{what} ({first})", (0, 0)))
     return out
 
 
