@@ -63,6 +63,10 @@ class DataConfig:
     cpus_per_actor: float = field(default=1.0, metadata=_range(0.05, 64))
     prefetch_batches: int = field(default=2, metadata=_range(0, 64))
     shuffle_buffer: int = field(default=256, metadata=_range(0, 1_000_000))
+    # Same data order and augmentation every time for a given seed and epoch, on any restart:
+    # shards read in order (no file shuffle), Ray Data's preserve_order, a shuffle buffer seeded
+    # by (seed, epoch, rank). Costs some throughput (a slow decode task holds back later ones).
+    deterministic: bool = False
 
 
 @dataclass
@@ -111,6 +115,9 @@ class RunConfig:
     address: str = ""  # "" starts a local Ray; "auto" or host:port joins a cluster
     dashboard: bool = False
     dashboard_host: str = "127.0.0.1"
+    # Ray Train's placement of the workers: PACK fills a node first; SPREAD / STRICT_SPREAD put
+    # them on different nodes (STRICT_SPREAD fails to start if there are too few nodes).
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 @dataclass

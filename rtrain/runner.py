@@ -287,6 +287,7 @@ def build_trainer(
         cfg.data.train, train=True, img_size=cfg.data.img_size, aug=AugmentParams.from_obj(cfg.data),
         seed=cfg.train.seed, epoch=clock, num_actors=cfg.data.num_actors,
         cpus_per_actor=cfg.data.cpus_per_actor, batch_rows=max(16, cfg.train.batch_size),
+        shuffle_files=False if cfg.data.deterministic else None,
     )
     trainer = TorchTrainer(
         train_fn or train_loop,
@@ -295,7 +296,8 @@ def build_trainer(
             "num_train_images": num_images, "epoch_clock": clock, **(loop_extra or {}),
         },
         scaling_config=ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources,
+            placement_strategy=cfg.run.placement_strategy,
         ),
         run_config=RunConfig(
             name=name,
@@ -308,9 +310,25 @@ def build_trainer(
             callbacks=list(callbacks or []),
         ),
         datasets={"train": ds_train},
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_ingest_options(cfg)),
     )
     return trainer, clock
+
+
+def _ingest_options(cfg: Config):
+    """Ray Data's execution options for the train split (None: Ray Train's defaults).
+
+    Deterministic runs preserve block order: Ray Data then also drops locality hints and
+    hands blocks to the workers by row count alone, so each worker's rows and their order
+    depend only on the shards (the loop seeds its shuffle buffer by seed, epoch and rank).
+    """
+    if not cfg.data.deterministic:
+        return None
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
 
 
 # --------------------------------------------------------------------------- fit

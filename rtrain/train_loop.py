@@ -30,7 +30,9 @@ from rtrain.checkpoint import (
     IncompatibleCheckpointError,
     capture_rng_state,
     check_compatible,
+    find_latest_complete,
     load_checkpoint,
+    read_marker,
     restore_rng_state,
     save_checkpoint,
     save_weights,
@@ -91,6 +93,13 @@ def multi_scale_fn(cfg: Config):
         return {**batch, "images": images, "boxes": boxes}
 
     return transform
+
+
+def shuffle_seed(cfg: Config, epoch: int, rank: int) -> int | None:
+    """The shuffle buffer's seed: fixed by (seed, epoch, rank) in deterministic runs, else None."""
+    if not cfg.data.deterministic:
+        return None
+    return int(np.random.SeedSequence([cfg.train.seed, epoch, rank]).generate_state(1)[0])
 
 
 def _log_setup() -> None:
@@ -168,13 +177,11 @@ def train_loop(loop_config: dict) -> None:
     scaler = engine.make_grad_scaler(device, cfg.train.amp)
     guard = NonFiniteGuard(max_consecutive=cfg.train.max_nonfinite)
 
-    start_epoch, step, best_map, last_map = 0, 0, -1.0, 0.0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = load_checkpoint(ckpt_dir, map_location=device)
+    start_epoch, step, best_map, last_map, run_starts = 0, 0, -1.0, 0.0, 1
+    state, source = _resume_state(ray.train.get_checkpoint(), out_dir, device)
+    if state is not None:
         check_compatible(state, cfg_dict, class_names)
-        load_model_weights(model, state["model"], checkpoint.path)
+        load_model_weights(model, state["model"], source)
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
@@ -188,10 +195,12 @@ def train_loop(loop_config: dict) -> None:
         start_epoch, step = int(state["epoch"]) + 1, int(state["step"])
         best_map = float(state["extra"].get("best_map", -1.0))
         last_map = float(state["extra"].get("last_map", 0.0))
+        run_starts = int(state["extra"].get("run_starts", 1)) + 1  # resumed or restarted after a failure
         if rank == 0:
             logger.info("resumed from epoch %d (step %d, best mAP %.4f)", start_epoch - 1, step, best_map)
 
     model = ray.train.torch.prepare_model(model)
+    num_nodes = _count_nodes(world)
     train_shard = ray.train.get_dataset_shard("train")
     transform = multi_scale_fn(cfg)
     gauges = val_gt = None
@@ -217,6 +226,7 @@ def train_loop(loop_config: dict) -> None:
             batch_size=cfg.train.batch_size, collate_fn=DetectionCollate(),
             local_shuffle_buffer_size=(max(cfg.data.shuffle_buffer, cfg.train.batch_size)
                                        if cfg.data.shuffle_buffer else None),
+            local_shuffle_seed=shuffle_seed(cfg, epoch, rank),
             prefetch_batches=cfg.data.prefetch_batches,
         )
         if epoch == start_epoch:
@@ -234,8 +244,9 @@ def train_loop(loop_config: dict) -> None:
                                            device)
         finished = epoch + 1 >= cfg.train.epochs or (time_limit is not None and bool(budget_spent))
 
-        metrics.update(epoch=epoch, step=step, world_size=world, global_batch=global_batch,
-                       nonfinite_total=guard.total, evaluated=False, mAP=last_map)
+        metrics.update(epoch=epoch, step=step, world_size=world, num_nodes=num_nodes,
+                       global_batch=global_batch, run_starts=run_starts, nonfinite_total=guard.total,
+                       evaluated=False, mAP=last_map)
         ckpt = None
         if rank == 0:
             if finished or (epoch + 1) % cfg.eval.interval == 0:
@@ -251,7 +262,8 @@ def train_loop(loop_config: dict) -> None:
             metrics["epoch_wall_s"] = time.perf_counter() - t_epoch
             ckpt_tmp = tempfile.TemporaryDirectory(prefix="rtrain-ckpt-")
             _write_outputs(ckpt_tmp.name, out_dir, cfg_dict, class_names, model, ema, optimizer, schedule,
-                           scaler, guard, epoch, step, metrics, best_map, last_map)
+                           scaler, guard, epoch, step, metrics,
+                           {"best_map": best_map, "last_map": last_map, "run_starts": run_starts})
             ckpt = Checkpoint.from_directory(ckpt_tmp.name)
             if gauges is not None:
                 gauges.set(metrics)
@@ -260,6 +272,44 @@ def train_loop(loop_config: dict) -> None:
         if ckpt is not None:
             ckpt_tmp.cleanup()  # report has copied it to storage
         epoch += 1
+
+
+def _resume_state(checkpoint, out_dir: Path, device) -> tuple[dict | None, str]:
+    """The state to continue from: Ray's latest checkpoint, or a newer complete one in the run dir.
+
+    Ray registers a reported checkpoint only when its controller next polls the workers
+    (every couple of seconds): a worker or driver killed in between leaves a checkpoint
+    that is persisted and complete (sha256 marker) but that Ray does not hand back. Every
+    rank scans the same run directory (shared storage), so all pick the same one.
+    """
+    ray_epoch, ray_dir = -1, None
+    if checkpoint is not None:
+        ray_dir = checkpoint.path
+        with checkpoint.as_directory() as ckpt_dir:
+            state = load_checkpoint(ckpt_dir, map_location=device)
+        ray_epoch = int(state["epoch"])
+    disk, skipped = find_latest_complete(sorted(out_dir.glob("checkpoint_*")))
+    if disk is not None and int(read_marker(disk)["epoch"]) > ray_epoch:
+        for path, reason in skipped:
+            logger.warning("skipping checkpoint %s: %s", path, reason)
+        logger.warning("resuming from %s (epoch %s): newer than Ray's latest registered checkpoint %s",
+                       disk, read_marker(disk)["epoch"], ray_dir)
+        return load_checkpoint(disk, map_location=device), str(disk)
+    if checkpoint is None:
+        return None, ""
+    return state, str(ray_dir)
+
+
+def _count_nodes(world: int) -> int:
+    """How many Ray nodes the workers run on (all ranks take part: a collective)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world <= 1 or not torch.distributed.is_initialized():
+        return 1
+    nodes: list = [None] * world
+    torch.distributed.all_gather_object(nodes, node)
+    return len(set(nodes))
 
 
 def _budget_ends_before_next_epoch(schedule: LRSchedule, step: int, cycle_s: float) -> bool:
@@ -300,7 +350,7 @@ def _val_batches(cfg: Config):
 
 
 def _write_outputs(ckpt_dir, out_dir, cfg_dict, class_names, model, ema, optimizer, schedule, scaler, guard,
-                   epoch, step, metrics, best_map, last_map) -> None:
+                   epoch, step, metrics, extra) -> None:
     """Rank 0: the checkpoint dir for Ray, the metrics row, last.pt and (when improved) best.pt."""
     save_checkpoint(ckpt_dir, {
         "model": unwrap_model(model).state_dict(),
@@ -314,15 +364,16 @@ def _write_outputs(ckpt_dir, out_dir, cfg_dict, class_names, model, ema, optimiz
         "rng": capture_rng_state(),
         "config": cfg_dict,
         "class_names": list(class_names),
-        "extra": {"best_map": best_map, "last_map": last_map},
+        "extra": extra,
     })
     run_dir.append_metrics(out_dir, metrics)
     weights = ema.module.state_dict()
-    extra = {"epoch": epoch, "step": step, "mAP": last_map if metrics["evaluated"] else None}
-    save_weights(out_dir / run_dir.LAST_WEIGHTS, weights, cfg_dict, class_names, extra)
+    last_map = extra["last_map"]
+    info = {"epoch": epoch, "step": step, "mAP": last_map if metrics["evaluated"] else None}
+    save_weights(out_dir / run_dir.LAST_WEIGHTS, weights, cfg_dict, class_names, info)
     best_file = out_dir / run_dir.BEST_WEIGHTS
-    if metrics["evaluated"] and (last_map >= best_map or not best_file.exists()):
-        save_weights(best_file, weights, cfg_dict, class_names, extra)
+    if metrics["evaluated"] and (last_map >= extra["best_map"] or not best_file.exists()):
+        save_weights(best_file, weights, cfg_dict, class_names, info)
 
 
 def _log_epoch(cfg: Config, m: dict, schedule: LRSchedule, time_limit: float | None) -> None:

@@ -21,23 +21,26 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """Start Ray once for the whole test session and always shut it down.
+    """One Ray cluster of two nodes (on this machine) for the whole test session, always shut down.
 
-    4 logical CPUs on a 2-core machine: Ray Data's file listing needs a whole CPU
-    and Train removes its workers' CPUs from Ray Data's budget, so with 2 logical
-    CPUs a 2-worker run deadlocks (../shared/RAY_NOTES.md).
+    Two nodes so that the multi-node tests place workers on different nodes and every
+    other Ray test runs against a cluster it joined, as on a real one. 2 logical CPUs
+    per node, 4 in all on a 2-core machine: Ray Data's file listing needs a whole CPU
+    and Train removes its workers' CPUs from Ray Data's budget, so with 2 logical CPUs
+    in all a 2-worker run deadlocks (../shared/RAY_NOTES.md).
+    Tests that need the address use `ray.get_runtime_context().gcs_address`.
     """
     import ray
+    from ray.cluster_utils import Cluster
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(
-        num_cpus=4,
-        object_store_memory=512 * 1024**2,
-        include_dashboard=False,
-        configure_logging=False,
-        log_to_driver=False,
-    )
+    node = {"num_cpus": 2, "object_store_memory": 256 * 1024**2}
+    cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
     try:
+        cluster.add_node(**node)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, configure_logging=False, log_to_driver=False)
         yield ray
     finally:
         ray.shutdown()
+        cluster.shutdown()
