@@ -46,9 +46,30 @@ STAT_NAMES = (
 _GT_COLUMNS = ("image_id", "width", "height", "orig_width", "orig_height", "boxes", "labels", "iscrowd")
 
 
-def _quiet():
-    """pycocotools prints progress to stdout; library code must not."""
-    return contextlib.redirect_stdout(io.StringIO())
+@contextlib.contextmanager
+def quiet_pycocotools():
+    """pycocotools prints progress to stdout; library code must not.
+
+    Redirecting sys.stdout is not enough inside Ray workers, where Ray swaps `builtins.print`
+    for a tqdm-safe version that writes to the real stream: shadow `print` in pycocotools'
+    modules too.
+    """
+    import pycocotools.coco
+    import pycocotools.cocoeval
+
+    modules = (pycocotools.coco, pycocotools.cocoeval)
+    for module in modules:
+        module.print = _discard
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for module in modules:
+            vars(module).pop("print", None)
+
+
+def _discard(*args, **kwargs) -> None:
+    return None
 
 
 def _read_manifest_classes(shard_dir: Path) -> list[dict]:
@@ -141,7 +162,7 @@ def coco_from_dict(dataset: Mapping) -> COCO:
     """An indexed COCO object from a dataset dict {images, annotations, categories} (copied)."""
     coco = COCO()
     coco.dataset = copy.deepcopy(dict(dataset))
-    with _quiet():
+    with quiet_pycocotools():
         coco.createIndex()
     return coco
 
@@ -252,7 +273,7 @@ def coco_evaluate(
         if r["category_id"] not in name_of:
             raise ValueError(f"result with category_id {r['category_id']}, which is not in the ground truth")
     dets = [dict(r) for r in results]  # loadRes adds keys to each dict
-    with _quiet():
+    with quiet_pycocotools():
         coco_dt = coco_gt.loadRes(dets)
         ev = COCOeval(coco_gt, coco_dt, "bbox")
         ev.evaluate()

@@ -13,7 +13,6 @@ prediction pass (`engine.predict_batches` + `evaluation.to_coco_results`, the sa
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
@@ -118,9 +117,11 @@ def coco_precision(gt, results: list[dict]) -> np.ndarray | None:
     """COCOeval's precision array [T=10 IoUs, R=101 recalls, K classes, A=4 areas, M=3 maxDets]."""
     from pycocotools.cocoeval import COCOeval
 
+    from rtrain.evaluation import quiet_pycocotools
+
     if not results:
         return None
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints
+    with quiet_pycocotools():
         ev = COCOeval(gt, gt.loadRes([dict(r) for r in results]), "bbox")
         ev.evaluate()
         ev.accumulate()

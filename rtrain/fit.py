@@ -15,7 +15,7 @@ import logging
 import sys
 import time
 
-from rtrain.cli import OneLineParser
+from rtrain.cli import OneLineParser, quiet_ray_terminal
 from rtrain.config import ConfigError, add_config_arguments
 
 
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_ray_terminal()
     from rtrain.checkpoint import CheckpointError
     from rtrain.runner import FitError, fit
 

@@ -385,10 +385,11 @@ def _log_epoch(cfg: Config, m: dict, schedule: LRSchedule, time_limit: float | N
     else:
         eta = elapsed / max(1, epoch + 1) * max(0, cfg.train.epochs - epoch - 1)
     val = f"mAP {m['mAP']:.4f} mAP50 {m.get('mAP50', float('nan')):.4f}" if m["evaluated"] else "mAP -"
+    of_total = "" if time_limit is not None else f"/{cfg.train.epochs}"  # a time budget sets the count
     logger.info(
-        "epoch %d/%d  %.1fs  loss %.4f (cls %.3f box %.3f dfl %.3f)  %s  lr %.5f  %.1f img/s  "
+        "epoch %d%s  %.1fs  loss %.4f (cls %.3f box %.3f dfl %.3f)  %s  lr %.5f  %.1f img/s  "
         "data-wait %.0f%%  ETA %s",
-        epoch + 1, cfg.train.epochs, m["epoch_wall_s"], m.get("loss", float("nan")),
+        epoch + 1, of_total, m["epoch_wall_s"], m.get("loss", float("nan")),
         m.get("loss_cls", float("nan")), m.get("loss_box", float("nan")), m.get("loss_dfl", float("nan")),
         val, m["lr"], m["images_per_s"], 100 * m["data_wait_frac"], _fmt_time(eta),
     )

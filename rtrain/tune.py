@@ -25,7 +25,7 @@ import argparse
 import logging
 import sys
 
-from rtrain.cli import OneLineParser
+from rtrain.cli import OneLineParser, quiet_ray_terminal
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    quiet_ray_terminal()
     from rtrain.config import ConfigError
     from rtrain.runner import FitError
     from rtrain.sweep import SweepError, load_sweep

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -78,6 +83,33 @@ def test_resume_after_interruption_gives_same_rows(shared_data, split, tmp_path)
     assert (out / "manifest.json").read_text() == manifest
     assert (out / "part-00000.parquet").stat().st_mtime_ns == stamp  # finished shard not redone
     assert not [p for p in out.rglob("*.tmp")]
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_shards(shared_data, tmp_path):
+    """A real `kill -9` of `python -m data_prep.shard` (and its workers) while it writes shards."""
+    ids = tmp_path / "all.txt"
+    ids.write_text((shared_data / "bccd" / "ImageSets" / "Main" / "train.txt").read_text())
+    cmd = [sys.executable, "-m", "data_prep.shard", "--format", "voc", "--root", str(shared_data / "bccd"),
+           "--split-file", str(ids), "--size", "160", "--rows-per-shard", "8", "--workers", "2"]
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    subprocess.run([*cmd, "--out", str(reference)], check=True, capture_output=True)
+
+    proc = subprocess.Popen([*cmd, "--out", str(killed)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(list(killed.glob("part-*.parquet"))) < 3 and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # the main process and its pool, as an OOM kill or kill -9 would
+    proc.wait(timeout=30)
+    written = len(list(killed.glob("part-*.parquet")))
+    assert not (killed / "manifest.json").exists() and written < len(list(reference.glob("part-*.parquet")))
+
+    subprocess.run([*cmd, "--out", str(killed)], check=True, capture_output=True)
+    assert table(killed).equals(table(reference))
+    assert (killed / "manifest.json").read_text() == (reference / "manifest.json").read_text()
+    assert not [p for p in killed.rglob("*.tmp")]
 
 
 def test_refuses_other_options_or_foreign_shards(shared_data, split, tmp_path, capsys):
