@@ -247,6 +247,12 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, map_location="cpu") -> dict:
     return state
 
 
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
+    """Ray Train's `checkpoint_*` directories in a run dir, sorted (not checkpoint_manager_snapshot.json)."""
+    run_dir = Path(run_dir)
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir()) if run_dir.is_dir() else []
+
+
 def find_latest_complete(
     dirs: Iterable[str | os.PathLike],
 ) -> tuple[Path | None, list[tuple[Path, str]]]:

@@ -195,11 +195,11 @@ def check_resume(cfg: Config, out_dir: Path, class_names: list[str]) -> Path | N
 
     Returns that checkpoint dir (None when the run has none yet). FitError with one line otherwise.
     """
-    from rtrain.checkpoint import CheckpointError, find_latest_complete, load_checkpoint
+    from rtrain.checkpoint import CheckpointError, checkpoint_dirs, find_latest_complete, load_checkpoint
     from rtrain.checkpoint import check_compatible as _check_compatible
     from rtrain.train_loop import build_detector, load_model_weights
 
-    latest, skipped = find_latest_complete(sorted(out_dir.glob("checkpoint_*")))
+    latest, skipped = find_latest_complete(checkpoint_dirs(out_dir))
     for path, reason in skipped:
         logger.warning("skipping checkpoint %s: %s", path, reason)
     if latest is None:

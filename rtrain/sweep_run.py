@@ -165,7 +165,8 @@ def run_trial(params: dict, context: dict) -> None:
     """The Tune trainable: train the config `base` + `params` as one rtrain run; raise TrialFailed.
 
     context: {"base": config dict (absolute data paths), "classes", "num_images", "settings":
-    TuneSettings as a dict}. Runs in Tune's trial actor; cwd is the trial dir.
+    TuneSettings as a dict, "sweep_dir": SWEEP}. Runs in Tune's trial actor; cwd is Tune's local
+    staging dir of the trial; the rtrain run lives in SWEEP/<trial dir>/run.
     """
     import ray
     from ray import tune
@@ -174,7 +175,10 @@ def run_trial(params: dict, context: dict) -> None:
     from rtrain.runner import build_trainer
 
     tctx = tune.get_context()
-    trial_dir = Path(tctx.get_trial_dir())
+    # The trial's dir in the sweep's storage, not Tune's local staging copy (get_trial_dir(), under
+    # the Ray session's temp dir, synced to storage by Tune): a resumed sweep in a new Ray session
+    # must find the trial's checkpoints, and on a cluster they must be on the shared storage.
+    trial_dir = Path(context["sweep_dir"]) / Path(tctx.get_trial_dir()).name
     out_dir = trial_dir / TRIAL_RUN
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / FAILURE_TXT).unlink(missing_ok=True)
@@ -236,7 +240,7 @@ def _tune_callback_class():
             self.freed = 0
 
         def _queue(self, trial) -> None:
-            path = getattr(trial, "local_path", None) or getattr(trial, "path", None)
+            path = getattr(trial, "path", None) or getattr(trial, "local_path", None)  # storage first
             if path:
                 self.pending.append((time.monotonic() + self.delay_s, str(path)))
 
@@ -391,7 +395,7 @@ def run_sweep(
     started = _start_ray(address, dashboard)
     try:
         context = {"base": base, "classes": classes, "num_images": num_images,
-                   "settings": dataclasses.asdict(spec.tune)}
+                   "settings": dataclasses.asdict(spec.tune), "sweep_dir": str(sweep_dir)}
         trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": TRIAL_CPU})
         concurrency = spec.tune.max_concurrent or auto_concurrency(spec, ray.cluster_resources())
         logger.info("sweep %s: %d trial(s), %d at a time, ASHA on %s over %d epochs -> %s", sweep_dir.name,

@@ -30,6 +30,7 @@ from rtrain.checkpoint import (
     IncompatibleCheckpointError,
     capture_rng_state,
     check_compatible,
+    checkpoint_dirs,
     find_latest_complete,
     load_checkpoint,
     read_marker,
@@ -288,7 +289,7 @@ def _resume_state(checkpoint, out_dir: Path, device) -> tuple[dict | None, str]:
         with checkpoint.as_directory() as ckpt_dir:
             state = load_checkpoint(ckpt_dir, map_location=device)
         ray_epoch = int(state["epoch"])
-    disk, skipped = find_latest_complete(sorted(out_dir.glob("checkpoint_*")))
+    disk, skipped = find_latest_complete(checkpoint_dirs(out_dir))
     if disk is not None and int(read_marker(disk)["epoch"]) > ray_epoch:
         for path, reason in skipped:
             logger.warning("skipping checkpoint %s: %s", path, reason)

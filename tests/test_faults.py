@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from rtrain import run_dir
-from rtrain.checkpoint import find_latest_complete, load_weights
+from rtrain.checkpoint import checkpoint_dirs, find_latest_complete, load_weights
 from rtrain.quickstart import prepare_synthetic
 from rtrain.runner import fit
 
@@ -68,7 +68,7 @@ def _wait_for_epoch_checkpoint(out: Path, epoch: int, timeout: float = 240.0) ->
     """Block until `out` holds a complete checkpoint of `epoch` (Ray has persisted it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        latest, _ = find_latest_complete(sorted(out.glob("checkpoint_*")))
+        latest, _ = find_latest_complete(checkpoint_dirs(out))
         if latest is not None and load_weights_epoch(latest) >= epoch:
             return
         time.sleep(0.2)

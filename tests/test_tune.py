@@ -1,14 +1,22 @@
 """rtrain.tune end to end on Ray Tune (the session's Ray, no dashboard): a 4-trial ASHA sweep on tiny
-synthetic shards; the table, the Pareto plot, best.yaml; stopped trials' placement groups freed."""
+synthetic shards; the table, the Pareto plot, best.yaml; stopped trials' placement groups freed;
+an interrupted sweep resumed."""
 
 from __future__ import annotations
 
 import csv
+import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from rtrain import run_dir
+from rtrain.checkpoint import checkpoint_dirs, find_latest_complete
 from rtrain.config import load_config
 from rtrain.quickstart import prepare_synthetic
 from rtrain.sweep import load_sweep
@@ -82,3 +90,67 @@ def test_sweep_end_to_end(ray_session, tiny_shards, tmp_path):
     # Stopped trials' Train worker groups were removed (Ray's own cleaner needs the dashboard).
     live = [pg for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
     assert live == []
+
+
+def _trial_runs(sweep_dir: Path) -> list[Path]:
+    return sorted(p.parent for p in sweep_dir.glob(f"*/run/{run_dir.METRICS_JSONL}"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_unfinished_trial_from_its_checkpoint(ray_session, tmp_path):
+    """Ctrl-C (SIGINT) to `rtrain.tune` while trial 2 trains, then --resume: trial 1 is not rerun,
+    trial 2 continues from its last complete checkpoint (no epoch redone from the start)."""
+    import ray
+
+    from rtrain.sweep_run import run_sweep
+
+    # Epochs of a few seconds (not the 1 s of tiny_shards), so the interrupt lands mid-trial.
+    train, val = prepare_synthetic(tmp_path / "data", images=80, size=128, seed=6)
+    path = _sweep_yaml(tmp_path / "sweep.yaml", train, val)
+    doc = yaml.safe_load(path.read_text())
+    doc["base"]["data"]["img_size"] = 128
+    doc["base"]["train"]["batch_size"] = 4
+    doc["base"]["train"]["epochs"] = EPOCHS_RESUMED = 5  # Tune takes seconds to stop on Ctrl-C
+    doc["search"] = {"model.width": {"grid": [0.25, 0.5]}}
+    doc["tune"].update(grace_period=EPOCHS_RESUMED)  # ASHA stops nothing: both trials run every epoch
+    path.write_text(yaml.safe_dump(doc))
+    sweep_dir = tmp_path / "sweeps" / "r"
+    cmd = [sys.executable, "-m", "rtrain.tune", "--config", str(path), "--name", "r",
+           "--storage", str(tmp_path / "sweeps"), "--address", ray.get_runtime_context().gcs_address]
+
+    def second_trial_checkpointed() -> bool:  # one trial at a time: trial 2 running means trial 1 is done
+        runs = _trial_runs(sweep_dir)
+        return len(runs) == 2 and find_latest_complete(checkpoint_dirs(runs[1]))[0] is not None
+
+    log = tmp_path / "tune.log"
+    with log.open("w") as sink:
+        sweep = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 400
+            while not second_trial_checkpointed():
+                assert time.monotonic() < deadline and sweep.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.1)
+            sweep.send_signal(signal.SIGINT)  # what Ctrl-C sends
+            sweep.wait(timeout=120)
+        finally:
+            if sweep.poll() is None:
+                sweep.kill()
+    assert sweep.returncode == 130, log.read_text()[-3000:]
+    finished, unfinished = _trial_runs(sweep_dir)
+    finished_rows = (finished / run_dir.METRICS_JSONL).read_text()
+    assert len(run_dir.read_metrics(finished)) == EPOCHS_RESUMED
+    assert 1 <= len(run_dir.read_metrics(unfinished)) < EPOCHS_RESUMED, "trial 2 ended before Ctrl-C"
+
+    result = run_sweep(None, name="r", storage=tmp_path / "sweeps", resume=True)
+
+    assert [r.status for r in result.records] == ["done", "done"]
+    assert (finished / run_dir.METRICS_JSONL).read_text() == finished_rows, "a finished trial was rerun"
+    rows = run_dir.read_metrics(unfinished)
+    assert [r["epoch"] for r in rows] == list(range(EPOCHS_RESUMED))
+    assert rows[0]["run_starts"] == 1 and rows[-1]["run_starts"] == 2, "the trial restarted from scratch"
+    assert not (unfinished / "failure.txt").exists()
+    # The trial's run lives in the sweep's storage (not Tune's staging copy in the Ray session dir),
+    # so a resume in a new Ray session finds its checkpoints too.
+    info = json.loads((unfinished.parent / "rtrain_trial.json").read_text())
+    assert Path(info["run_dir"]) == unfinished
