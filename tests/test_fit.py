@@ -132,3 +132,19 @@ def test_fit_reports_checkpoints_and_resumes(ray_session, tiny_shards, tmp_path)
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert rows[2]["step"] > rows[1]["step"]
     assert load_weights(out / "last.pt")["extra"]["epoch"] == 2
+
+
+def test_full_disk_at_start_is_one_line_before_ray(tmp_path, monkeypatch):
+    """A full disk cannot be made here without root mounts: the OS error it raises is injected."""
+    import errno
+    import tempfile
+
+    from rtrain.runner import check_storage
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", no_space)
+    with pytest.raises(FitError) as info:
+        check_storage(tmp_path / "runs")
+    assert str(info.value) == f"{tmp_path / 'runs'}: storage is not writable (No space left on device)"
