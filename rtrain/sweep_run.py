@@ -215,6 +215,12 @@ def run_trial(params: dict, context: dict) -> None:
     except TrialFailed:
         raise
     except Exception as exc:  # OOM, NonFiniteLossError, a bad shape: recorded, the sweep goes on
+        if len(run_files.read_metrics(out_dir)) >= cfg.train.epochs:
+            # Every epoch ran: the error is Tune stopping the trial at max_t while its trainer
+            # was still exiting (e.g. ActorDiedError), not a failure of the run.
+            logger.info("trial %s finished its %d epochs; ignoring on exit: %s", info["trial_id"],
+                        cfg.train.epochs, failure_reason(exc))
+            return
         fail(failure_reason(exc), exc)
     finally:
         if clock is not None:
