@@ -22,8 +22,9 @@ IMAGE_SIZE = 320
 SEED = 0
 
 # Aim: mAP >= 0.3 on the synthetic val split in ~5 minutes on 2 cores. Measured (2-core host,
-# other jobs running, load average 4-11): 7 epochs of 480 images at 256 px in the 4 min budget,
-# 12-16 img/s, val mAP 0.445 (mAP50 0.572); 6.5 min wall including Ray start-up and plots.
+# nothing else running): 9 epochs of 480 images at 256 px in the 4 min budget, ~19 img/s,
+# val mAP 0.528 (mAP50 0.670); 5.5 min wall including Ray start-up and plots. With other jobs
+# loading the host (load 4-11): 7 epochs, mAP 0.445.
 QUICKSTART: dict = {
     "model": {"name": "compact_n"},
     "data": {
