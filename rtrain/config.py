@@ -59,13 +59,24 @@ class DataConfig:
     scale: float = field(default=0.5, metadata=_range(0.0, 0.9))  # random affine zoom +-
     translate: float = field(default=0.1, metadata=_range(0.0, 0.5))
     mosaic: float = field(default=0.0, metadata=_range(0.0, 1.0))  # probability
-    num_actors: int = field(default=1, metadata=_range(1, 256))  # decode/augment actors
+    # Where JPEGs are decoded and augmented: "cpu" in Ray Data tasks (PIL), "gpu" in the train
+    # worker on its device (torchvision.io + batched tensor ops; Ray Data streams compact rows),
+    # "auto" = gpu when the workers have GPUs.
+    decode: Literal["auto", "cpu", "gpu"] = "auto"
+    # Concurrent CPU decode tasks; 0 = the CPUs Ray Train leaves free (rtrain.runner.decode_tasks).
+    num_actors: int = field(default=0, metadata=_range(0, 1024))
     cpus_per_actor: float = field(default=1.0, metadata=_range(0.05, 64))
     prefetch_batches: int = field(default=2, metadata=_range(0, 64))
-    shuffle_buffer: int = field(default=256, metadata=_range(0, 1_000_000))
+    # Compact (undecoded) rows one read task shuffles together each epoch; the order of the
+    # windows and the files in them changes every epoch too (rtrain.epoch_stream).
+    shuffle_window: int = field(default=4096, metadata=_range(1, 10_000_000))
+    # An extra shuffle buffer of DECODED rows in each worker (0 = none, the default: rows are
+    # already shuffled before decode). Ignored in deterministic runs.
+    shuffle_buffer: int = field(default=0, metadata=_range(0, 1_000_000))
     # Same data order and augmentation every time for a given seed and epoch, on any restart:
-    # shards read in order (no file shuffle), Ray Data's preserve_order, a shuffle buffer seeded
-    # by (seed, epoch, rank). Costs some throughput (a slow decode task holds back later ones).
+    # Ray Data's preserve_order, so worker r gets the same rows of every epoch (the order itself
+    # is always a function of seed and epoch). Costs some throughput (a slow decode task holds
+    # back the later ones).
     deterministic: bool = False
 
 

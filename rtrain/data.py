@@ -207,7 +207,7 @@ class DecodeAugment:
         return int(ray.get(self.epoch.get.remote()))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        epoch = self._current_epoch()
+        epoch = 0 if "epoch" in batch else self._current_epoch()
         samples, rows = [], []
         for i in range(len(batch["image_id"])):
             try:
@@ -228,7 +228,11 @@ class DecodeAugment:
             )
             rows.append(i)
         ids = [int(batch["image_id"][i]) for i in rows]
-        out = self.augmenter(samples, ids, epoch)
+        if "epoch" in batch:  # rows of the train stream carry their epoch (rtrain.epoch_stream)
+            epochs = [int(batch["epoch"][i]) for i in rows]
+            out = [self.augmenter.one(samples, k, ids[k], epochs[k]) for k in range(len(samples))]
+        else:
+            out = self.augmenter(samples, ids, epoch)
         size = self.augmenter.img_size
         n = len(out)
         return {

@@ -271,7 +271,8 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from rtrain.augment import AugmentParams
-    from rtrain.data import build_dataset, make_epoch_clock
+    from rtrain.data import decode_augment_batch, make_epoch_clock
+    from rtrain.epoch_stream import StreamPlan, build_train_stream
     from rtrain.train_loop import SCORE_METRIC, train_loop
 
     use_gpu = cfg.run.gpus > 0
@@ -283,17 +284,27 @@ def build_trainer(
     if use_gpu:
         resources["GPU"] = gpus_per_worker
     clock = make_epoch_clock()
-    ds_train = build_dataset(
-        cfg.data.train, train=True, img_size=cfg.data.img_size, aug=AugmentParams.from_obj(cfg.data),
-        seed=cfg.train.seed, epoch=clock, num_actors=cfg.data.num_actors,
-        cpus_per_actor=cfg.data.cpus_per_actor, batch_rows=max(16, cfg.train.batch_size),
-        shuffle_files=False if cfg.data.deterministic else None,
+    plan = StreamPlan.from_shards(cfg.data.train, batch_rows=stream_batch_rows(cfg), world_size=num_workers,
+                                  seed=cfg.train.seed, window_rows=cfg.data.shuffle_window)
+    decode = decode_mode(cfg)
+    tasks = decode_tasks(cfg, num_workers) if decode == "cpu" else 0
+    kwargs = {"train": True, "img_size": cfg.data.img_size, "aug": AugmentParams.from_obj(cfg.data),
+              "seed": cfg.train.seed}
+    ds_train = build_train_stream(
+        plan, epochs=stream_epochs(cfg), clock=clock,
+        decode_fn=decode_augment_batch if decode == "cpu" else None, decode_kwargs=kwargs,
+        decode_tasks=tasks, cpus_per_task=cfg.data.cpus_per_actor,
     )
+    logger.info("data: %d images, %d per epoch in batches of %d per worker; decode on %s%s", plan.num_rows,
+                plan.rows_per_epoch, plan.batch_rows, decode,
+                f" ({tasks} Ray tasks)" if decode == "cpu" else " (in the train workers)")
     trainer = TorchTrainer(
         train_fn or train_loop,
         train_loop_config={
             "config": config_to_dict(cfg), "run_dir": str(out_dir), "classes": classes,
-            "num_train_images": num_images, "epoch_clock": clock, **(loop_extra or {}),
+            "num_train_images": num_images, "epoch_clock": clock, "decode": decode,
+            "rows_per_epoch": plan.rows_per_epoch, "stream_batch_rows": plan.batch_rows,
+            **(loop_extra or {}),
         },
         scaling_config=ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources,
@@ -315,12 +326,58 @@ def build_trainer(
     return trainer, clock
 
 
+# A time-limited run does not know its epoch count: its stream holds at most this many epochs
+# (the loop ends the run, with a warning, if a budget outlasts them).
+MAX_STREAM_EPOCHS = 2000
+
+
+def stream_epochs(cfg: Config) -> int:
+    if cfg.train.time_limit_min > 0:
+        return min(cfg.train.epochs, MAX_STREAM_EPOCHS)
+    return cfg.train.epochs
+
+
+def stream_batch_rows(cfg: Config) -> int:
+    """Rows per streamed block: the per-worker batch, so blocks are batches (16 when "auto")."""
+    batch = cfg.train.batch_size
+    return batch if isinstance(batch, int) else 16
+
+
+def decode_mode(cfg: Config) -> str:
+    """"cpu" (Ray Data tasks) or "gpu" (in the train worker, on its device) for `data.decode`."""
+    if cfg.data.decode == "auto":
+        return "gpu" if cfg.run.gpus > 0 else "cpu"
+    if cfg.data.decode == "gpu" and cfg.run.gpus == 0:
+        logger.warning("data.decode=gpu without GPU workers: the train workers decode on their CPU")
+    return cfg.data.decode
+
+
+def decode_tasks(cfg: Config, num_workers: int) -> int:
+    """Concurrent CPU decode tasks: `data.num_actors`, or (0) the CPUs Ray Train leaves free.
+
+    On a one-node cluster the count is capped by the machine's cores, since a local Ray may be
+    started with more logical CPUs than cores (see `_start_ray`). One CPU is left for the read
+    step when there are CPUs to spare.
+    """
+    if cfg.data.num_actors > 0:
+        return cfg.data.num_actors
+    import ray
+
+    train_cpus = num_workers * cfg.run.cpus_per_worker
+    free = ray.cluster_resources().get("CPU", 1.0) - train_cpus
+    if sum(1 for n in ray.nodes() if n.get("Alive")) == 1:
+        free = min(free, (os.cpu_count() or 1) - train_cpus)
+    if free >= 3:
+        free -= 1
+    return max(1, int(free // cfg.data.cpus_per_actor))
+
+
 def _ingest_options(cfg: Config):
     """Ray Data's execution options for the train split (None: Ray Train's defaults).
 
     Deterministic runs preserve block order: Ray Data then also drops locality hints and
-    hands blocks to the workers by row count alone, so each worker's rows and their order
-    depend only on the shards (the loop seeds its shuffle buffer by seed, epoch and rank).
+    hands the stream's blocks (one batch each) to the workers in turn, so each worker's rows
+    of every epoch depend only on the shards, the seed and the epoch.
     """
     if not cfg.data.deterministic:
         return None

@@ -15,6 +15,7 @@ and RUN/last.pt. All the numerical work is in `rtrain.engine` (no Ray there).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import tempfile
@@ -44,6 +45,7 @@ from rtrain.guard import NonFiniteGuard
 from rtrain.models import build_model
 from rtrain.optim import build_optimizer
 from rtrain.schedule import LRSchedule, scale_lr
+from rtrain.sharded_eval import validate_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +98,59 @@ def multi_scale_fn(cfg: Config):
     return transform
 
 
-def shuffle_seed(cfg: Config, epoch: int, rank: int) -> int | None:
-    """The shuffle buffer's seed: fixed by (seed, epoch, rank) in deterministic runs, else None."""
-    if not cfg.data.deterministic:
-        return None
-    return int(np.random.SeedSequence([cfg.train.seed, epoch, rank]).generate_state(1)[0])
+class FirstBatchTimer:
+    """Iterate `batches`, recording how long the first batch took to arrive (`seconds`)."""
+
+    def __init__(self, batches) -> None:
+        self.batches = batches
+        self.seconds = 0.0
+
+    def __iter__(self):
+        t0 = time.perf_counter()
+        iterator = iter(self.batches)
+        first = next(iterator, None)
+        self.seconds = time.perf_counter() - t0
+        if first is None:
+            return
+        yield first
+        yield from iterator
+
+
+def _train_batches(cfg: Config, shard, decode: str, device, rank: int):
+    """ONE iterator over the worker's shard of the whole run's stream (rtrain.epoch_stream):
+    collated batches (the `rtrain.data.collate` layout), decoded by Ray Data tasks ("cpu") or
+    here on the worker's device ("gpu")."""
+    from rtrain.data import DetectionCollate
+
+    buffer = cfg.data.shuffle_buffer if not cfg.data.deterministic else 0
+    if cfg.data.shuffle_buffer and cfg.data.deterministic and rank == 0:
+        logger.warning("data.shuffle_buffer is ignored in deterministic runs (rows are shuffled before "
+                       "decode)")
+    collate = DetectionCollate()
+    if decode == "gpu":
+        from rtrain.device_data import DeviceDecodeAugment, RawCollate
+
+        collate = RawCollate()
+    batches = shard.iter_torch_batches(
+        batch_size=cfg.train.batch_size, collate_fn=collate,
+        local_shuffle_buffer_size=max(buffer, cfg.train.batch_size) if buffer else None,
+        prefetch_batches=cfg.data.prefetch_batches,
+    )
+    if decode != "gpu":
+        return iter(batches)
+    from rtrain.augment import AugmentParams
+
+    decoder = DeviceDecodeAugment(img_size=cfg.data.img_size, train=True,
+                                  params=AugmentParams.from_obj(cfg.data), seed=cfg.train.seed)
+    return _decoded_on_device(batches, decoder, device)
+
+
+def _decoded_on_device(raw_batches, decoder, device):
+    for raw in raw_batches:
+        epoch = int(raw["epoch"][0]) if "epoch" in raw and len(raw["epoch"]) else 0
+        batch = decoder(raw, epoch, device)
+        if len(batch["image_id"]):
+            yield batch
 
 
 def _log_setup() -> None:
@@ -144,7 +194,7 @@ def train_loop(loop_config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from rtrain.data import DetectionCollate, set_epoch
+    from rtrain.epoch_stream import set_start_epoch
 
     _log_setup()
     cfg = config_from_dict(loop_config["config"])
@@ -167,7 +217,9 @@ def train_loop(loop_config: dict) -> None:
     base_lr = scale_lr(cfg.train.lr, global_batch, cfg.train.nominal_batch_size)
     optimizer = build_optimizer(model, cfg.train.optimizer, lr=base_lr, momentum=cfg.train.momentum,
                                 weight_decay=cfg.train.weight_decay)
-    spe = steps_per_epoch(int(loop_config["num_train_images"]), cfg.train.batch_size, world)
+    rows_per_epoch = loop_config.get("rows_per_epoch")
+    spe = (max(1, int(rows_per_epoch) // (cfg.train.batch_size * world)) if rows_per_epoch
+           else steps_per_epoch(int(loop_config["num_train_images"]), cfg.train.batch_size, world))
     total_steps = cfg.train.epochs * spe
     time_limit = cfg.train.time_limit_min * 60.0 if cfg.train.time_limit_min > 0 else None
     schedule = LRSchedule(
@@ -215,21 +267,17 @@ def train_loop(loop_config: dict) -> None:
         except Exception as exc:  # metrics export is optional (e.g. no metrics agent)
             logger.warning("ray metrics gauges unavailable: %s", exc)
 
+    if clock is not None:
+        set_start_epoch(clock, start_epoch)  # the stream skips the epochs already trained
+    stream = _train_batches(cfg, train_shard, loop_config.get("decode", "cpu"), device, rank)
     schedule.start()
     epoch = start_epoch
     finished = start_epoch >= cfg.train.epochs or (time_limit is not None and schedule.finished(step))
     cycle_start = None  # wall time of a whole epoch cycle: data restart, training, eval, checkpoint
     while not finished:
         t_epoch = time.perf_counter()
-        if clock is not None:
-            set_epoch(clock, epoch)
-        batches = train_shard.iter_torch_batches(
-            batch_size=cfg.train.batch_size, collate_fn=DetectionCollate(),
-            local_shuffle_buffer_size=(max(cfg.data.shuffle_buffer, cfg.train.batch_size)
-                                       if cfg.data.shuffle_buffer else None),
-            local_shuffle_seed=shuffle_seed(cfg, epoch, rank),
-            prefetch_batches=cfg.data.prefetch_batches,
-        )
+        first_batch = FirstBatchTimer(itertools.islice(stream, spe))
+        batches = iter(first_batch)
         if epoch == start_epoch:
             batches = _clock_from_first_batch(batches, schedule)
         metrics = engine.train_one_epoch(
@@ -238,6 +286,10 @@ def train_loop(loop_config: dict) -> None:
             step_offset=step, stop_when_finished=time_limit is not None, epoch=epoch,
         )
         step += metrics["steps"] + metrics["skipped"]
+        metrics["first_batch_s"] = first_batch.seconds
+        if metrics["steps"] + metrics["skipped"] < spe and not metrics["stopped_early"] and rank == 0:
+            logger.warning("epoch %d: the data stream ended after %d of %d steps", epoch + 1,
+                           metrics["steps"] + metrics["skipped"], spe)
         now = time.perf_counter()
         cycle_s = now - (cycle_start if cycle_start is not None else t_epoch)
         cycle_start = now
@@ -249,15 +301,13 @@ def train_loop(loop_config: dict) -> None:
                        global_batch=global_batch, run_starts=run_starts, nonfinite_total=guard.total,
                        evaluated=False, mAP=last_map)
         ckpt = None
-        if rank == 0:
-            if finished or (epoch + 1) % cfg.eval.interval == 0:
-                val = engine.evaluate(
-                    ema.module, _val_batches(cfg), val_gt, category_ids, class_names, device=device,
-                    score_thresh=cfg.eval.score_thresh, iou_thresh=cfg.eval.iou_thresh,
-                    max_det=cfg.eval.max_det, amp=cfg.train.amp,
-                )
+        if finished or (epoch + 1) % cfg.eval.interval == 0:
+            val = validate_sharded(ema.module, cfg, val_gt, category_ids, class_names, device=device,
+                                   rank=rank, world=world)
+            if rank == 0:
                 metrics.update(_flat_eval(val), evaluated=True)
                 last_map = float(val["mAP"])
+        if rank == 0:
             metrics["best_mAP"] = best_map = max(best_map, last_map) if metrics["evaluated"] else best_map
             metrics["elapsed_s"] = schedule.elapsed()
             metrics["epoch_wall_s"] = time.perf_counter() - t_epoch
@@ -341,13 +391,6 @@ def _clock_from_first_batch(batches, schedule: LRSchedule):
         return
     yield first
     yield from iterator
-
-
-def _val_batches(cfg: Config):
-    from rtrain.data import iter_batches_local
-
-    return iter_batches_local(cfg.data.val, batch_size=cfg.eval.batch_size, train=False,
-                              img_size=cfg.data.img_size)
 
 
 def _write_outputs(ckpt_dir, out_dir, cfg_dict, class_names, model, ema, optimizer, schedule, scaler, guard,

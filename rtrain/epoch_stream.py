@@ -1,0 +1,223 @@
+"""The training stream: one Ray Data execution that yields every epoch, shuffled before decode.
+
+    plan = StreamPlan.from_shards(shard_dir, batch_rows=16, world_size=2, seed=0, window_rows=4096)
+    ds = build_train_stream(plan, epochs=30, clock=clock, decode_fn=..., ...)   # see below
+    set_start_epoch(clock, start_epoch)            # every worker, before its first batch
+    it = iter(shard.iter_torch_batches(batch_size=16, ...))   # ONE iterator for the whole run
+    for epoch in ...: train on itertools.islice(it, plan.steps_per_epoch)
+
+Why one execution: Ray Data restarts a dataset's pipeline (read, schedule, first decode) every
+time it is iterated. Iterating a dataset that already holds all epochs keeps the decode tasks
+busy while the loop evaluates and checkpoints, so the next epoch's first batch is ready.
+
+Order (a pure function of the shards, `seed` and the epoch; `plan_epoch`):
+- epoch e permutes the shard files with `default_rng([seed, e])`, concatenates their rows and
+  keeps the first `rows_per_epoch` (a multiple of batch_rows x world_size; a dataset smaller
+  than one global batch is repeated to fill it);
+- those rows are cut into windows of `window_rows` rows (a multiple of batch_rows), and each
+  window is shuffled with `default_rng([seed, e, w])`. A window is the unit one read task
+  holds in memory: for datasets smaller than a window the shuffle is global;
+- a window is emitted as blocks of exactly `batch_rows` compact rows (JPEG bytes, boxes,
+  labels, plus an `epoch` int64 column), so decode tasks see random neighbours (mosaic
+  partners) every epoch, and under `preserve_order` Ray's OutputSplitter hands block k to
+  worker k mod world: worker r's rows in epoch e are the same in every run and restart.
+
+Resume: the stream always starts at epoch 0; a read task skips (reads nothing for) the epochs
+before the EpochClock's start epoch, which the workers set before they iterate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+# Compact columns a decode step needs (the shard schema, rtrain.data.SCHEMA), plus the epoch.
+EPOCH_COLUMN = "epoch"
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """What every read task needs to place epoch e's rows (plain data: it travels to tasks)."""
+
+    files: tuple[str, ...]
+    row_counts: tuple[int, ...]
+    columns: tuple[str, ...]
+    batch_rows: int
+    world_size: int
+    seed: int
+    window_rows: int
+
+    @classmethod
+    def from_shards(
+        cls, shard_dir: str | Path, *, batch_rows: int, world_size: int, seed: int, window_rows: int = 4096
+    ) -> StreamPlan:
+        from rtrain.data import READ_COLUMNS, list_shards, read_manifest
+
+        read_manifest(shard_dir)
+        files = list_shards(shard_dir)
+        counts = [pq.read_metadata(f).num_rows for f in files]
+        if sum(counts) == 0:
+            from rtrain.data import ShardError
+
+            raise ShardError(f"{shard_dir}: the shards hold no rows")
+        return cls(tuple(files), tuple(counts), tuple(READ_COLUMNS), int(batch_rows), int(world_size),
+                   int(seed), int(window_rows))
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.row_counts)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_rows * self.world_size
+
+    @property
+    def rows_per_epoch(self) -> int:
+        """Rows each epoch emits: whole global batches (at least one)."""
+        return max(1, self.num_rows // self.global_batch) * self.global_batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches of `batch_rows` each worker takes per epoch."""
+        return self.rows_per_epoch // self.global_batch
+
+    @property
+    def rows_per_window(self) -> int:
+        return max(1, self.window_rows // self.batch_rows) * self.batch_rows
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return math.ceil(self.rows_per_epoch / self.rows_per_window)
+
+
+def _seed(*parts: int) -> list[int]:
+    return [int(p) % 2**63 for p in parts]
+
+
+def plan_epoch(plan: StreamPlan, epoch: int) -> list[list[tuple[int, int, int]]]:
+    """Epoch `epoch`'s windows: each a list of (file index, start row, stop row) spans, in order."""
+    order = np.random.default_rng(_seed(plan.seed, epoch)).permutation(len(plan.files))
+    spans: list[tuple[int, int, int]] = []
+    need = plan.rows_per_epoch
+    while need > 0:  # more than once only when the dataset is smaller than one global batch
+        for f in order:
+            take = min(plan.row_counts[f], need)
+            if take:
+                spans.append((int(f), 0, take))
+                need -= take
+            if need == 0:
+                break
+    windows, current, filled = [], [], 0
+    for f, start, stop in spans:
+        while start < stop:
+            take = min(stop - start, plan.rows_per_window - filled)
+            current.append((f, start, start + take))
+            start += take
+            filled += take
+            if filled == plan.rows_per_window:
+                windows.append(current)
+                current, filled = [], 0
+    if current:
+        windows.append(current)
+    return windows
+
+
+class _TableCache:
+    """The last shard read by this process: neighbouring windows often share an edge file."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.table: pa.Table | None = None
+
+    def get(self, path: str, columns: tuple[str, ...]) -> pa.Table:
+        if path != self.path:
+            self.table = pq.read_table(path, columns=list(columns))
+            self.path = path
+        return self.table
+
+
+_CACHE = _TableCache()
+
+
+def read_window(plan: StreamPlan, epoch: int, window: int) -> pa.Table:
+    """Window `window` of epoch `epoch`: its compact rows, shuffled, with an `epoch` column."""
+    spans = plan_epoch(plan, epoch)[window]
+    parts = [_CACHE.get(plan.files[f], plan.columns).slice(start, stop - start) for f, start, stop in spans]
+    table = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
+    perm = np.random.default_rng(_seed(plan.seed, epoch, window)).permutation(table.num_rows)
+    table = table.take(pa.array(perm))
+    return table.append_column(EPOCH_COLUMN, pa.array(np.full(table.num_rows, epoch, np.int64)))
+
+
+def emit_items(batch: dict[str, np.ndarray], *, plan: StreamPlan, clock=None):
+    """map_batches UDF over item ids (epoch * windows_per_epoch + window): yields the blocks of
+    `batch_rows` compact rows of every window at or after the clock's start epoch."""
+    start = _start_epoch(clock)
+    per_epoch = plan.windows_per_epoch
+    for item in np.asarray(batch["id"]).tolist():
+        epoch, window = divmod(int(item), per_epoch)
+        if epoch < start:
+            continue
+        table = read_window(plan, epoch, window)
+        for offset in range(0, table.num_rows, plan.batch_rows):
+            yield table.slice(offset, plan.batch_rows)
+
+
+def _start_epoch(clock) -> int:
+    if clock is None or isinstance(clock, int | np.integer):
+        return int(clock or 0)
+    import ray
+
+    return int(ray.get(clock.get.remote()))
+
+
+def set_start_epoch(clock, epoch: int) -> None:
+    """Before the first batch of a (re)started run: the stream skips the epochs before `epoch`.
+    Every worker may call it (idempotent)."""
+    import ray
+
+    ray.get(clock.set.remote(epoch))
+
+
+def build_train_stream(
+    plan: StreamPlan,
+    *,
+    epochs: int,
+    clock=None,
+    decode_fn=None,
+    decode_kwargs: dict | None = None,
+    decode_tasks: int = 1,
+    cpus_per_task: float = 1.0,
+):
+    """ray.data.Dataset of `epochs` epochs of the plan's rows (module doc).
+
+    `decode_fn` (a numpy-batch UDF such as `rtrain.data.decode_augment_batch`): applied as up to
+    `decode_tasks` concurrent Ray tasks of `cpus_per_task` CPUs on blocks of `batch_rows` rows;
+    None streams the compact rows as they are (decoding then happens in the train worker).
+    """
+    import ray
+
+    items = epochs * plan.windows_per_epoch
+    # One read block per epoch, so a read task never runs far ahead of the epochs in use.
+    ds = ray.data.range(items, override_num_blocks=max(1, min(epochs, 10_000)))
+    # Reading is light (Parquet slices, no decode): a small CPU share, and a resource shape that
+    # differs from the decode step's, so Ray Data does not fuse the two into one task per window.
+    ds = ds.map_batches(emit_items, fn_kwargs={"plan": plan, "clock": clock}, batch_size=None,
+                        batch_format="numpy", num_cpus=0.25)
+    # Ray buffers a task's outputs into blocks of up to 128 MB: cut them back to batch_rows rows
+    # (a streaming step) so decode spreads over tasks and the splitter deals whole batches.
+    ds = ds.repartition(target_num_rows_per_block=plan.batch_rows)
+    if decode_fn is None:
+        return ds
+    return ds.map_batches(
+        decode_fn, fn_kwargs=decode_kwargs or {}, batch_size=plan.batch_rows, batch_format="numpy",
+        compute=ray.data.TaskPoolStrategy(size=max(1, int(decode_tasks))), num_cpus=cpus_per_task,
+    )

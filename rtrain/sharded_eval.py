@@ -1,0 +1,154 @@
+"""Validation during training: every rank scores its share of the val rows, rank 0 scores them all.
+
+    metrics = validate_sharded(ema.module, cfg, coco_gt, category_ids, class_names,
+                               device=device, rank=rank, world=world)   # a collective: all ranks
+
+Rank r takes the val rows whose index (over the sorted shards) is r modulo the world size,
+decodes and letterboxes them (a thread pool on CPU: PIL's decode and resize release the GIL;
+`torchvision.io` + tensor ops on the worker's GPU), predicts with the given model, and maps
+the detections to original pixels and source category ids (`rtrain.evaluation.to_coco_results`).
+The result lists are gathered on rank 0, which runs pycocotools and returns the metrics
+(`rtrain.evaluation.coco_evaluate`'s dict plus eval_images, eval_detections, eval_time_s);
+other ranks return None.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+
+
+def _rows_of_rank(shard_dir: str | Path, rank: int, world: int, batch_size: int) -> Iterator[pa.Table]:
+    """Chunks of up to `batch_size` raw val rows of this rank, in shard order."""
+    from rtrain.data import READ_COLUMNS, list_shards, read_manifest
+
+    read_manifest(shard_dir)
+    offset, pending = 0, []
+    for path in list_shards(shard_dir):
+        table = pq.read_table(path, columns=READ_COLUMNS)
+        mine = np.nonzero((offset + np.arange(table.num_rows)) % world == rank)[0]
+        offset += table.num_rows
+        if len(mine):
+            pending.append(table.take(pa.array(mine)))
+        table = pa.concat_tables(pending, promote_options="permissive") if pending else None
+        pending = []
+        if table is None:
+            continue
+        full = table.num_rows - table.num_rows % batch_size
+        for start in range(0, full, batch_size):
+            yield table.slice(start, batch_size)
+        if full < table.num_rows:
+            pending = [table.slice(full)]
+    if pending:
+        yield pending[0]
+
+
+def default_threads(world: int) -> int:
+    return max(1, min(8, (os.cpu_count() or 2) // max(1, world)))
+
+
+def val_batches(
+    shard_dir: str | Path,
+    *,
+    batch_size: int,
+    img_size: int,
+    rank: int = 0,
+    world: int = 1,
+    device: torch.device | str = "cpu",
+    threads: int | None = None,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's letterboxed val batches (the `rtrain.data.collate` layout), in order.
+
+    On a CUDA device the JPEGs are decoded there (`rtrain.device_data`); otherwise by a pool of
+    `threads` threads (default: the cores shared among the ranks, at most 8), a few batches ahead.
+    """
+    from rtrain.data import DecodeAugment, _column_numpy, collate
+
+    device = torch.device(device)
+    chunks = _rows_of_rank(shard_dir, rank, world, batch_size)
+    if device.type == "cuda":
+        from rtrain.augment import AugmentParams
+        from rtrain.device_data import DeviceDecodeAugment, RawCollate
+
+        raw = RawCollate()
+        decoder = DeviceDecodeAugment(img_size=img_size, train=False, params=AugmentParams())
+        for chunk in chunks:
+            batch = decoder(raw({c: _column_numpy(chunk.column(c)) for c in chunk.column_names}), 0, device)
+            if len(batch["image_id"]):
+                yield batch
+        return
+
+    def decode(chunk: pa.Table):
+        fn = DecodeAugment(train=False, img_size=img_size)
+        out = fn({c: _column_numpy(chunk.column(c)) for c in chunk.column_names})
+        return collate(out) if len(out["image_id"]) else None
+
+    workers = threads or default_threads(world)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rtrain-val") as pool:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.submit(decode, chunk))
+            if len(pending) > 2 * workers:
+                batch = pending.popleft().result()
+                if batch is not None:
+                    yield batch
+        while pending:
+            batch = pending.popleft().result()
+            if batch is not None:
+                yield batch
+
+
+def _gather(results: list[dict], world: int) -> list[dict]:
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return results
+    parts: list = [None] * world
+    dist.all_gather_object(parts, results)
+    return [r for part in parts for r in part]
+
+
+def validate_sharded(
+    model: torch.nn.Module,
+    cfg,
+    coco_gt,
+    category_ids: list[int],
+    class_names: list[str],
+    *,
+    device: torch.device | str,
+    rank: int = 0,
+    world: int = 1,
+) -> dict | None:
+    """See the module doc. `cfg` is an `rtrain.config.Config` (data.val, data.img_size, eval.*)."""
+    from rtrain.engine import predict_batches
+    from rtrain.evaluation import coco_evaluate, to_coco_results
+
+    start = time.perf_counter()
+    was_training = model.training
+    batches = val_batches(cfg.data.val, batch_size=cfg.eval.batch_size, img_size=cfg.data.img_size,
+                          rank=rank, world=world, device=device)
+    results: list[dict] = []
+    images = 0
+    for batch, dets in predict_batches(model, batches, device=device, score_thresh=cfg.eval.score_thresh,
+                                       iou_thresh=cfg.eval.iou_thresh, max_det=cfg.eval.max_det,
+                                       amp=cfg.train.amp):
+        images += len(dets)
+        results.extend(to_coco_results(batch["image_id"], dets, batch["scale"], batch["pad"],
+                                       batch["stored_size"], batch["orig_size"], category_ids))
+    model.train(was_training)
+    counts = _gather([{"images": images}], world)
+    results = _gather(results, world)
+    if rank != 0:
+        return None
+    metrics = dict(coco_evaluate(coco_gt, results, class_names))
+    metrics.update(eval_images=sum(c["images"] for c in counts), eval_detections=len(results),
+                   eval_time_s=time.perf_counter() - start)
+    return metrics
