@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from data_prep import shard
 
-SUBSET = [9, 25, 30, 34, 36, 42, 49, 61, 64, 71, 86, 149, 250]  # 86 grayscale, 149 crowd, 250 no boxes
+# Of the fixture's 12 coco128 images: 86 grayscale, 149 crowd, 250 no boxes (tests/fixtures/data/README.md).
+SUBSET = [30, 86, 143, 149, 250, 326, 349, 472, 643]  # 643: crowd, and the only bowls
 
 
 def rows(out: Path) -> list[dict]:
@@ -39,20 +41,32 @@ def run(*argv) -> int:
     return shard.main([str(a) for a in argv])
 
 
+def not_rgb(images: Path, data: dict) -> int:
+    """How many of data's images are stored in another mode than RGB (the reader converts them)."""
+    return sum(Image.open(images / i["file_name"]).mode != "RGB" for i in data["images"])
+
+
+def negatives(data: dict) -> int:
+    with_boxes = {a["image_id"] for a in data["annotations"]}
+    return sum(i["id"] not in with_boxes for i in data["images"])
+
+
 def test_subset_round_trip(subset_json, coco128, tmp_path, capsys):
     path, data = subset_json
     out = tmp_path / "out"
     assert run("--format", "coco", "--annotations", path, "--images", coco128[1], "--out", out,
                "--size", 160, "--rows-per-shard", 5, "--workers", 2) == 0
-    assert "13 images written" in capsys.readouterr().out
+    n = len(SUBSET)
+    assert f"{n} images written" in capsys.readouterr().out
     m = json.loads((out / "manifest.json").read_text())
     # All 80 declared categories kept, sorted by COCO id, with their own ids.
     cats = sorted(data["categories"], key=lambda c: c["id"])
     assert [(c["index"], c["name"], c["category_id"]) for c in m["classes"]] == [
         (i, c["name"], c["id"]) for i, c in enumerate(cats)]
-    assert [s["rows"] for s in m["shards"]] == [5, 5, 3]
-    assert m["counts"]["negatives"] == 1 and m["counts"]["images"] == 13
-    assert m["issue_counts"] == {"L image converted to RGB": 1}
+    assert [s["rows"] for s in m["shards"]] == [min(5, n - k) for k in range(0, n, 5)]
+    assert m["counts"]["negatives"] == negatives(data) == 1 and m["counts"]["images"] == n
+    assert m["issue_counts"] == {"L image converted to RGB": not_rgb(coco128[1], data)} == {
+        "L image converted to RGB": 1}
 
     got = rows(out)
     assert [r["image_id"] for r in got] == sorted(SUBSET)
@@ -79,15 +93,25 @@ def test_subset_round_trip(subset_json, coco128, tmp_path, capsys):
 
 
 def test_full_coco128_keeps_declared_classes(coco128, tmp_path):
+    """Every image and box of the (fixture's) coco128 json, and all its declared categories, used or not."""
+    data = json.loads(coco128[0].read_text())
+    used = {a["category_id"] for a in data["annotations"]}
+    crowd = sum(bool(a["iscrowd"]) for a in data["annotations"])
+    assert len(used) < len(data["categories"]) == 80 and crowd > 0  # what this test is about is there
     out = tmp_path / "out"
     assert run("--format", "coco", "--annotations", coco128[0], "--images", coco128[1], "--out", out,
-               "--size", 64, "--rows-per-shard", 64, "--workers", 2) == 0
+               "--size", 64, "--rows-per-shard", 4, "--workers", 2) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["num_classes"] == 80
-    assert sum(c["boxes"] > 0 for c in m["classes"]) == 71
-    assert m["counts"] == {"images": 128, "boxes": 939, "negatives": 2, "crowd_boxes": 10,
-                           "skipped_images": 0, "repaired": 1, "dropped_boxes": 0}
-    assert sum(c["boxes"] for c in m["classes"]) == 939
+    assert {c["category_id"] for c in m["classes"] if c["boxes"] > 0} == used
+    n_boxes = len(data["annotations"])
+    assert m["counts"] == {"images": len(data["images"]), "boxes": n_boxes, "negatives": negatives(data),
+                           "crowd_boxes": crowd, "skipped_images": 0, "repaired": not_rgb(coco128[1], data),
+                           "dropped_boxes": 0}
+    assert sum(c["boxes"] for c in m["classes"]) == n_boxes
+    per_class = {c["category_id"]: c["boxes"] for c in m["classes"]}
+    assert per_class == {c["id"]: sum(a["category_id"] == c["id"] for a in data["annotations"])
+                         for c in data["categories"]}
 
 
 def test_annotation_faults_listed(subset_json, coco128, tmp_path):
@@ -105,7 +129,7 @@ def test_annotation_faults_listed(subset_json, coco128, tmp_path):
     assert run("--format", "coco", "--annotations", path, "--images", coco128[1], "--out", out,
                "--size", 96, "--workers", 1) == 0
     m = json.loads((out / "manifest.json").read_text())
-    assert m["counts"]["images"] == 13
+    assert m["counts"]["images"] == len(SUBSET)
     ic = m["issue_counts"]
     assert ic["duplicate image id"] == 1
     assert ic["file name escapes the image root"] == 2
@@ -131,6 +155,7 @@ def test_classes_from_freezes_indices(subset_json, coco128, tmp_path):
     assert [c["name"] for c in m["classes"]] == ["person", "bowl"]
     n_person = sum(a["category_id"] == 1 for a in data["annotations"])
     n_bowl = sum(a["category_id"] == 51 for a in data["annotations"])
+    assert n_person > 0 and n_bowl > 0
     assert [c["boxes"] for c in m["classes"]] == [n_person, n_bowl]
     n_other = len(data["annotations"]) - n_person - n_bowl
     assert m["issue_counts"]["class not in --classes-from list"] == n_other

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,11 +86,31 @@ def test_resume_after_interruption_gives_same_rows(shared_data, split, tmp_path)
     assert not [p for p in out.rglob("*.tmp")]
 
 
+def replicated_voc(bccd: Path, out: Path, copies: int) -> list[str]:
+    """A VOC tree of `copies` renamed copies of every BCCD train image (real JPEG bytes, real XML
+    with <filename> renamed): as many images as the full BCCD train split, from the fixture's few."""
+    (out / "Annotations").mkdir(parents=True)
+    (out / "JPEGImages").mkdir()
+    ids = []
+    for k in range(copies):
+        for name in (bccd / "ImageSets" / "Main" / "train.txt").read_text().split():
+            new = f"{name}_copy{k:02d}"
+            xml = (bccd / "Annotations" / f"{name}.xml").read_text()
+            assert f"<filename>{name}.jpg</filename>" in xml
+            (out / "Annotations" / f"{new}.xml").write_text(
+                xml.replace(f"<filename>{name}.jpg</filename>", f"<filename>{new}.jpg</filename>"))
+            shutil.copyfile(bccd / "JPEGImages" / f"{name}.jpg", out / "JPEGImages" / f"{new}.jpg")
+            ids.append(new)
+    return ids
+
+
 def test_sigkill_mid_run_then_rerun_gives_the_uninterrupted_shards(shared_data, tmp_path):
     """A real `kill -9` of `python -m data_prep.shard` (and its workers) while it writes shards."""
+    names = replicated_voc(shared_data / "bccd", tmp_path / "voc", copies=20)
+    assert len(names) >= 200  # 25+ shards of 8: the run is still writing when the 3rd appears
     ids = tmp_path / "all.txt"
-    ids.write_text((shared_data / "bccd" / "ImageSets" / "Main" / "train.txt").read_text())
-    cmd = [sys.executable, "-m", "data_prep.shard", "--format", "voc", "--root", str(shared_data / "bccd"),
+    ids.write_text("\n".join(names) + "\n")
+    cmd = [sys.executable, "-m", "data_prep.shard", "--format", "voc", "--root", str(tmp_path / "voc"),
            "--split-file", str(ids), "--size", "160", "--rows-per-shard", "8", "--workers", "2"]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     subprocess.run([*cmd, "--out", str(reference)], check=True, capture_output=True)
