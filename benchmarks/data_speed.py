@@ -3,11 +3,13 @@
 Both sides do the same work per image: decode a 640x480 BCCD JPEG, apply the same train recipe
 (`rtrain.augment.Augmenter`: letterbox, random affine, HSV, flip), collate to the same batch
 dict (`rtrain.data.collate`). Ray: Parquet shards (written by `python -m data_prep.shard` in a
-temp dir) -> `build_dataset` (N decode actors) -> `iter_torch_batches`. DataLoader: a map-style
-Dataset over the JPEG files + VOC XML, `num_workers` = N. The first epoch of each is a warm-up
-(process start, imports); the figure is over the following epochs.
+temp dir) -> the train stream `rtrain.fit` uses (`rtrain.epoch_stream`, N decode tasks, one
+execution over all epochs) -> `iter_torch_batches`. DataLoader: a map-style Dataset over the
+JPEG files + VOC XML, `num_workers` = N persistent workers, shuffled. The first epoch of each
+is a warm-up (process start, imports); the figure is over the following epochs. Also printed:
+img/s per decode process against one core's decode-only limit (`torchvision.io.decode_jpeg`).
 
-    python benchmarks/data_speed.py --actors 2 --epochs 3 --img-size 320
+    python benchmarks/data_speed.py --actors 2 --epochs 4 --img-size 320
 
 Last line: JSON with ray_img_s, dataloader_img_s, ratio (ray / dataloader).
 """
@@ -31,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rtrain.augment import Augmenter, AugmentParams, Sample  # noqa: E402
-from rtrain.data import DetectionCollate, build_dataset, collate  # noqa: E402
+from rtrain.data import DetectionCollate, collate  # noqa: E402
 
 BCCD = ROOT.parent / "shared" / "data" / "bccd"
 CLASSES = ["RBC", "WBC", "Platelets"]
@@ -106,50 +108,57 @@ def collate_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
     return collate(batch)
 
 
-def run_ray(shards: Path, args, aug: AugmentParams, pool: str) -> list[tuple[float, int]]:
-    from rtrain.data import make_epoch_clock, set_epoch
+def run_ray(shards: Path, args, aug: AugmentParams) -> list[tuple[float, int]]:
+    """rtrain's train stream (rtrain.epoch_stream): one execution over all epochs, as fit runs it."""
+    import itertools
 
-    clock = make_epoch_clock()
-    ds = build_dataset(
-        shards,
-        train=True,
-        img_size=args.img_size,
-        aug=aug,
-        epoch=clock,
-        num_actors=args.actors,
-        cpus_per_actor=1.0,
-        batch_rows=args.batch_size,
-        pool=pool,
-    )
+    from rtrain.data import decode_augment_batch
+    from rtrain.epoch_stream import StreamPlan, build_train_stream
+
+    plan = StreamPlan.from_shards(shards, batch_rows=args.batch_size, world_size=1, seed=0)
+    kwargs = {"train": True, "img_size": args.img_size, "aug": aug, "seed": 0}
+    ds = build_train_stream(plan, epochs=args.epochs, decode_fn=decode_augment_batch, decode_kwargs=kwargs,
+                            decode_tasks=args.actors, cpus_per_task=1.0)
+    stream = iter(ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=DetectionCollate(),
+                                        prefetch_batches=2))
     times = []
-    for epoch in range(args.epochs):
-        set_epoch(clock, epoch)
+    for _ in range(args.epochs):
         t, n = time.perf_counter(), 0
-        for batch in ds.iter_torch_batches(
-            batch_size=args.batch_size, collate_fn=DetectionCollate(), prefetch_batches=2
-        ):
+        for batch in itertools.islice(stream, plan.steps_per_epoch):
             n += batch["images"].shape[0]
         times.append((time.perf_counter() - t, n))
     return times
 
 
 def run_dataloader(args, aug: AugmentParams) -> list[tuple[float, int]]:
+    """The peer as its users run it: shuffled, `num_workers` processes kept across epochs."""
+    ds = VocJpegs(BCCD, args.img_size, aug, seed=0, epoch=0)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=args.batch_size, shuffle=True, num_workers=args.actors, collate_fn=collate_rows,
+        prefetch_factor=2, persistent_workers=True, drop_last=True,
+    )
     times = []
-    for epoch in range(args.epochs):
-        ds = VocJpegs(BCCD, args.img_size, aug, seed=0, epoch=epoch)
-        loader = torch.utils.data.DataLoader(
-            ds,
-            batch_size=args.batch_size,
-            shuffle=True,
-            num_workers=args.actors,
-            collate_fn=collate_rows,
-            prefetch_factor=2,
-        )
+    for _ in range(args.epochs):
         t, n = time.perf_counter(), 0
         for batch in loader:
             n += batch["images"].shape[0]
         times.append((time.perf_counter() - t, n))
     return times
+
+
+def decode_only_img_s(shards: Path, seconds: float = 5.0) -> float:
+    """The decode-only limit of one core: torchvision.io.decode_jpeg over the stored JPEGs."""
+    import pyarrow.parquet as pq
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    jpegs = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for f in sorted(shards.glob("*.parquet"))
+             for b in pq.read_table(f, columns=["jpeg"])["jpeg"].to_pylist()]
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for data in jpegs:
+            decode_jpeg(data, mode=ImageReadMode.RGB)
+            n += 1
+    return n / (time.perf_counter() - t0)
 
 
 def _rate(times: list[tuple[float, int]]) -> float:
@@ -164,7 +173,6 @@ def main() -> None:
     p.add_argument("--img-size", type=int, default=320)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--mosaic", type=float, default=0.0)
-    p.add_argument("--pool", choices=["tasks", "actors", "both"], default="both", help="Ray Data compute")
     args = p.parse_args()
     torch.set_num_threads(1)
     aug = AugmentParams(mosaic=args.mosaic)
@@ -172,12 +180,12 @@ def main() -> None:
     import ray
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    pools = ["tasks", "actors"] if args.pool == "both" else [args.pool]
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp) / "bccd"
         t = time.perf_counter()
         make_shards(shards, rows_per_shard=64)
         print(f"shards: {len(list(shards.glob('*.parquet')))} files in {time.perf_counter() - t:.1f} s")
+        decode_limit = decode_only_img_s(shards)
         dl = run_dataloader(args, aug)
         ray.init(
             num_cpus=4,
@@ -187,35 +195,36 @@ def main() -> None:
             log_to_driver=False,
         )
         try:
-            rt = {pool: run_ray(shards, args, aug, pool) for pool in pools}
+            rt = run_ray(shards, args, aug)
         finally:
             ray.shutdown()
 
-    rows = [(f"ray data, {pool} (shards)", times, _rate(times)) for pool, times in rt.items()]
-    rows.append(("torch DataLoader (jpegs)", dl, _rate(dl)))
+    rows = [("ray data train stream (shards)", rt, _rate(rt)), ("torch DataLoader (jpegs)", dl, _rate(dl))]
     print(
         f"\nload average at end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
         f"{args.actors} processes per side, img_size {args.img_size}, batch {args.batch_size}"
     )
-    print(f"{'path':<30}{'epoch s (each)':<34}{'img/s (after warm-up)':>22}")
+    print(f"{'path':<32}{'epoch s (each)':<34}{'img/s (after warm-up)':>22}")
     for name, times, rate in rows:
         each = " ".join(f"{t:.1f}" for t, _ in times)
-        print(f"{name:<30}{each:<34}{rate:>22.1f}")
-    ray_rate, dl_rate = rows[0][2], rows[-1][2]
+        print(f"{name:<32}{each:<34}{rate:>22.1f}")
+    ray_rate, dl_rate = rows[0][2], rows[1][2]
+    per_cpu = ray_rate / args.actors
+    print(f"ray img/s per decode process {per_cpu:.1f}; decode-only limit of one core "
+          f"(torchvision.io.decode_jpeg, stored 640 px JPEGs) {decode_limit:.1f} img/s "
+          f"({per_cpu / decode_limit:.0%} of it)")
     figures = {
         "ray_img_s": round(ray_rate, 1),
         "dataloader_img_s": round(dl_rate, 1),
         "ratio": round(ray_rate / dl_rate, 3),
-        "ray_pool": pools[0],
+        "ray_img_s_per_decode_cpu": round(per_cpu, 1),
+        "decode_only_img_s_one_core": round(decode_limit, 1),
+        "first_epoch_s": {"ray": round(rt[0][0], 1), "dataloader": round(dl[0][0], 1)},
+        "processes": args.actors,
+        "img_size": args.img_size,
+        "images_per_epoch": dl[-1][1],
+        "load_avg": round(os.getloadavg()[0], 1),
     }
-    if len(pools) > 1:
-        figures["ray_actors_img_s"] = round(rows[1][2], 1)
-    figures.update(
-        processes=args.actors,
-        img_size=args.img_size,
-        images_per_epoch=dl[-1][1],
-        load_avg=round(os.getloadavg()[0], 1),
-    )
     print(json.dumps(figures))
 
 

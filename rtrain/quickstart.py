@@ -34,7 +34,7 @@ QUICKSTART: dict = {
         "scale": 0.3,
         "translate": 0.1,
         "mosaic": 0.0,
-        "num_actors": 1,
+        "num_actors": 0,
         "cpus_per_actor": 1.0,
     },
     "train": {

@@ -35,9 +35,10 @@ Tune stops or fails the trial; the dashboard is then not needed (tests run witho
 after a stopped trial without a dashboard is Ray's idle cleaner actor (no CPU) until Ray shuts down.
 
 CPU sizing: a trial needs W x cpus_per_worker for its workers plus data.num_actors x
-data.cpus_per_actor for its decode actors, and Ray Data's file listing needs one whole free CPU,
-so max_concurrent defaults to floor((cluster CPUs - 1) / that) (at least 1). A sweep that starts
-its own Ray gets max(4, cores) logical CPUs (rtrain.runner._start_ray), as rtrain.fit does.
+data.cpus_per_actor for its decode tasks (at least one: 0 = auto), and Ray Data's read step
+needs one whole free CPU, so max_concurrent defaults to floor((cluster CPUs - 1) / that) (at
+least 1). A sweep that starts its own Ray gets max(4, cores) logical CPUs
+(rtrain.runner._start_ray), as rtrain.fit does.
 """
 
 from __future__ import annotations
@@ -297,8 +298,8 @@ def auto_concurrency(spec: SweepSpec, cluster: dict) -> int:
     """Trials that fit at once: CPUs (leaving one whole CPU to Ray Data) and GPUs; at least 1."""
     t = spec.tune
     data = spec.base["data"]
-    per_trial = (t.workers_per_trial * t.cpus_per_worker + data["num_actors"] * data["cpus_per_actor"]
-                 + TRIAL_CPU)
+    decoders = max(1, data["num_actors"])  # 0 (auto) takes what is free: size the trial for one
+    per_trial = t.workers_per_trial * t.cpus_per_worker + decoders * data["cpus_per_actor"] + TRIAL_CPU
     k = math.floor((float(cluster.get("CPU", 1)) - 1.0) / per_trial + 1e-9)
     if t.gpus_per_trial > 0:
         k = min(k, math.floor(float(cluster.get("GPU", 0)) / t.gpus_per_trial + 1e-9))
