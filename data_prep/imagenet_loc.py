@@ -18,7 +18,11 @@ emitted in file order. Boxes are pixel x1 y1 x2 y2 as given. A row with a token
 count not a multiple of 5 or an unusable image id is skipped; a box with an
 unknown synset or a non-numeric coordinate is dropped; an image left with no
 box is skipped (ImageNet-LOC has no negative images: a row without boxes means
-unlabelled, not empty). Each such Issue names `LOC_..._solution.csv:LINE`.
+unlabelled, not empty). Each such Issue names `LOC_..._solution.csv:LINE` as its
+item and carries `file` and `line`; a row whose bytes are not UTF-8 is a malformed
+row like any other. With XML annotations instead, a file that is not well-formed
+XML is skipped (file and line listed), its boxes checked as the CSV's are. Only
+the synset mapping or an unusable CSV header stops the run.
 """
 
 from __future__ import annotations
@@ -89,8 +93,8 @@ def image_file_name(image_id: str, split: str) -> str:
 def check_header(path: Path) -> None:
     """DatasetError unless the first line of the CSV is exactly the solution header."""
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            header = f.readline().strip()
+        with open(path, "rb") as f:  # the first line only: a bad byte in a later row is that row's fault
+            header = f.readline().decode("utf-8-sig").strip()
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
@@ -99,33 +103,42 @@ def check_header(path: Path) -> None:
         raise DatasetError(f"{path}:1: expected header '{HEADER}', got {header[:60]!r}")
 
 
+def _at(where: str) -> dict:
+    """Issue(file=, line=) from a `name:LINE` or `path` location."""
+    name, _, line = where.rpartition(":")
+    return {"file": name, "line": int(line)} if line.isdigit() and name else {"file": where}
+
+
 def _boxes(tokens: list[str], synsets: dict[str, int], where: str, rec: SourceImage) -> None:
     """Append each (synset x1 y1 x2 y2) group of `tokens` to `rec`, dropping bad groups as Issues."""
     for g in range(0, len(tokens), 5):
         synset, *coords = tokens[g:g + 5]
         if synset not in synsets:
-            rec.issues.append(Issue(where, "unknown synset", "dropped", synset))
+            rec.issues.append(Issue(where, "unknown synset", "dropped", synset, **_at(where)))
             continue
         try:
             box = [float(v) for v in coords]
         except ValueError:
-            rec.issues.append(Issue(where, "non-numeric box", "dropped", " ".join(tokens[g:g + 5])))
-            continue
+            box = [math.nan]
         if not all(math.isfinite(v) for v in box):
-            rec.issues.append(Issue(where, "non-numeric box", "dropped", " ".join(tokens[g:g + 5])))
+            rec.issues.append(Issue(where, "non-numeric box", "dropped", " ".join(tokens[g:g + 5]),
+                                    **_at(where)))
             continue
         rec.boxes.append(box)
         rec.labels.append(synsets[synset])
         rec.iscrowd.append(False)
 
 
-def _finish(rec: SourceImage, root: Path, where: str) -> SourceImage | Issue:
-    """The record, or an Issue when its image is missing or no box survived."""
+def _finish(rec: SourceImage, root: Path, where: str) -> Iterator[SourceImage | Issue]:
+    """The record; or, when its image is missing or no box survived, the boxes' issues and the skip."""
     if not rec.boxes:
-        return Issue(where, "no valid boxes", "skipped", rec.file_name)
-    if not os.path.isfile(rec.path):
-        return Issue(rec.file_name, "missing image file", "skipped", where)
-    return rec
+        yield from rec.issues
+        yield Issue(where, "no valid boxes", "skipped", rec.file_name, **_at(where))
+    elif not os.path.isfile(rec.path):
+        yield from rec.issues
+        yield Issue(rec.file_name, "missing image file", "skipped", where, **_at(where))
+    else:
+        yield rec
 
 
 def _csv_records(
@@ -133,7 +146,9 @@ def _csv_records(
 ) -> Iterator[SourceImage | Issue]:
     seen: set[str] = set()
     image_id = 0
-    with open(path, encoding="utf-8-sig") as f:
+    # surrogateescape: a row with bytes that are not UTF-8 fails the id / number checks
+    # below and is skipped like any malformed row, instead of stopping the whole stream.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         f.readline()  # header, checked by read_imagenet_loc
         for lineno, line in enumerate(f, start=2):
             line = line.strip()
@@ -143,21 +158,22 @@ def _csv_records(
             name, comma, prediction = line.partition(",")
             name = name.strip()
             tokens = prediction.split()
+            at = {"file": path.name, "line": lineno}
             if not comma or not _IMAGE_ID.match(name):
-                yield Issue(where, "malformed row", "skipped", f"bad image id {name[:60]!r}")
+                yield Issue(where, "malformed row", "skipped", f"bad image id {name[:60]!r}", **at)
                 continue
             if len(tokens) % 5:
-                yield Issue(where, "malformed row", "skipped", f"{len(tokens)} tokens, not groups of 5")
+                yield Issue(where, "malformed row", "skipped", f"{len(tokens)} tokens, not groups of 5", **at)
                 continue
             if name in seen:
-                yield Issue(where, "duplicate image id", "skipped", name)
+                yield Issue(where, "duplicate image id", "skipped", name, **at)
                 continue
             seen.add(name)
             image_id += 1
             file_name = image_file_name(name, split)
             rec = SourceImage(image_id=image_id, file_name=file_name, path=f"{root}/{file_name}")
             _boxes(tokens, synsets, where, rec)
-            yield _finish(rec, root, where)
+            yield from _finish(rec, root, where)
 
 
 def _xml_records(
@@ -173,12 +189,15 @@ def _xml_records(
             where = xml.relative_to(root).as_posix()
             name = xml.stem  # the file name, not <filename>: XML fields go stale when data is moved
             if not _IMAGE_ID.match(name):
-                yield Issue(where, "malformed annotation", "skipped", "bad image id")
+                yield Issue(where, "malformed annotation", "skipped", "bad image id", file=where)
                 continue
             try:
                 objects = ET.parse(xml).getroot().findall("object")
-            except (ET.ParseError, OSError) as e:
-                yield Issue(where, "malformed annotation", "skipped", str(e))
+            except ET.ParseError as e:
+                yield Issue(where, "malformed annotation", "skipped", str(e), file=where, line=e.position[0])
+                continue
+            except OSError as e:
+                yield Issue(where, "malformed annotation", "skipped", str(e), file=where)
                 continue
             tokens = []
             for obj in objects:
@@ -190,7 +209,7 @@ def _xml_records(
             file_name = image_file_name(name, split)
             rec = SourceImage(image_id=image_id, file_name=file_name, path=f"{root}/{file_name}")
             _boxes(tokens, synsets, where, rec)
-            yield _finish(rec, root, where)
+            yield from _finish(rec, root, where)
 
 
 def read_imagenet_loc(root: str | os.PathLike, split: str = "train") -> ReadResult:

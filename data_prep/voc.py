@@ -20,6 +20,7 @@ import argparse
 import csv
 import hashlib
 import logging
+import math
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,15 +74,28 @@ def read_split(path: Path) -> list[str]:
     return ids
 
 
+class XMLFault(DatasetError):
+    """One annotation XML that cannot be parsed: `path`, `line` (0 if unknown) and the fault."""
+
+    def __init__(self, path: Path, line: int, col: int, fault: str):
+        where = f"{path}:{line}:{col}" if line else str(path)
+        super().__init__(f"{where}: {fault}")
+        self.path, self.line, self.fault = path, line, fault
+
+
 def parse_xml(path: Path) -> tuple[str | None, list[tuple[str, list[float] | None, bool]]]:
-    """(<filename> or None, [(class name, [x1,y1,x2,y2] or None if malformed, difficult)])."""
+    """(<filename> or None, [(class name, [x1,y1,x2,y2] or None if malformed, difficult)]).
+
+    Raises XMLFault (a DatasetError naming file:line:col) for a file that is not
+    well-formed XML or cannot be read; `read` turns it into a skipped image.
+    """
     try:
         root = ET.parse(path).getroot()
     except ET.ParseError as e:
         line, col = e.position
-        raise DatasetError(f"{path}:{line}:{col}: malformed XML: {str(e).split(':')[0]}") from None
+        raise XMLFault(path, line, col, f"malformed XML: {str(e).split(':')[0]}") from None
     except OSError as e:
-        raise DatasetError(f"{path}: cannot read ({e.strerror})") from None
+        raise XMLFault(path, 0, 0, f"cannot read ({e.strerror})") from None
     fname = (root.findtext("filename") or "").strip() or None
     objects = []
     for obj in root.iter("object"):
@@ -91,6 +105,8 @@ def parse_xml(path: Path) -> tuple[str | None, list[tuple[str, list[float] | Non
             box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
         except (AttributeError, TypeError, ValueError):
             box = None
+        if box is not None and not all(math.isfinite(v) for v in box):
+            box = None  # nan / inf
         difficult = (obj.findtext("difficult") or "0").strip() in ("1", "true")
         objects.append((name, box, difficult))
     return fname, objects
@@ -118,16 +134,25 @@ def read(args: argparse.Namespace) -> ReadResult:
         if not ids:
             raise DatasetError(f"{ann_dir}: no XML files: empty dataset")
 
-    # One pass over the XML, before anything is written: a malformed file stops the run here.
-    parsed: list[tuple[str, tuple | None]] = []
+    # One pass over the XML, before anything is written. A malformed file costs its own
+    # image only (listed as skipped, with its line); the rest of the dataset is sharded.
+    parsed: list[tuple[str, tuple | XMLFault | None]] = []
     for stem in ids:
         xml = ann_dir / f"{stem}.xml"
-        parsed.append((stem, parse_xml(xml) if xml.is_file() else None))
+        try:
+            parsed.append((stem, parse_xml(xml) if xml.is_file() else None))
+        except XMLFault as e:
+            parsed.append((stem, e))
 
     given = None
     if getattr(args, "classes", None):
         given = [c.strip() for c in args.classes.split(",") if c.strip()]
-    names = given or sorted({o[0] for _, p in parsed if p for o in p[1] if o[0]})
+    good = [p for _, p in parsed if isinstance(p, tuple)]
+    if not good:
+        first = next((p for _, p in parsed if isinstance(p, XMLFault)), None)
+        raise DatasetError(f"{ann_dir}: no readable XML among the selected files"
+                           + (f" (first: {first})" if first else ""))
+    names = given or sorted({o[0] for p in good for o in p[1] if o[0]})
     if not names:
         raise DatasetError(f"{ann_dir}: no object names in the selected XML files")
     if len(set(names)) != len(names):
@@ -135,11 +160,12 @@ def read(args: argparse.Namespace) -> ReadResult:
     classes = [ClassInfo(i, n, i + 1) for i, n in enumerate(names)]
     h = hashlib.sha256()
     for stem, p in parsed:
-        h.update(repr((stem, p)).encode())
+        h.update(repr((stem, str(p) if isinstance(p, XMLFault) else p)).encode())
     source = {"format": "voc", "root": str(root), "annotations": str(ann_dir), "images": str(img_dir),
               "split_file": str(split_path.resolve()) if split_path else None,
               "classes": given, "xml_sha256": h.hexdigest()}
-    return classes, _stream(parsed, ann_dir, img_dir, {n: i for i, n in enumerate(names)}), source
+    return classes, _stream(parsed, ann_dir, img_dir, {n: i for i, n in enumerate(names)},
+                                  root), source
 
 
 def _image_path(img_dir: Path, stem: str, fname: str | None) -> Path | None:
@@ -157,11 +183,20 @@ def _image_path(img_dir: Path, stem: str, fname: str | None) -> Path | None:
     return None
 
 
-def _stream(parsed: list, ann_dir: Path, img_dir: Path, index: dict[str, int]) -> Iterator:
+def _rel(path: Path, base: Path) -> str:
+    """`path` relative to `base` when under it (as the manifest lists files), else absolute."""
+    return path.relative_to(base).as_posix() if path.is_relative_to(base) else str(path)
+
+
+def _stream(parsed: list, ann_dir: Path, img_dir: Path, index: dict[str, int], root: Path) -> Iterator:
     image_id = 0
     for stem, p in parsed:
         if p is None:
             yield Issue(stem, "annotation XML missing", "skipped", str(ann_dir / f"{stem}.xml"))
+            continue
+        if isinstance(p, XMLFault):
+            yield Issue(stem, "malformed annotation XML", "skipped", p.fault, file=_rel(p.path, root),
+                        line=p.line)
             continue
         fname, objects = p
         try:
@@ -174,12 +209,13 @@ def _stream(parsed: list, ann_dir: Path, img_dir: Path, index: dict[str, int]) -
             continue
         image_id += 1
         rec = SourceImage(image_id=image_id, file_name=path.relative_to(img_dir).as_posix(), path=str(path))
+        xml = _rel(ann_dir / f"{stem}.xml", root)
         for i, (name, box, difficult) in enumerate(objects):
             item = f"{rec.file_name} object {i}"
             if name not in index:
-                rec.issues.append(Issue(item, "unknown class name", "dropped", name or "(empty)"))
+                rec.issues.append(Issue(item, "unknown class name", "dropped", name or "(empty)", file=xml))
             elif box is None:
-                rec.issues.append(Issue(item, "malformed bndbox", "dropped"))
+                rec.issues.append(Issue(item, "malformed bndbox", "dropped", file=xml))
             else:
                 rec.boxes.append(box)
                 rec.labels.append(index[name])

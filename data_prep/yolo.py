@@ -12,8 +12,10 @@ data.yaml, class names come from ROOT/classes.txt (or obj.names), one per line.
 
 Mapping to records: class index = the YOLO class number, category_id = index + 1.
 A missing label file makes a negative image. A malformed line (wrong column
-count, non-numeric, class out of range, non-positive size) is dropped and listed
-as an Issue naming `labels/...txt:LINE`; a label file with no image is listed too.
+count, non-numeric, NaN or inf, class out of range, non-positive size) is dropped
+and listed as an Issue with `file` labels/...txt and its `line`; a label file that
+cannot be read skips its image; a label file with no image is listed too. Only a
+data.yaml (or classes.txt) that cannot be used stops the run.
 YOLO's normalised coordinates refer to the upright image (EXIF orientation
 applied), so the reader reads each labelled image's header (size and
 orientation, no decoding) and returns boxes in the raw pixel frame the writer
@@ -119,7 +121,8 @@ def _image_paths(entry, base: Path, source: Path) -> Iterator[Path | Issue]:
                 found.extend(Path(dirpath) / f for f in filenames if Path(f).suffix.lower() in IMAGE_SUFFIXES)
             yield from sorted(found)
         elif path.is_file() and path.suffix == ".txt":
-            with open(path, encoding="utf-8") as f:
+            # surrogateescape: an entry that is not UTF-8 names no file and is skipped as missing
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
                 for line in f:
                     line = line.strip()
                     if line:
@@ -183,14 +186,15 @@ def _record(image_id: int, image: Path, base: Path, num_classes: int) -> SourceI
     except FileNotFoundError:
         return rec  # no label file: a negative image
     except (OSError, UnicodeDecodeError) as e:
-        return Issue(file_name, "unreadable label file", "skipped", f"{label_name}: {e}")
+        return Issue(file_name, "unreadable label file", "skipped", f"{label_name}: {e}", file=label_name)
     parsed = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         result = parse_label_line(line, num_classes)
         if isinstance(result, str):
-            rec.issues.append(Issue(f"{label_name}:{lineno}", "malformed label line", "dropped", result))
+            rec.issues.append(Issue(f"{label_name}:{lineno}", "malformed label line", "dropped", result,
+                                    file=label_name, line=lineno))
         else:
             parsed.append(result)
     if not parsed:

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# ../shared/data beside the checkout; a git worktree one level deeper finds it further up.
+SHARED_DATA = next((p / "shared" / "data" for p in REPO_ROOT.parents if (p / "shared" / "data").is_dir()),
+                   REPO_ROOT.parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
