@@ -89,13 +89,17 @@ def _int_id(value) -> int | None:
     return None
 
 
+FLAGS = ("--annotations FILE.json (the instances JSON, any name), --images DIR (the folder its "
+         "file_name entries are relative to, any name)")
+
+
 def read(args: argparse.Namespace) -> ReadResult:
-    """Reader for `--format coco --annotations FILE.json --images DIR`."""
+    """Reader for `--format coco --annotations FILE.json --images DIR` (see FLAGS)."""
     if not getattr(args, "annotations", None) or not getattr(args, "images", None):
         raise DatasetError("--format coco needs --annotations FILE.json and --images DIR")
     path, root = Path(args.annotations).resolve(), Path(args.images).resolve()
     if not root.is_dir():
-        raise DatasetError(f"{root}: image folder not found")
+        raise DatasetError(f"--images {args.images}: image folder not found")
     data, sha = load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise DatasetError(f"{path}: no 'images' list (not a COCO instances file)")

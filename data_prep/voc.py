@@ -1,7 +1,9 @@
 """Pascal VOC XML (and its common variants) -> SourceImage stream.
 
 Layout under `--root`: an annotation folder (Annotations/, annotations/, ...) of
-one XML per image and an image folder (JPEGImages/, images/, ...). The image is
+one XML per image and an image folder (JPEGImages/, images/, ...). Folders with
+other names are named with `--annotations DIR` and `--images DIR` (absolute, from
+the working directory, or under --root); given both, --root may be left out. The image is
 found by the XML's <filename> (else its stem) under the image folder; stale
 <path>/<folder> fields are ignored. `--split-file` selects and orders the images:
 a .txt of ids (first word per line, as ImageSets/Main/*.txt) or a .csv with a
@@ -30,16 +32,31 @@ from data_prep.records import ClassInfo, DatasetError, Issue, ReadResult, Source
 
 log = logging.getLogger(__name__)
 
+FLAGS = ("--root DIR, --annotations DIR (XML folder, default: guessed under --root), --images DIR "
+         "(default: guessed under --root), --split-file F (.txt of ids or .csv with a filename column), "
+         "--classes a,b,c")
 ANNOTATION_DIRS = ("Annotations", "annotations", "Annotation", "annotation", "xml", "labels")
 IMAGE_DIRS = ("JPEGImages", "images", "Images", "JPEGimages", "imgs", "img")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG", ".bmp", ".webp")
 
 
-def _find_dir(root: Path, names: tuple[str, ...], what: str) -> Path:
+def _find_dir(root: Path, names: tuple[str, ...], what: str, flag: str) -> Path:
     for n in names:
         if (root / n).is_dir():
             return root / n
-    raise DatasetError(f"{root}: no {what} folder (looked for {', '.join(names)})")
+    raise DatasetError(f"{root}: no {what} folder (looked for {', '.join(names)}); "
+                       f"name yours with {flag} DIR")
+
+
+def _named_dir(value: str, root: Path | None, flag: str) -> Path:
+    """The folder a user named with `flag`: as given (absolute or from the working directory), else
+    under --root; DatasetError naming the flag when it is no folder."""
+    path = Path(value)
+    if not path.is_absolute() and not path.exists() and root is not None and (root / path).exists():
+        path = root / path
+    if not path.is_dir():
+        raise DatasetError(f"{flag} {value}: no such folder")
+    return path.resolve()
 
 
 def read_split(path: Path) -> list[str]:
@@ -113,15 +130,23 @@ def parse_xml(path: Path) -> tuple[str | None, list[tuple[str, list[float] | Non
 
 
 def read(args: argparse.Namespace) -> ReadResult:
-    """Reader for `--format voc --root DIR [--split-file F] [--classes a,b,c] [--images DIR]`."""
-    if not getattr(args, "root", None):
-        raise DatasetError("--format voc needs --root DIR")
-    root = Path(args.root).resolve()
-    if not root.is_dir():
-        raise DatasetError(f"{root}: no such folder")
-    ann_dir = _find_dir(root, ANNOTATION_DIRS, "annotation")
-    img_dir = Path(args.images).resolve() if getattr(args, "images", None) else _find_dir(
-        root, IMAGE_DIRS, "image")
+    """Reader for `--format voc --root DIR [--annotations DIR] [--images DIR] [--split-file F]
+    [--classes a,b,c]` (see FLAGS)."""
+    ann_arg, img_arg = getattr(args, "annotations", None), getattr(args, "images", None)
+    if getattr(args, "root", None):
+        root = Path(args.root).resolve()
+        if not root.is_dir():
+            raise DatasetError(f"--root {args.root}: no such folder")
+    elif ann_arg and img_arg:
+        root = None
+    else:
+        raise DatasetError("--format voc needs --root DIR (or both --annotations DIR and --images DIR)")
+    ann_dir = _named_dir(ann_arg, root, "--annotations") if ann_arg else _find_dir(
+        root, ANNOTATION_DIRS, "annotation", "--annotations")
+    img_dir = _named_dir(img_arg, root, "--images") if img_arg else _find_dir(
+        root, IMAGE_DIRS, "image", "--images")
+    if root is None:  # file names in the manifest are relative to the annotations' parent
+        root = ann_dir.parent
     split = getattr(args, "split_file", None)
     split_path = None
     if split:
@@ -132,7 +157,8 @@ def read(args: argparse.Namespace) -> ReadResult:
     else:
         ids = sorted(p.stem for p in ann_dir.glob("*.xml"))
         if not ids:
-            raise DatasetError(f"{ann_dir}: no XML files: empty dataset")
+            raise DatasetError(f"{ann_dir}: no XML files: empty dataset "
+                               "(name the folder of XML files with --annotations DIR)")
 
     # One pass over the XML, before anything is written. A malformed file costs its own
     # image only (listed as skipped, with its line); the rest of the dataset is sharded.
