@@ -7,8 +7,13 @@ the working directory, or under --root); given both, --root may be left out. The
 found by the XML's <filename> (else its stem) under the image folder; stale
 <path>/<folder> fields are ignored. `--split-file` selects and orders the images:
 a .txt of ids (first word per line, as ImageSets/Main/*.txt) or a .csv with a
-`filename` column (as raccoon's splits/*.csv, one row per box). Without it, every
-XML, sorted by name.
+`filename` column (as raccoon's splits/*.csv, one row per box; a row without a
+filename is skipped and listed). Without it, every XML, sorted by name.
+
+Faults: a malformed or unreadable XML file skips its image (listed with the file
+and line); an object with an unknown name or a bndbox that is not four finite
+numbers is dropped. Only an unusable split file, or no readable XML at all, stops
+the run.
 
 Classes: `--classes a,b,c` in that order, else every name seen, sorted;
 category_id = index + 1. <difficult>1</difficult> boxes are kept with iscrowd=True
@@ -59,8 +64,12 @@ def _named_dir(value: str, root: Path | None, flag: str) -> Path:
     return path.resolve()
 
 
-def read_split(path: Path) -> list[str]:
-    """Image ids (file stems) listed by a split file, first occurrence order, no repeats."""
+def read_split(path: Path, issues: list[Issue] | None = None) -> list[str]:
+    """Image ids (file stems) listed by a split file, first occurrence order, no repeats.
+
+    A CSV row without a filename raises DatasetError naming file:line, or, given `issues`, is
+    appended there (skipped, with its file and line) and the rest is read.
+    """
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -79,7 +88,11 @@ def read_split(path: Path) -> list[str]:
             if not row:
                 continue
             if len(row) <= col or not row[col].strip():
-                raise DatasetError(f"{path}:{reader.line_num}: row has no filename")
+                if issues is None:
+                    raise DatasetError(f"{path}:{reader.line_num}: row has no filename")
+                issues.append(Issue(f"{path.name}:{reader.line_num}", "split row without filename", "skipped",
+                                    ",".join(row)[:80], file=path.name, line=reader.line_num))
+                continue
             ids.append(Path(row[col].strip().replace("\\", "/")).stem)
     else:
         for line in text.splitlines():
@@ -149,11 +162,12 @@ def read(args: argparse.Namespace) -> ReadResult:
         root = ann_dir.parent
     split = getattr(args, "split_file", None)
     split_path = None
+    front: list[Issue] = []  # split-file rows skipped: listed first
     if split:
         split_path = Path(split) if Path(split).is_absolute() else root / split
         if not split_path.exists() and Path(split).exists():
             split_path = Path(split)
-        ids = read_split(split_path.resolve())
+        ids = read_split(split_path.resolve(), front)
     else:
         ids = sorted(p.stem for p in ann_dir.glob("*.xml"))
         if not ids:
@@ -191,7 +205,7 @@ def read(args: argparse.Namespace) -> ReadResult:
               "split_file": str(split_path.resolve()) if split_path else None,
               "classes": given, "xml_sha256": h.hexdigest()}
     return classes, _stream(parsed, ann_dir, img_dir, {n: i for i, n in enumerate(names)},
-                                  root), source
+                                  root, front), source
 
 
 def _image_path(img_dir: Path, stem: str, fname: str | None) -> Path | None:
@@ -214,7 +228,9 @@ def _rel(path: Path, base: Path) -> str:
     return path.relative_to(base).as_posix() if path.is_relative_to(base) else str(path)
 
 
-def _stream(parsed: list, ann_dir: Path, img_dir: Path, index: dict[str, int], root: Path) -> Iterator:
+def _stream(parsed: list, ann_dir: Path, img_dir: Path, index: dict[str, int], root: Path,
+            front: list[Issue]) -> Iterator:
+    yield from front
     image_id = 0
     for stem, p in parsed:
         if p is None:

@@ -147,6 +147,20 @@ def test_csv_without_filename_column(shared_data, tmp_path, capsys):
     assert f"{csv}:1:" in err and "filename" in err
 
 
+def test_csv_row_without_filename_is_skipped_with_its_line(shared_data, tmp_path):
+    root = _mini_voc(shared_data, tmp_path)
+    csv = tmp_path / "s.csv"
+    csv.write_text(f"filename,width\n{BCCD_IDS[0]}.jpg,640\n,640\n{BCCD_IDS[2]}.jpg,640\n")
+    out = tmp_path / "o"
+    assert run("--format", "voc", "--root", root, "--split-file", csv, "--out", out, "--size", 96,
+               "--workers", 1) == 0
+    assert [r["file_name"] for r in rows(out)] == [f"{BCCD_IDS[0]}.jpg", f"{BCCD_IDS[2]}.jpg"]
+    m = json.loads((out / "manifest.json").read_text())
+    assert [i for i in m["issues"] if i["action"] == "skipped"] == [
+        {"item": "s.csv:3", "reason": "split row without filename", "action": "skipped", "detail": ",640",
+         "file": "s.csv", "line": 3}]
+
+
 def test_given_classes_stale_path_and_missing_files(shared_data, tmp_path):
     root = _mini_voc(shared_data, tmp_path, n=4)
     # Stale <path>/<folder> point nowhere: the image is found by <filename> under JPEGImages.
