@@ -8,9 +8,9 @@
     ... [--size 640] [--rows-per-shard 1000] [--workers N] [--classes-from TRAIN_OUT/manifest.json]
 
 A new format is one line in READERS: a function `read(args) -> (classes, stream, source)`
-(see data_prep.records.Reader), and its module's FLAGS line, which `--help` prints: the
-reader options it reads. Reader options are the shared ones below; a reader ignores
-those its FLAGS do not name.
+(see data_prep.records.Reader), plus its module's FLAGS line (what `--help` prints for
+it) and its entry in READS (the reader options it reads). Reader options are the shared
+ones below; one given that the format does not read is warned about, not an error.
 """
 
 from __future__ import annotations

@@ -234,7 +234,8 @@ def _stream(parsed: list, ann_dir: Path, img_dir: Path, index: dict[str, int], r
     image_id = 0
     for stem, p in parsed:
         if p is None:
-            yield Issue(stem, "annotation XML missing", "skipped", str(ann_dir / f"{stem}.xml"))
+            yield Issue(stem, "annotation XML missing", "skipped", str(ann_dir / f"{stem}.xml"),
+                        file=_rel(ann_dir / f"{stem}.xml", root))
             continue
         if isinstance(p, XMLFault):
             yield Issue(stem, "malformed annotation XML", "skipped", p.fault, file=_rel(p.path, root),
