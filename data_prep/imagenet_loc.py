@@ -7,6 +7,10 @@
     ROOT/ILSVRC/Data/CLS-LOC/val/<ImageId>.JPEG
     ROOT/ILSVRC/Annotations/CLS-LOC/{train/<synset>,val}/<ImageId>.xml   (used when the CSV is absent)
 
+Other folder names: `--images DIR` names the folder holding train/<synset>/ and
+val/ (file names in the shards are then relative to ROOT when it is under it,
+else to DIR), `--annotations` the split's solution CSV (any name) or XML folder.
+
 Classes: one per mapping line, in file order; index = line index, category_id =
 index + 1, name = the first name of the line ("tench"). ImageNet repeats a few
 first names ("crane" is a bird and a machine): those get their synset appended,
@@ -18,7 +22,11 @@ emitted in file order. Boxes are pixel x1 y1 x2 y2 as given. A row with a token
 count not a multiple of 5 or an unusable image id is skipped; a box with an
 unknown synset or a non-numeric coordinate is dropped; an image left with no
 box is skipped (ImageNet-LOC has no negative images: a row without boxes means
-unlabelled, not empty). Each such Issue names `LOC_..._solution.csv:LINE`.
+unlabelled, not empty). Each such Issue names `LOC_..._solution.csv:LINE` as its
+item and carries `file` and `line`; a row whose bytes are not UTF-8 is a malformed
+row like any other. With XML annotations instead, a file that is not well-formed
+XML is skipped (file and line listed), its boxes checked as the CSV's are. Only
+the synset mapping or an unusable CSV header stops the run.
 """
 
 from __future__ import annotations
@@ -78,19 +86,28 @@ def read_synsets(path: Path) -> tuple[list[ClassInfo], dict[str, int]]:
     return classes, {synset: i for i, (synset, _) in enumerate(synsets)}
 
 
-def image_file_name(image_id: str, split: str) -> str:
-    """Path of an image relative to ROOT: train images sit in their synset's folder."""
+def image_file_name(image_id: str, split: str, data_dir: str = DATA_DIR) -> str:
+    """Path of an image relative to ROOT (or `data_dir` absolute): train images sit in their synset's
+    folder."""
     # Plain strings, not pathlib: this runs once per row of a 500k-row CSV.
     if split == "train":
-        return f"{DATA_DIR}/train/{image_id.split('_')[0]}/{image_id}.JPEG"
-    return f"{DATA_DIR}/{split}/{image_id}.JPEG"
+        return f"{data_dir}/train/{image_id.split('_')[0]}/{image_id}.JPEG"
+    return f"{data_dir}/{split}/{image_id}.JPEG"
+
+
+def _image_ref(image_id: str, split: str, root: Path, data_dir: str) -> tuple[str, str]:
+    """(file name as stored: relative to ROOT, or to the image folder outside it; absolute path)."""
+    rel = image_file_name(image_id, split, data_dir)
+    if data_dir == DATA_DIR or not Path(data_dir).is_absolute():
+        return rel, f"{root}/{rel}"
+    return rel[len(data_dir) + 1:], rel
 
 
 def check_header(path: Path) -> None:
     """DatasetError unless the first line of the CSV is exactly the solution header."""
     try:
-        with open(path, encoding="utf-8-sig") as f:
-            header = f.readline().strip()
+        with open(path, "rb") as f:  # the first line only: a bad byte in a later row is that row's fault
+            header = f.readline().decode("utf-8-sig").strip()
     except FileNotFoundError:
         raise DatasetError(f"{path}: no such file") from None
     except UnicodeDecodeError as e:
@@ -99,41 +116,52 @@ def check_header(path: Path) -> None:
         raise DatasetError(f"{path}:1: expected header '{HEADER}', got {header[:60]!r}")
 
 
+def _at(where: str) -> dict:
+    """Issue(file=, line=) from a `name:LINE` or `path` location."""
+    name, _, line = where.rpartition(":")
+    return {"file": name, "line": int(line)} if line.isdigit() and name else {"file": where}
+
+
 def _boxes(tokens: list[str], synsets: dict[str, int], where: str, rec: SourceImage) -> None:
     """Append each (synset x1 y1 x2 y2) group of `tokens` to `rec`, dropping bad groups as Issues."""
     for g in range(0, len(tokens), 5):
         synset, *coords = tokens[g:g + 5]
         if synset not in synsets:
-            rec.issues.append(Issue(where, "unknown synset", "dropped", synset))
+            rec.issues.append(Issue(where, "unknown synset", "dropped", synset, **_at(where)))
             continue
         try:
             box = [float(v) for v in coords]
         except ValueError:
-            rec.issues.append(Issue(where, "non-numeric box", "dropped", " ".join(tokens[g:g + 5])))
-            continue
+            box = [math.nan]
         if not all(math.isfinite(v) for v in box):
-            rec.issues.append(Issue(where, "non-numeric box", "dropped", " ".join(tokens[g:g + 5])))
+            rec.issues.append(Issue(where, "non-numeric box", "dropped", " ".join(tokens[g:g + 5]),
+                                    **_at(where)))
             continue
         rec.boxes.append(box)
         rec.labels.append(synsets[synset])
         rec.iscrowd.append(False)
 
 
-def _finish(rec: SourceImage, root: Path, where: str) -> SourceImage | Issue:
-    """The record, or an Issue when its image is missing or no box survived."""
+def _finish(rec: SourceImage, root: Path, where: str) -> Iterator[SourceImage | Issue]:
+    """The record; or, when its image is missing or no box survived, the boxes' issues and the skip."""
     if not rec.boxes:
-        return Issue(where, "no valid boxes", "skipped", rec.file_name)
-    if not os.path.isfile(rec.path):
-        return Issue(rec.file_name, "missing image file", "skipped", where)
-    return rec
+        yield from rec.issues
+        yield Issue(where, "no valid boxes", "skipped", rec.file_name, **_at(where))
+    elif not os.path.isfile(rec.path):
+        yield from rec.issues
+        yield Issue(rec.file_name, "missing image file", "skipped", where, **_at(where))
+    else:
+        yield rec
 
 
 def _csv_records(
-    path: Path, root: Path, split: str, synsets: dict[str, int]
+    path: Path, root: Path, split: str, synsets: dict[str, int], data_dir: str = DATA_DIR
 ) -> Iterator[SourceImage | Issue]:
     seen: set[str] = set()
     image_id = 0
-    with open(path, encoding="utf-8-sig") as f:
+    # surrogateescape: a row with bytes that are not UTF-8 fails the id / number checks
+    # below and is skipped like any malformed row, instead of stopping the whole stream.
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as f:
         f.readline()  # header, checked by read_imagenet_loc
         for lineno, line in enumerate(f, start=2):
             line = line.strip()
@@ -143,25 +171,26 @@ def _csv_records(
             name, comma, prediction = line.partition(",")
             name = name.strip()
             tokens = prediction.split()
+            at = {"file": path.name, "line": lineno}
             if not comma or not _IMAGE_ID.match(name):
-                yield Issue(where, "malformed row", "skipped", f"bad image id {name[:60]!r}")
+                yield Issue(where, "malformed row", "skipped", f"bad image id {name[:60]!r}", **at)
                 continue
             if len(tokens) % 5:
-                yield Issue(where, "malformed row", "skipped", f"{len(tokens)} tokens, not groups of 5")
+                yield Issue(where, "malformed row", "skipped", f"{len(tokens)} tokens, not groups of 5", **at)
                 continue
             if name in seen:
-                yield Issue(where, "duplicate image id", "skipped", name)
+                yield Issue(where, "duplicate image id", "skipped", name, **at)
                 continue
             seen.add(name)
             image_id += 1
-            file_name = image_file_name(name, split)
-            rec = SourceImage(image_id=image_id, file_name=file_name, path=f"{root}/{file_name}")
+            file_name, full = _image_ref(name, split, root, data_dir)
+            rec = SourceImage(image_id=image_id, file_name=file_name, path=full)
             _boxes(tokens, synsets, where, rec)
-            yield _finish(rec, root, where)
+            yield from _finish(rec, root, where)
 
 
 def _xml_records(
-    folder: Path, root: Path, split: str, synsets: dict[str, int]
+    folder: Path, root: Path, split: str, synsets: dict[str, int], data_dir: str = DATA_DIR
 ) -> Iterator[SourceImage | Issue]:
     image_id = 0
     for dirpath, dirnames, filenames in os.walk(folder):
@@ -170,15 +199,18 @@ def _xml_records(
             if not fname.endswith(".xml"):
                 continue
             xml = Path(dirpath) / fname
-            where = xml.relative_to(root).as_posix()
+            where = xml.relative_to(root).as_posix() if xml.is_relative_to(root) else str(xml)
             name = xml.stem  # the file name, not <filename>: XML fields go stale when data is moved
             if not _IMAGE_ID.match(name):
-                yield Issue(where, "malformed annotation", "skipped", "bad image id")
+                yield Issue(where, "malformed annotation", "skipped", "bad image id", file=where)
                 continue
             try:
                 objects = ET.parse(xml).getroot().findall("object")
-            except (ET.ParseError, OSError) as e:
-                yield Issue(where, "malformed annotation", "skipped", str(e))
+            except ET.ParseError as e:
+                yield Issue(where, "malformed annotation", "skipped", str(e), file=where, line=e.position[0])
+                continue
+            except OSError as e:
+                yield Issue(where, "malformed annotation", "skipped", str(e), file=where)
                 continue
             tokens = []
             for obj in objects:
@@ -187,14 +219,27 @@ def _xml_records(
                 tokens += [(bb.findtext(k, "") if bb is not None else "").strip() or "?"
                            for k in ("xmin", "ymin", "xmax", "ymax")]
             image_id += 1
-            file_name = image_file_name(name, split)
-            rec = SourceImage(image_id=image_id, file_name=file_name, path=f"{root}/{file_name}")
+            file_name, full = _image_ref(name, split, root, data_dir)
+            rec = SourceImage(image_id=image_id, file_name=file_name, path=full)
             _boxes(tokens, synsets, where, rec)
-            yield _finish(rec, root, where)
+            yield from _finish(rec, root, where)
 
 
-def read_imagenet_loc(root: str | os.PathLike, split: str = "train") -> ReadResult:
-    """Classes (mapping order), a lazy stream of SourceImage (boxes xyxy pixels) / Issue, and the source."""
+def _named(value: str | os.PathLike, root: Path) -> Path:
+    """A user-named path: absolute, from the working directory, or else under ROOT."""
+    path = Path(value)
+    if not path.is_absolute() and not path.exists() and (root / path).exists():
+        path = root / path
+    return path.resolve()
+
+
+def read_imagenet_loc(root: str | os.PathLike, split: str = "train", images: str | os.PathLike | None = None,
+                      annotations: str | os.PathLike | None = None) -> ReadResult:
+    """Classes (mapping order), a lazy stream of SourceImage (boxes xyxy pixels) / Issue, and the source.
+
+    `images`: the folder holding train/<synset>/ and val/ (default ROOT/ILSVRC/Data/CLS-LOC);
+    `annotations`: the split's solution CSV or its folder of XML (default: see the module doc).
+    """
     root = Path(root).resolve()
     if split not in ("train", "val"):
         raise DatasetError(f"imagenet_loc: split must be train or val, got {split!r}")
@@ -202,31 +247,57 @@ def read_imagenet_loc(root: str | os.PathLike, split: str = "train") -> ReadResu
         raise DatasetError(f"{root}: no such dataset folder")
     mapping = root / "LOC_synset_mapping.txt"
     classes, synsets = read_synsets(mapping)
+    data_dir = DATA_DIR
+    if images is not None:
+        img = _named(images, root)
+        if not img.is_dir():
+            raise DatasetError(f"--images {images}: no such folder")
+        data_dir = img.relative_to(root).as_posix() if img.is_relative_to(root) else str(img)
     csv = root / f"LOC_{split}_solution.csv"
     xml_dir = root / XML_DIR / split
-    if csv.is_file():
+    if annotations is not None:
+        ann = _named(annotations, root)
+        if ann.is_file():
+            csv, xml_dir = ann, None
+        elif ann.is_dir():
+            csv, xml_dir = None, ann
+        else:
+            raise DatasetError(f"--annotations {annotations}: no such CSV file or XML folder")
+    if csv is not None and csv.is_file():
         check_header(csv)
         stat = csv.stat()
-        stream = _csv_records(csv, root, split, synsets)
-        annotations = {"annotations": str(csv), "annotations_bytes": stat.st_size,
-                       "annotations_mtime_ns": stat.st_mtime_ns}
-    elif xml_dir.is_dir():
-        stream = _xml_records(xml_dir, root, split, synsets)
-        annotations = {"annotations": str(xml_dir)}
+        stream = _csv_records(csv, root, split, synsets, data_dir)
+        annotations_src = {"annotations": str(csv), "annotations_bytes": stat.st_size,
+                           "annotations_mtime_ns": stat.st_mtime_ns}
+    elif xml_dir is not None and xml_dir.is_dir():
+        stream = _xml_records(xml_dir, root, split, synsets, data_dir)
+        annotations_src = {"annotations": str(xml_dir)}
     else:
-        raise DatasetError(f"{root}: neither {csv.name} nor {XML_DIR / split} found")
+        raise DatasetError(f"{root}: neither LOC_{split}_solution.csv nor {XML_DIR / split} found "
+                           "(name yours with --annotations FILE.csv or --annotations DIR)")
+    if data_dir != DATA_DIR:
+        annotations_src["images"] = data_dir
     source = {"format": "imagenet_loc", "root": str(root), "split": split,
-              "synset_mapping_sha256": hashlib.sha256(mapping.read_bytes()).hexdigest(), **annotations}
+              "synset_mapping_sha256": hashlib.sha256(mapping.read_bytes()).hexdigest(), **annotations_src}
     log.info("imagenet_loc %s: %d classes, annotations from %s", split, len(classes),
-             annotations["annotations"])
+             annotations_src["annotations"])
     return classes, stream, source
 
 
+FLAGS = ("--root DIR (holding LOC_synset_mapping.txt), --split train|val, --images DIR (the folder "
+         "holding train/<synset>/ and val/, default ROOT/ILSVRC/Data/CLS-LOC), --annotations FILE.csv "
+         "or DIR of XML (default ROOT/LOC_<split>_solution.csv, else "
+         "ROOT/ILSVRC/Annotations/CLS-LOC/<split>)")
+
+
 def read(args: argparse.Namespace) -> ReadResult:
-    """Reader for `--format imagenet-loc --root DIR [--split train|val]`."""
+    """Reader for `--format imagenet-loc --root DIR [--split train|val] [--images DIR]
+    [--annotations FILE.csv|DIR]` (see FLAGS)."""
     if not getattr(args, "root", None):
-        raise DatasetError("--format imagenet-loc needs --root DIR")
-    return read_imagenet_loc(args.root, _split_arg(args))
+        raise DatasetError("--format imagenet-loc needs --root DIR "
+                           "(the folder holding LOC_synset_mapping.txt)")
+    return read_imagenet_loc(args.root, _split_arg(args), getattr(args, "images", None),
+                             getattr(args, "annotations", None))
 
 
 def _split_arg(args: argparse.Namespace) -> str:

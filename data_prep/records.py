@@ -3,9 +3,12 @@
 A reader (one module per format) turns its annotation files into a stream of
 `SourceImage` records, in a deterministic order, plus the list of classes. It
 never decodes images: the writer does that in parallel. Problems a reader finds
-in annotations (unknown category, duplicate image id, path escaping the root...)
-are reported as `Issue`s, never raised, unless the whole input is unusable
-(malformed file, empty dataset), which raises `DatasetError`.
+in annotations (unknown category, duplicate image id, path escaping the root, a
+malformed per-image XML file or label line...) are reported as `Issue`s, never
+raised: one bad annotation costs that box or that image, not the run. Only a
+fault in a file the whole dataset depends on (a COCO instances JSON, a YOLO
+data.yaml, a class list, a split file's header) or an empty dataset raises
+`DatasetError`, before anything is written.
 """
 
 from __future__ import annotations
@@ -34,17 +37,28 @@ class ClassInfo:
 
 @dataclass
 class Issue:
-    """One skipped or repaired item, listed in the manifest."""
+    """One skipped or repaired item, listed in the manifest.
+
+    `file` and `line` say where in the annotations the fault is (the XML, label
+    or CSV file, relative to the dataset root where it is under it, and its
+    1-based line) when the reader knows; they are left out of the manifest when unset.
+    """
 
     item: str  # file name or annotation id the fault belongs to
     reason: str  # short and fixed (the manifest counts by it): e.g. "missing image file"
     action: str  # "skipped" (a whole image) | "repaired" | "dropped" (one box or annotation)
     detail: str = ""  # optional specifics (the exception text, the clipped values...)
+    file: str = ""  # the annotation file holding the fault
+    line: int = 0  # its line in `file` (0: unknown or not line-based)
 
     def to_dict(self) -> dict:
         d = {"item": self.item, "reason": self.reason, "action": self.action}
         if self.detail:
             d["detail"] = self.detail
+        if self.file:
+            d["file"] = self.file
+        if self.line:
+            d["line"] = self.line
         return d
 
 

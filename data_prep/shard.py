@@ -2,12 +2,15 @@
 
     python -m data_prep.shard --format coco --annotations instances.json --images DIR --out OUT
     python -m data_prep.shard --format voc --root DIR [--split-file ImageSets/Main/train.txt] --out OUT
+    python -m data_prep.shard --format voc --annotations XML_DIR --images IMG_DIR --out OUT
     python -m data_prep.shard --format yolo --root DIR --data data.yaml --split val --out OUT
     python -m data_prep.shard --format imagenet-loc --root DIR --split train|val --out OUT
     ... [--size 640] [--rows-per-shard 1000] [--workers N] [--classes-from TRAIN_OUT/manifest.json]
 
 A new format is one line in READERS: a function `read(args) -> (classes, stream, source)`
-(see data_prep.records.Reader). Reader options are the shared ones below.
+(see data_prep.records.Reader), plus its module's FLAGS line (what `--help` prints for
+it) and its entry in READS (the reader options it reads). Reader options are the shared
+ones below; one given that the format does not read is warned about, not an error.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import logging
 import os
 import sys
+import textwrap
 from collections import Counter
 
 from data_prep import coco, imagenet_loc, voc, yolo
@@ -31,25 +35,55 @@ READERS: dict[str, Reader] = {
 }
 
 
+FLAGS: dict[str, str] = {"coco": coco.FLAGS, "voc": voc.FLAGS, "yolo": yolo.FLAGS,
+                         "imagenet-loc": imagenet_loc.FLAGS}
+
+
+# The reader options (argparse dests) each format reads; any other one given is warned about.
+READS: dict[str, set[str]] = {
+    "coco": {"annotations", "images"},
+    "voc": {"root", "annotations", "images", "split_file", "classes"},
+    "yolo": {"root", "data", "annotations", "split", "images"},
+    "imagenet-loc": {"root", "split", "images", "annotations"},
+}
+READS["imagenet_loc"] = READS["imagenet-loc"]
+_READER_OPTIONS = ("annotations", "images", "root", "split_file", "classes", "data", "split")
+
+
+def unread_options(args: argparse.Namespace) -> list[str]:
+    """The reader flags given on the command line that --format's reader does not read."""
+    reads = READS.get(args.format, set(_READER_OPTIONS))
+    return [f"--{d.replace('_', '-')}" for d in _READER_OPTIONS if getattr(args, d, None) and d not in reads]
+
+
+def _epilog() -> str:
+    return "flags each format reads:\n" + "\n".join(
+        textwrap.fill(f"{fmt}: {flags}", width=100, initial_indent="  ", subsequent_indent="      ")
+        for fmt, flags in FLAGS.items())
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m data_prep.shard", description=__doc__.split("\n")[0])
+    p = _Parser(prog="python -m data_prep.shard", description=__doc__.split("\n")[0], epilog=_epilog(),
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--format", required=True, choices=sorted(READERS), help="source format")
     p.add_argument("--out", required=True, help="output folder for part-*.parquet and manifest.json")
     p.add_argument("--size", type=int, default=640, help="longer side of the stored images (px)")
     p.add_argument("--rows-per-shard", type=int, default=1000, help="images per Parquet file")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes")
     p.add_argument("--classes-from", help="manifest.json whose class list to reuse (val/test from train)")
-    g = p.add_argument_group("reader options (which ones a format needs: see its module)")
-    g.add_argument("--annotations", help="annotation file (coco: instances JSON) or folder")
-    g.add_argument("--images", help="image folder (voc: default found under --root)")
-    g.add_argument("--root", help="dataset root folder (voc)")
-    g.add_argument("--split-file", help="ids to use: a .txt of ids or a .csv with a filename column")
-    g.add_argument("--classes", help="comma-separated class names, in index order")
+    g = p.add_argument_group("reader options (which format reads which: see the list at the end)")
+    g.add_argument("--annotations", help="coco: the instances JSON; voc: the XML folder; imagenet-loc: the "
+                   "split's solution CSV or XML folder; yolo: same as --data")
+    g.add_argument("--images", help="image folder (imagenet-loc: the one holding train/ and val/); "
+                   "voc, yolo, imagenet-loc: default found under --root")
+    g.add_argument("--root", help="dataset root folder (voc, yolo, imagenet-loc)")
+    g.add_argument("--split-file", help="voc: ids to use: a .txt of ids or a .csv with a filename column")
+    g.add_argument("--classes", help="voc: comma-separated class names, in index order")
     g.add_argument("--data", help="yolo: the data.yaml naming classes and split folders")
     g.add_argument("--split", help="yolo / imagenet-loc: which split to read (train, val, ...)")
     g.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
@@ -64,6 +98,11 @@ def shard(args: argparse.Namespace) -> dict:
     if bad:
         raise DatasetError(f"--opt {bad[0]!r} is not KEY=VALUE")
     args.opts = opts
+    unread = unread_options(args)
+    if unread:
+        reads = ", ".join(f"--{d.replace('_', '-')}" for d in _READER_OPTIONS if d in READS[args.format])
+        logging.getLogger("data_prep.shard").warning(
+            "--format %s does not read %s (it reads %s)", args.format, ", ".join(unread), reads)
     # Imported here, not at the top: worker processes import this module again, and need
     # neither pyarrow nor numpy.
     from data_prep.writer import Options, start_pool, write_dataset

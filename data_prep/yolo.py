@@ -9,11 +9,16 @@ replaced by `labels` and the extension by `.txt`. Each line is
 `class cx cy w h`, normalised to the image's width and height (a polygon line
 `class x1 y1 x2 y2 x3 y3 ...` counts as the box around its points). Without
 data.yaml, class names come from ROOT/classes.txt (or obj.names), one per line.
+Folder names are free: data.yaml (any file name, `--data`) may point a split at
+any folder, and `--images DIR` overrides it; a label file then sits beside its
+image when no `images` folder is on the path.
 
 Mapping to records: class index = the YOLO class number, category_id = index + 1.
 A missing label file makes a negative image. A malformed line (wrong column
-count, non-numeric, class out of range, non-positive size) is dropped and listed
-as an Issue naming `labels/...txt:LINE`; a label file with no image is listed too.
+count, non-numeric, NaN or inf, class out of range, non-positive size) is dropped
+and listed as an Issue with `file` labels/...txt and its `line`; a label file that
+cannot be read skips its image; a label file with no image is listed too. Only a
+data.yaml (or classes.txt) that cannot be used stops the run.
 YOLO's normalised coordinates refer to the upright image (EXIF orientation
 applied), so the reader reads each labelled image's header (size and
 orientation, no decoding) and returns boxes in the raw pixel frame the writer
@@ -119,7 +124,8 @@ def _image_paths(entry, base: Path, source: Path) -> Iterator[Path | Issue]:
                 found.extend(Path(dirpath) / f for f in filenames if Path(f).suffix.lower() in IMAGE_SUFFIXES)
             yield from sorted(found)
         elif path.is_file() and path.suffix == ".txt":
-            with open(path, encoding="utf-8") as f:
+            # surrogateescape: an entry that is not UTF-8 names no file and is skipped as missing
+            with open(path, encoding="utf-8", errors="surrogateescape") as f:
                 for line in f:
                     line = line.strip()
                     if line:
@@ -183,14 +189,15 @@ def _record(image_id: int, image: Path, base: Path, num_classes: int) -> SourceI
     except FileNotFoundError:
         return rec  # no label file: a negative image
     except (OSError, UnicodeDecodeError) as e:
-        return Issue(file_name, "unreadable label file", "skipped", f"{label_name}: {e}")
+        return Issue(file_name, "unreadable label file", "skipped", f"{label_name}: {e}", file=label_name)
     parsed = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         result = parse_label_line(line, num_classes)
         if isinstance(result, str):
-            rec.issues.append(Issue(f"{label_name}:{lineno}", "malformed label line", "dropped", result))
+            rec.issues.append(Issue(f"{label_name}:{lineno}", "malformed label line", "dropped", result,
+                                    file=label_name, line=lineno))
         else:
             parsed.append(result)
     if not parsed:
@@ -234,12 +241,13 @@ def _records(images: list[Path | Issue], base: Path, num_classes: int, label_dir
                     yield Issue(name, "label file without image", "skipped")
 
 
-def read_yolo(root: str | os.PathLike, split: str = "train", data_yaml: str | os.PathLike | None = None
-              ) -> ReadResult:
+def read_yolo(root: str | os.PathLike, split: str = "train", data_yaml: str | os.PathLike | None = None,
+              images: str | os.PathLike | None = None) -> ReadResult:
     """Classes, a lazy stream of SourceImage (boxes xyxy raw pixels) / Issue, and the source description.
 
     `root` is the dataset folder or its data.yaml; `split` names the data.yaml key
-    (train, val, test) or, without one, the folder images/<split>.
+    (train, val, test) or, without one, the folder images/<split>. `images`, when
+    given, is the split's image folder (or .txt list) instead of what data.yaml names.
     """
     root = Path(root)
     yaml_path = Path(data_yaml) if data_yaml else (root if root.suffix in (".yaml", ".yml") else None)
@@ -264,10 +272,14 @@ def read_yolo(root: str | os.PathLike, split: str = "train", data_yaml: str | os
     else:
         names = _names_file(root)
         base, entry, source_file = root, f"images/{split}", root
-    images = list(_image_paths(entry, base, source_file))
-    if not any(isinstance(p, Path) for p in images):
+    if images is not None:
+        entry = str(Path(images).resolve())
+        if not Path(entry).exists():
+            raise DatasetError(f"--images {images}: no such folder or image list")
+    listed = list(_image_paths(entry, base, source_file))
+    if not any(isinstance(p, Path) for p in listed):
         raise DatasetError(f"{source_file}: split '{split}' lists no images")
-    folders = {p.parent for p in images if isinstance(p, Path)}
+    folders = {p.parent for p in listed if isinstance(p, Path)}
     label_dirs = {label_path(p / "x.jpg").parent for p in folders}
     label_dirs = {d for d in label_dirs if d.is_dir()}
     # Only top-level label folders: os.walk covers their children.
@@ -275,21 +287,32 @@ def read_yolo(root: str | os.PathLike, split: str = "train", data_yaml: str | os
     classes = [ClassInfo(i, n, i + 1) for i, n in enumerate(names)]
     source = {
         "format": "yolo", "root": str(base.resolve()), "split": split,
+        **({"images_dir": entry} if images is not None else {}),
         "data_yaml": str(yaml_path.resolve()) if yaml_path else None,
         "data_yaml_sha256": hashlib.sha256(yaml_path.read_bytes()).hexdigest() if yaml_path else None,
-        "images": sum(isinstance(p, Path) for p in images),
+        "images": sum(isinstance(p, Path) for p in listed),
     }
-    log.info("yolo %s: %d images, %d classes under %s", split, len(images), len(classes), base)
-    return classes, _records(images, base, len(classes), label_dirs), source
+    log.info("yolo %s: %d images, %d classes under %s", split, len(listed), len(classes), base)
+    return classes, _records(listed, base, len(classes), label_dirs), source
+
+
+FLAGS = ("--root DIR and/or --data FILE.yaml (--annotations FILE.yaml is the same; any name), "
+         "--split NAME (a data.yaml key, default train), --images DIR (the split's image folder or "
+         ".txt list, instead of data.yaml's; labels: the Ultralytics rule, images/ -> labels/, else "
+         "beside the images)")
 
 
 def read(args: argparse.Namespace) -> ReadResult:
-    """Reader for `--format yolo --root DIR [--data data.yaml] [--split val]`."""
+    """Reader for `--format yolo --root DIR [--data data.yaml] [--split val] [--images DIR]` (see FLAGS)."""
     root = getattr(args, "root", None)
     data_yaml = getattr(args, "data", None) or getattr(args, "annotations", None)
     if not root and not data_yaml:
-        raise DatasetError("--format yolo needs --root DIR (or its data.yaml)")
-    return read_yolo(root or Path(data_yaml).parent, _split_arg(args), data_yaml)
+        raise DatasetError("--format yolo needs --root DIR or --data FILE.yaml")
+    if data_yaml and not Path(data_yaml).is_file():
+        flag = "--data" if getattr(args, "data", None) else "--annotations"
+        raise DatasetError(f"{flag} {data_yaml}: no such file")
+    return read_yolo(root or Path(data_yaml).parent, _split_arg(args), data_yaml,
+                     getattr(args, "images", None))
 
 
 def _split_arg(args: argparse.Namespace) -> str:

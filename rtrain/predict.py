@@ -10,8 +10,12 @@ More than 64 images, or --workers/--gpus, run as Ray Data batch inference (actor
 model); fewer run in this process. Unreadable images are skipped and listed, not fatal.
 Writes OUT/<image name> (boxes, class names and scores drawn) and OUT/predictions.json:
 {"images": [{id, file_name, width, height, picture}], "categories": [{id, name}], "results":
-[COCO results: image_id, category_id, bbox [x, y, w, h] in original pixels, score], "skipped"}.
-category_id is the class index for images, the source category id for shards.
+[COCO results: image_id, category_id, category_name, bbox [x, y, w, h] in original pixels,
+score], "skipped", "category_ids_from"}. category_id is the source category id, as rtrain.evaluate
+reports it: from the shards' manifest, or for plain images from the manifest of the shards the
+weights were trained on (their config's data.train / data.val, found as written or from the
+weights' folder upwards) when it names the same classes in order; else the class index
+("category_ids_from": "class index", with a warning).
 Exit status: 0 done, 2 bad input (one line on stderr).
 """
 

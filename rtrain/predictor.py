@@ -253,17 +253,62 @@ def _shard_batches(shard_dir: Path, batch_size: int) -> Iterator[dict[str, np.nd
                    for k, v in cols.items()}
 
 
-def _category_ids(source: Source, num_classes: int) -> list[int]:
-    """Shards: the manifest's source category ids; plain images: the class index."""
-    if source.kind == "shards":
-        from rtrain.data import read_manifest
+def _manifest_ids(shard_dir: Path, class_names: list[str]) -> tuple[list[int] | None, str]:
+    """(source category ids, "") when `shard_dir`'s manifest names `class_names` in order, else
+    (None, why not)."""
+    from rtrain.data import ShardError, read_manifest
 
-        classes = read_manifest(source.shard_dir)["classes"]
-        if len(classes) == num_classes:
-            return [int(c["category_id"]) for c in classes]
-        logger.warning("%s names %d classes, the weights %d: category ids = class index",
-                       source.shard_dir, len(classes), num_classes)
-    return list(range(num_classes))
+    try:
+        classes = read_manifest(shard_dir)["classes"]
+    except ShardError as exc:
+        return None, str(exc)
+    names = [str(c["name"]) for c in classes]
+    if names != list(class_names):
+        return None, f"{shard_dir}: classes {names} differ from the weights' {list(class_names)}"
+    try:
+        return [int(c["category_id"]) for c in classes], ""
+    except (TypeError, ValueError):
+        return None, f"{shard_dir}: a category_id is not an integer"
+
+
+def _training_dirs(data_paths: list[str], weights: Path) -> list[Path]:
+    """Where the weights' own train/val shards may be: each path as written (from the working
+    directory), else from the weights file's folder and the folders above it (runs/NAME/best.pt
+    written from the project folder), first hit per path."""
+    out = []
+    base = weights.resolve().parent
+    for raw in data_paths:
+        if not raw:
+            continue
+        p = Path(raw)
+        tries = [p] if p.is_absolute() else [p, *(d / p for d in [base, *base.parents][:4])]
+        hit = next((t for t in tries if (t / "manifest.json").is_file()), None)
+        if hit is not None and hit not in out:
+            out.append(hit)
+    return out
+
+
+def category_ids(source: Source, class_names: list[str], data_paths: list[str] | None = None,
+                 weights: str | os.PathLike = ".") -> tuple[list[int], str]:
+    """[C] class index -> source category id, and where the ids come from (a manifest.json path, or
+    "class index").
+
+    As rtrain.evaluate: the ids of a manifest that names the weights' classes in order. For a shard
+    source, its own manifest; for plain images (or shards of other classes), the manifest of the
+    shards the weights were trained on (config data.train, then data.val; `data_paths`). When none
+    is found, the class index, with a warning saying why.
+    """
+    why = []
+    dirs = [source.shard_dir] if source.kind == "shards" else []
+    dirs += _training_dirs(list(data_paths or []), Path(weights))
+    for d in dirs:
+        ids, reason = _manifest_ids(Path(d), class_names)
+        if ids is not None:
+            return ids, str(Path(d) / "manifest.json")
+        why.append(reason)
+    logger.warning("category ids = class index (%s)",
+                   "; ".join(why) or "the weights' train/val shards were not found")
+    return list(range(len(class_names))), "class index"
 
 
 # --------------------------------------------------------------------------- Ray
@@ -335,7 +380,7 @@ def _write_json(path: Path, obj) -> None:
 
 def collect(batches, class_names: list[str], category_ids: list[int]) -> dict:
     """The predictions JSON from output batches: images (id <-> file name, original size), categories,
-    COCO results (bbox [x, y, w, h] original px, category_id), skipped images."""
+    COCO results (bbox [x, y, w, h] original px, category_id, category_name), skipped images."""
     images, results, skipped = [], [], []
     for batch in batches:
         for i in range(len(batch["id"])):
@@ -350,6 +395,7 @@ def collect(batches, class_names: list[str], category_ids: list[int]) -> dict:
             for box, score, label in zip(boxes, batch["scores"][i], batch["labels"][i], strict=True):
                 x1, y1, x2, y2 = (float(v) for v in box)
                 results.append({"image_id": image_id, "category_id": category_ids[int(label)],
+                                "category_name": class_names[int(label)],
                                 "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
     images.sort(key=lambda r: r["id"])
     results.sort(key=lambda r: (r["image_id"], -r["score"]))
@@ -411,7 +457,10 @@ def predict(
         else:
             rows = _file_batches(src, batch_size)
         batches = (process_rows(loaded.model, loaded.class_names, settings, r, pictures, dev) for r in rows)
-    data = collect(batches, loaded.class_names, _category_ids(src, len(loaded.class_names)))
+    cat_ids, cat_from = category_ids(src, loaded.class_names,
+                                     [loaded.config.data.train, loaded.config.data.val], weights)
+    data = collect(batches, loaded.class_names, cat_ids)
+    data["category_ids_from"] = cat_from
     data["settings"] = {**asdict(settings), "weights": str(weights), "source": str(source)}
     _write_json(report.json_path, data)
     report.images = len(data["images"])

@@ -140,3 +140,35 @@ def test_ray_is_used_for_more_than_64_images_or_when_asked():
     # (the Ray path itself is exercised above; a 65-image run would only add actor start-up time)
     assert not wants_ray(64, None, None) and wants_ray(65, None, None)
     assert wants_ray(3, 2, None) and wants_ray(3, None, 1)
+
+
+def test_plain_images_carry_the_training_shards_category_ids_and_class_names(weights, folder, shared_data,
+                                                                              tmp_path, caplog):
+    # Weights whose config names their train shards by a path relative to the project folder
+    # (runs/NAME/best.pt beside data/...), as rtrain.fit writes them; the same model as `weights`.
+    (tmp_path / "data").mkdir()
+    shards = make_bccd_shards(shared_data, tmp_path / "data" / "bccd_train", ids=BCCD_IDS[:3], size=128)
+    trained = make_weights(tmp_path / "runs" / "r1" / "best.pt", img_size=128,
+                           config_extra={"data": {"img_size": 128, "train": "data/bccd_train"}})
+    rep = predict(trained, folder, out_dir=tmp_path / "ids", conf=0.3, draw=False)
+    data = json.loads(rep.json_path.read_text())
+    assert data["category_ids_from"] == str(shards / "manifest.json")
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert data["categories"] == [{"id": c["category_id"], "name": c["name"]} for c in manifest["classes"]]
+    assert data["categories"] == [{"id": 1, "name": "Platelets"}, {"id": 2, "name": "RBC"},
+                                  {"id": 3, "name": "WBC"}]
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    assert data["results"] and all(r["category_name"] == names[r["category_id"]] for r in data["results"])
+
+    # The same model without a reachable training manifest: class index ids, named, and a warning.
+    with caplog.at_level("WARNING", logger="rtrain.predictor"):
+        plain = predict(weights, folder, out_dir=tmp_path / "idx", conf=0.3, draw=False)
+    assert "category ids = class index" in caplog.text
+    fallback = json.loads(plain.json_path.read_text())
+    assert fallback["category_ids_from"] == "class index"
+    assert [c["id"] for c in fallback["categories"]] == [0, 1, 2]
+    assert len(fallback["results"]) == len(data["results"])
+    for a, b in zip(data["results"], fallback["results"], strict=True):  # same detections, ids shifted
+        assert (a["image_id"], a["category_name"]) == (b["image_id"], b["category_name"])
+        assert a["category_id"] == b["category_id"] + 1
+        assert a["score"] == pytest.approx(b["score"], abs=1e-6)

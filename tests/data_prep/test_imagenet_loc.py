@@ -78,6 +78,7 @@ def test_train_rows_and_faults_with_line_numbers(root):
     assert got == {
         ("LOC_train_solution.csv:3", "malformed row"),
         ("LOC_train_solution.csv:5", "no valid boxes"),
+        ("LOC_train_solution.csv:5", "non-numeric box"),  # the box that left it with none
         ("ILSVRC/Data/CLS-LOC/train/n02012849/n02012849_6.JPEG", "missing image file"),
         ("LOC_train_solution.csv:7", "duplicate image id"),
         ("LOC_train_solution.csv:8", "malformed row"),

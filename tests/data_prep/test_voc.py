@@ -99,10 +99,38 @@ def _mini_voc(shared_data, tmp_path, n=3) -> Path:
     return root
 
 
-def test_malformed_xml_names_file_and_line(shared_data, tmp_path, capsys):
-    root = _mini_voc(shared_data, tmp_path)
+def test_malformed_xml_is_skipped_and_listed_with_its_line(shared_data, tmp_path, capsys):
+    root = _mini_voc(shared_data, tmp_path, n=4)
     bad = root / "Annotations" / f"{BCCD_IDS[1]}.xml"
     bad.write_text("<annotation>\n<filename>x.jpg</filename>\n<object><name>RBC</object>\n</annotation>\n")
+    nan = root / "Annotations" / f"{BCCD_IDS[2]}.xml"
+    text = nan.read_text()
+    first = text.index("<xmin>")
+    nan.write_text(text[:first] + "<xmin>nan</xmin>" + text[text.index("</xmin>", first) + 7:])
+    out = tmp_path / "out"
+    assert run("--format", "voc", "--root", root, "--out", out, "--size", 96, "--workers", 1) == 0
+    assert "malformed annotation XML" in capsys.readouterr().out
+    m = json.loads((out / "manifest.json").read_text())
+    kept = (BCCD_IDS[0], BCCD_IDS[2], BCCD_IDS[3])
+    assert [r["file_name"] for r in rows(out)] == [f"{i}.jpg" for i in kept]
+    skipped = [i for i in m["issues"] if i["action"] == "skipped"]
+    assert skipped == [{"item": BCCD_IDS[1], "reason": "malformed annotation XML", "action": "skipped",
+                        "detail": "malformed XML: mismatched tag", "file": f"Annotations/{BCCD_IDS[1]}.xml",
+                        "line": 3}]
+    nan_issue = [i for i in m["issues"] if i["reason"] == "malformed bndbox"]
+    assert nan_issue == [{"item": f"{BCCD_IDS[2]}.jpg object 0", "reason": "malformed bndbox",
+                          "action": "dropped", "file": f"Annotations/{BCCD_IDS[2]}.xml"}]
+    names, src, _ = xml_boxes(shared_data / "bccd" / "Annotations" / f"{BCCD_IDS[2]}.xml")
+    row = rows(out)[1]
+    assert len(row["labels"]) + sum(1 for i in m["issues"] if i["item"].startswith(f"{BCCD_IDS[2]}.jpg")
+                                    and i["action"] == "dropped") == len(names)
+    assert m["counts"]["skipped_images"] == 1
+
+
+def test_only_malformed_xml_is_a_one_line_error(shared_data, tmp_path, capsys):
+    root = _mini_voc(shared_data, tmp_path, n=1)
+    bad = root / "Annotations" / f"{BCCD_IDS[0]}.xml"
+    bad.write_text("<annotation>\n<object>\n")
     out = tmp_path / "out"
     assert run("--format", "voc", "--root", root, "--out", out) == 2
     err = capsys.readouterr().err.strip()
@@ -117,6 +145,20 @@ def test_csv_without_filename_column(shared_data, tmp_path, capsys):
     assert run("--format", "voc", "--root", root, "--split-file", csv, "--out", tmp_path / "o") == 2
     err = capsys.readouterr().err
     assert f"{csv}:1:" in err and "filename" in err
+
+
+def test_csv_row_without_filename_is_skipped_with_its_line(shared_data, tmp_path):
+    root = _mini_voc(shared_data, tmp_path)
+    csv = tmp_path / "s.csv"
+    csv.write_text(f"filename,width\n{BCCD_IDS[0]}.jpg,640\n,640\n{BCCD_IDS[2]}.jpg,640\n")
+    out = tmp_path / "o"
+    assert run("--format", "voc", "--root", root, "--split-file", csv, "--out", out, "--size", 96,
+               "--workers", 1) == 0
+    assert [r["file_name"] for r in rows(out)] == [f"{BCCD_IDS[0]}.jpg", f"{BCCD_IDS[2]}.jpg"]
+    m = json.loads((out / "manifest.json").read_text())
+    assert [i for i in m["issues"] if i["action"] == "skipped"] == [
+        {"item": "s.csv:3", "reason": "split row without filename", "action": "skipped", "detail": ",640",
+         "file": "s.csv", "line": 3}]
 
 
 def test_given_classes_stale_path_and_missing_files(shared_data, tmp_path):
