@@ -286,7 +286,8 @@ def build_trainer(
     ds_train = build_dataset(
         cfg.data.train, train=True, img_size=cfg.data.img_size, aug=AugmentParams.from_obj(cfg.data),
         seed=cfg.train.seed, epoch=clock, num_actors=cfg.data.num_actors,
-        cpus_per_actor=cfg.data.cpus_per_actor, batch_rows=max(16, cfg.train.batch_size),
+        cpus_per_actor=cfg.data.cpus_per_actor,
+        batch_rows=max(16, cfg.train.batch_size if isinstance(cfg.train.batch_size, int) else 16),
         shuffle_files=False if cfg.data.deterministic else None,
     )
     trainer = TorchTrainer(

@@ -26,6 +26,7 @@ import torch
 
 from rtrain import engine, run_dir
 from rtrain.augment import rescale_batch
+from rtrain.autobatch import resolve_batch_size
 from rtrain.checkpoint import (
     IncompatibleCheckpointError,
     capture_rng_state,
@@ -162,12 +163,13 @@ def train_loop(loop_config: dict) -> None:
     np.random.seed(cfg.train.seed + rank)
 
     model = build_detector(cfg, len(class_names)).to(device)
+    batch_size = resolve_batch_size(cfg, model, device)  # autobatch: "auto" -> int, min over ranks
     ema = ModelEMA(model, decay=cfg.train.ema_decay)
-    global_batch = cfg.train.batch_size * world
-    base_lr = scale_lr(cfg.train.lr, global_batch, cfg.train.nominal_batch_size)
+    global_batch = batch_size * world
+    base_lr = scale_lr(cfg.train.lr, global_batch, cfg.train.nominal_batch_size, cfg.train.optimizer)
     optimizer = build_optimizer(model, cfg.train.optimizer, lr=base_lr, momentum=cfg.train.momentum,
                                 weight_decay=cfg.train.weight_decay)
-    spe = steps_per_epoch(int(loop_config["num_train_images"]), cfg.train.batch_size, world)
+    spe = steps_per_epoch(int(loop_config["num_train_images"]), batch_size, world)
     total_steps = cfg.train.epochs * spe
     time_limit = cfg.train.time_limit_min * 60.0 if cfg.train.time_limit_min > 0 else None
     schedule = LRSchedule(
@@ -224,8 +226,8 @@ def train_loop(loop_config: dict) -> None:
         if clock is not None:
             set_epoch(clock, epoch)
         batches = train_shard.iter_torch_batches(
-            batch_size=cfg.train.batch_size, collate_fn=DetectionCollate(),
-            local_shuffle_buffer_size=(max(cfg.data.shuffle_buffer, cfg.train.batch_size)
+            batch_size=batch_size, collate_fn=DetectionCollate(),
+            local_shuffle_buffer_size=(max(cfg.data.shuffle_buffer, batch_size)
                                        if cfg.data.shuffle_buffer else None),
             local_shuffle_seed=shuffle_seed(cfg, epoch, rank),
             prefetch_batches=cfg.data.prefetch_batches,
