@@ -324,11 +324,15 @@ def max_train_size(img_size: int, multi_scale: float) -> int:
     return max(lo, int(img_size * (1 + multi_scale)) // 32 * 32)
 
 
-def resolve_batch_size(cfg, model: torch.nn.Module, device: torch.device | str) -> int:
+def resolve_batch_size(
+    cfg, model: torch.nn.Module, device: torch.device | str, max_batch: int | None = None
+) -> int:
     """`cfg.train.batch_size` as an int: as given, or for "auto" `auto_batch_size` on this worker.
 
-    With torch.distributed initialised every rank profiles its own device and all take the
-    smallest pick (a collective: every rank must call this). Rank 0 logs the one line.
+    max_batch: an upper bound for "auto" (e.g. the images one worker sees per epoch: a batch
+    cannot hold more). With torch.distributed initialised every rank profiles its own device
+    and all take the smallest pick (a collective: every rank must call this). Rank 0 logs the
+    one line.
     """
     batch = cfg.train.batch_size
     if isinstance(batch, int):
@@ -339,6 +343,9 @@ def resolve_batch_size(cfg, model: torch.nn.Module, device: torch.device | str) 
     size = max_train_size(cfg.data.img_size, cfg.data.multi_scale)
     batch, line = auto_batch_size(model, size, device, fraction=cfg.train.autobatch_fraction,
                                   num_classes=int(model.num_classes), amp=cfg.train.amp)
+    if max_batch is not None and batch > max(1, max_batch):
+        batch = _round_batch(max(1, max_batch))
+        line += f"; {batch}: capped by the {max_batch} images a worker sees per epoch"
     rank = 0
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         rank = torch.distributed.get_rank()

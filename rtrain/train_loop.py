@@ -163,7 +163,8 @@ def train_loop(loop_config: dict) -> None:
     np.random.seed(cfg.train.seed + rank)
 
     model = build_detector(cfg, len(class_names)).to(device)
-    batch_size = resolve_batch_size(cfg, model, device)  # autobatch: "auto" -> int, min over ranks
+    batch_size = resolve_batch_size(cfg, model, device,  # autobatch: "auto" -> int, min over ranks
+                                    max_batch=int(loop_config["num_train_images"]) // world)
     ema = ModelEMA(model, decay=cfg.train.ema_decay)
     global_batch = batch_size * world
     base_lr = scale_lr(cfg.train.lr, global_batch, cfg.train.nominal_batch_size, cfg.train.optimizer)

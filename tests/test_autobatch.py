@@ -252,3 +252,13 @@ def test_choose_batch_falls_back_to_the_largest_size_that_fitted():
     batch, tried, _, verified = choose_batch(profile, SIZES, 80 * GiB, 0.6)
     assert (batch, verified) == (16, True) and len(calls) == 6  # the profile + 5 tries
     assert choose_batch(lambda sizes: [None] * len(sizes), SIZES, 80 * GiB, 0.6)[::3] == (1, False)
+
+
+def test_auto_is_capped_by_the_images_a_worker_sees(caplog):
+    model = build_model("compact_n", 3)
+    with caplog.at_level(logging.INFO, logger="rtrain.autobatch"):
+        assert resolve_batch_size(_cfg(batch_size="auto"), model, "cpu", max_batch=12) == 8
+        assert resolve_batch_size(_cfg(batch_size="auto"), model, "cpu", max_batch=5) == 5
+        assert resolve_batch_size(_cfg(batch_size="auto"), model, "cpu", max_batch=100) == 16
+        assert resolve_batch_size(_cfg(batch_size=32), model, "cpu", max_batch=5) == 32  # as given
+    assert caplog.records[0].getMessage().endswith("; 8: capped by the 12 images a worker sees per epoch")
