@@ -4,7 +4,7 @@ As Ultralytics' AutoBatch: run forward + backward (the real model, its real loss
 images at the training size and synthetic boxes) at a few batch sizes, record the peak
 memory of each, fit `memory = a * batch + c` by least squares, and take the batch whose
 predicted memory is `fraction` of the memory this process may use (the card's total less
-what other processes hold). Then:
+what other processes hold; with a fractional Ray GPU, at most that share of it). Then:
   - the batch is rounded down to a multiple of 8 (when it is at least 8) and clamped to
     [1, MAX_BATCH];
   - a size that ran out of memory while profiling caps the pick below it, and profiling
@@ -147,7 +147,8 @@ def saved_tensor_bytes() -> Iterator[Reading]:
 
 
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text or "alloc_failed" in text
 
 
 def _synthetic_batch(batch: int, img_size: int, num_classes: int, boxes_per_image: int, device):
@@ -280,12 +281,15 @@ def auto_batch_size(
     boxes_per_image: int = 32,
     sizes: Sequence[int] = PROFILE_SIZES,
     default: int = DEFAULT_BATCH,
+    share: float = 1.0,
 ) -> tuple[int, str]:
     """(batch, one-line explanation): the per-worker batch for `fraction` of the GPU's memory.
 
     model: the detector on `device` (train-mode forward `model(images, targets)` -> loss dict);
     it is left exactly as it was. img_size: the largest training input side (multi-scale
-    included). Off CUDA: (`default`, a line saying why).
+    included). share: the part of the card this worker was given (Ray's fractional GPUs, e.g.
+    0.25 for four trials on one card): memory usable = min(share x total, total less what
+    other processes hold now). Off CUDA: (`default`, a line saying why).
     """
     device = torch.device(device)
     if device.type != "cuda":
@@ -294,7 +298,7 @@ def auto_batch_size(
         device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     others = max(0, total - free - torch.cuda.memory_reserved(device))  # other processes on the card
-    usable = total - others
+    usable = min(share * total, total - others)
     state_bytes = STATE_COPIES * sum(p.numel() * p.element_size() for p in model.parameters())
     meter = cuda_peak_meter(device)
 
@@ -311,7 +315,8 @@ def auto_batch_size(
     a, c = fit_line(tried, mem)
     note = "" if verified else " (not verified by a run)"
     return batch, (
-        f"batch_size auto: {batch} per worker for {fraction:.0%} of {_gib(usable)} usable on {name} "
+        f"batch_size auto: {batch} per worker for {fraction:.0%} of {_gib(usable)} usable on {name}"
+        f"{'' if share >= 1 else f' (a {share:g} share)'} "
         f"at {img_size}px: {a / 2**20:.1f} MiB/image + {_gib(c)}, profiled at {sorted(set(tried))}{note}"
     )
 
@@ -322,6 +327,19 @@ def max_train_size(img_size: int, multi_scale: float) -> int:
         return img_size
     lo = max(32, int(img_size * (1 - multi_scale)) // 32 * 32)
     return max(lo, int(img_size * (1 + multi_scale)) // 32 * 32)
+
+
+def gpu_share() -> float:
+    """The fraction of a GPU Ray gave this process (1.0 outside Ray or for whole GPUs)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return 1.0
+        gpus = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 1.0))
+    except Exception:  # no Ray, or not in a Ray worker: a whole card
+        return 1.0
+    return gpus if 0 < gpus < 1 else 1.0
 
 
 def resolve_batch_size(
@@ -342,7 +360,8 @@ def resolve_batch_size(
     device = torch.device(device)
     size = max_train_size(cfg.data.img_size, cfg.data.multi_scale)
     batch, line = auto_batch_size(model, size, device, fraction=cfg.train.autobatch_fraction,
-                                  num_classes=int(model.num_classes), amp=cfg.train.amp)
+                                  num_classes=int(model.num_classes), amp=cfg.train.amp,
+                                  share=gpu_share() if device.type == "cuda" else 1.0)
     if max_batch is not None and batch > max(1, max_batch):
         batch = _round_batch(max(1, max_batch))
         line += f"; {batch}: capped by the {max_batch} images a worker sees per epoch"

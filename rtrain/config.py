@@ -75,7 +75,8 @@ class TrainConfig:
 
     batch_size: per worker; an int, or "auto": the largest batch whose forward+backward fits
         `autobatch_fraction` of the GPU's memory, measured on the real model at the training
-        image size (`rtrain.autobatch`); 16 on CPU. All workers use the smallest pick.
+        image size (`rtrain.autobatch`); 16 on CPU. All workers use the smallest pick; it is
+        at most the images one worker sees per epoch, and a fractional Ray GPU counts its share.
     lr: the peak LR at `nominal_batch_size`. It is scaled to the global batch (batch_size x
         workers) by the optimiser's rule (`rtrain.schedule.scale_lr`): linearly for SGD,
         by the square root of the ratio for AdamW.

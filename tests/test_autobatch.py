@@ -262,3 +262,12 @@ def test_auto_is_capped_by_the_images_a_worker_sees(caplog):
         assert resolve_batch_size(_cfg(batch_size="auto"), model, "cpu", max_batch=100) == 16
         assert resolve_batch_size(_cfg(batch_size=32), model, "cpu", max_batch=5) == 32  # as given
     assert caplog.records[0].getMessage().endswith("; 8: capped by the 12 images a worker sees per epoch")
+
+
+def test_outside_ray_a_worker_has_the_whole_card():
+    from rtrain.autobatch import _is_oom, gpu_share
+
+    assert gpu_share() == 1.0
+    assert _is_oom(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert _is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not _is_oom(RuntimeError("size mismatch"))
