@@ -82,16 +82,33 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation. `lr` is for `nominal_batch_size`; it is scaled linearly to the global batch."""
+    """Optimisation.
+
+    batch_size: per worker; an int, or "auto": the largest batch whose forward+backward fits
+        `autobatch_fraction` of the GPU's memory, measured on the real model at the training
+        image size (`rtrain.autobatch`); 16 on CPU. All workers use the smallest pick; it is
+        at most the images one worker sees per epoch, and a fractional Ray GPU counts its share.
+    lr: the peak LR at `nominal_batch_size`. It is scaled to the global batch (batch_size x
+        workers) by the optimiser's rule (`rtrain.schedule.scale_lr`): linearly for SGD,
+        by the square root of the ratio for AdamW.
+    Warm-up (the first `warmup_epochs`): the LR rises linearly from `warmup_start_ratio` x peak
+    to the peak; bias parameters start at the absolute LR `warmup_bias_lr` (SGD; under AdamW
+    capped at the peak LR) and fall to the scheduled LR; momentum (SGD momentum, AdamW beta1)
+    rises from `warmup_momentum` to `momentum`.
+    """
 
     epochs: int = field(default=30, metadata=_range(1, 100_000))
-    batch_size: int = field(default=16, metadata=_range(1, 4096))  # per worker
+    batch_size: int | Literal["auto"] = field(default=16, metadata=_range(1, 4096))  # per worker
+    autobatch_fraction: float = field(default=0.6, metadata=_range(0.1, 0.95))  # of GPU memory
     lr: float = field(default=0.01, metadata=_range(0.0, 10.0))
     nominal_batch_size: int = field(default=64, metadata=_range(1, 65536))
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = field(default=0.9, metadata=_range(0.0, 0.9999))
     weight_decay: float = field(default=5e-4, metadata=_range(0.0, 1.0))
     warmup_epochs: float = field(default=1.0, metadata=_range(0.0, 1000))
+    warmup_start_ratio: float = field(default=0.1, metadata=_range(0.0, 1.0))  # x peak LR at step 0
+    warmup_bias_lr: float = field(default=0.1, metadata=_range(0.0, 10.0))  # absolute; 0 = off
+    warmup_momentum: float = field(default=0.8, metadata=_range(0.0, 0.9999))
     final_lr_ratio: float = field(default=0.05, metadata=_range(0.0, 1.0))
     ema_decay: float = field(default=0.9998, metadata=_range(0.0, 1.0))
     grad_clip: float = field(default=10.0, metadata=_range(0.0, 1e6))  # 0 disables

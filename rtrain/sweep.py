@@ -23,10 +23,12 @@ num_samples), `choice: [v, ...]` -> choice, `uniform: [lo, hi]` -> uniform, `log
 end is exclusive). Every key and every value (or both ends of a range) is checked against
 rtrain.config before anything starts; `model.name` values must be registered variants.
 
-`train.batch_size` is per worker; the training loop scales `train.lr` linearly from
-`train.nominal_batch_size` to the global batch (batch_size x workers), so a searched batch size
-trains at its linearly scaled LR (`effective_lr`). Searching `run.*` is refused (the sweep sets
-those), and so is `train.nominal_batch_size` (it would undo the LR scaling).
+`train.batch_size` is per worker; the training loop scales `train.lr` from
+`train.nominal_batch_size` to the global batch (batch_size x workers; linearly for SGD, by the
+square root for AdamW, see `rtrain.schedule.scale_lr`), so a searched batch size trains at its
+scaled LR (`effective_lr`). A batch of "auto" is resolved by each trial on its device.
+Searching `run.*` is refused (the sweep sets those), and so is `train.nominal_batch_size` (it
+would undo the LR scaling).
 """
 
 from __future__ import annotations
@@ -132,9 +134,16 @@ def trial_config(base: dict, params: dict[str, Any]) -> Config:
     return config_from_dict(apply_params(base, params))
 
 
-def effective_lr(cfg: Config, workers: int = 1) -> float:
-    """The peak LR the training loop uses: train.lr scaled from nominal_batch_size to the global batch."""
-    return scale_lr(cfg.train.lr, cfg.train.batch_size * max(1, workers), cfg.train.nominal_batch_size)
+def effective_lr(cfg: Config, workers: int = 1, batch_size: int | None = None) -> float:
+    """The peak LR the training loop uses: train.lr scaled from nominal_batch_size to the global batch.
+
+    batch_size: the per-worker batch the trial ran at (default `cfg.train.batch_size`); when that
+    is "auto" and no batch is given the LR is not known before the trial runs: NaN.
+    """
+    batch = cfg.train.batch_size if batch_size is None else batch_size
+    if not isinstance(batch, int):
+        return float("nan")
+    return scale_lr(cfg.train.lr, batch * max(1, workers), cfg.train.nominal_batch_size, cfg.train.optimizer)
 
 
 # --------------------------------------------------------------------------- parsing

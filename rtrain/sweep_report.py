@@ -64,7 +64,7 @@ class TrialRecord:
     width: float | None
     depth: float | None
     img_size: int
-    batch_size: int
+    batch_size: int | None  # None: "auto" and the trial has not reported yet
     lr: float
     params_m: float | None
     gflops: float | None

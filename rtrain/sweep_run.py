@@ -56,7 +56,7 @@ from pathlib import Path
 import yaml
 
 from rtrain import run_dir as run_files
-from rtrain.config import config_from_dict, config_to_dict, dump_config
+from rtrain.config import TrainConfig, config_from_dict, config_to_dict, dump_config
 from rtrain.runner import FitError, check_data, check_storage
 from rtrain.sweep import METRIC, TIME_ATTR, SweepError, SweepSpec, apply_params, effective_lr
 from rtrain.sweep_report import (
@@ -496,12 +496,12 @@ def trial_record(trial_id: str, params: dict, spec: SweepSpec, out_dir: Path, nu
         params_m = count_params(model) / 1e6
         gflops = count_gflops(model, cfg.data.img_size)
         width, depth = model.spec.width, model.spec.depth
-        lr = effective_lr(cfg, spec.tune.workers_per_trial)
     except Exception as exc:  # a config that cannot build still gets its row (and its reason)
         logger.warning("trial %s: model not built for the table: %s", trial_id, exc)
         cfg = None
-        lr = float("nan")
     rows = run_files.read_metrics(out_dir) if out_dir.is_dir() else []
+    batch = _trial_batch(cfg_dict, rows)
+    lr = effective_lr(cfg, spec.tune.workers_per_trial, batch) if cfg is not None else float("nan")
     evaluated = [r for r in rows if r.get("evaluated") and r.get("mAP") is not None]
     best = max(evaluated, key=lambda r: r["mAP"]) if evaluated else None
     speeds = [r["images_per_s"] for r in rows if r.get("images_per_s")]
@@ -519,13 +519,22 @@ def trial_record(trial_id: str, params: dict, spec: SweepSpec, out_dir: Path, nu
         status = "stopped"
     return TrialRecord(
         trial_id=trial_id, variant=cfg_dict["model"]["name"], width=width, depth=depth,
-        img_size=int(cfg_dict["data"]["img_size"]), batch_size=int(cfg_dict["train"]["batch_size"]), lr=lr,
+        img_size=int(cfg_dict["data"]["img_size"]), batch_size=batch, lr=lr,
         params_m=params_m, gflops=gflops, images_per_s=sum(speeds) / len(speeds) if speeds else None,
         best_map=float(best["mAP"]) if best else None,
         map50=float(best["mAP50"]) if best and best.get("mAP50") is not None else None,
         epochs_run=epochs_run, status=status, reason=reason, run_dir=str(out_dir),
         config=config_to_dict(cfg) if cfg is not None else {},
     )
+
+
+def _trial_batch(cfg_dict: dict, rows: list[dict]) -> int | None:
+    """The per-worker batch a trial trained at: its config's, or for "auto" what its metrics say."""
+    batch = cfg_dict.get("train", {}).get("batch_size", TrainConfig().batch_size)
+    if isinstance(batch, int):
+        return batch
+    last = next((r for r in reversed(rows) if r.get("global_batch") and r.get("world_size")), None)
+    return int(last["global_batch"]) // int(last["world_size"]) if last else None  # None: not run yet
 
 
 def write_report(records: list[TrialRecord], spec: SweepSpec, sweep_dir: Path) -> SweepResult:

@@ -27,6 +27,7 @@ import torch
 
 from rtrain import engine, run_dir
 from rtrain.augment import rescale_batch
+from rtrain.autobatch import resolve_batch_size
 from rtrain.checkpoint import (
     IncompatibleCheckpointError,
     capture_rng_state,
@@ -116,7 +117,7 @@ class FirstBatchTimer:
         yield from iterator
 
 
-def _train_batches(cfg: Config, shard, decode: str, device, rank: int):
+def _train_batches(cfg: Config, shard, decode: str, device, rank: int, batch_size: int):
     """ONE iterator over the worker's shard of the whole run's stream (rtrain.epoch_stream):
     collated batches (the `rtrain.data.collate` layout), decoded by Ray Data tasks ("cpu") or
     here on the worker's device ("gpu")."""
@@ -132,8 +133,8 @@ def _train_batches(cfg: Config, shard, decode: str, device, rank: int):
 
         collate = RawCollate()
     batches = shard.iter_torch_batches(
-        batch_size=cfg.train.batch_size, collate_fn=collate,
-        local_shuffle_buffer_size=max(buffer, cfg.train.batch_size) if buffer else None,
+        batch_size=batch_size, collate_fn=collate,
+        local_shuffle_buffer_size=max(buffer, batch_size) if buffer else None,
         prefetch_batches=cfg.data.prefetch_batches,
     )
     if decode != "gpu":
@@ -212,20 +213,21 @@ def train_loop(loop_config: dict) -> None:
     np.random.seed(cfg.train.seed + rank)
 
     model = build_detector(cfg, len(class_names)).to(device)
+    batch_size = resolve_batch_size(cfg, model, device,  # autobatch: "auto" -> int, min over ranks
+                                    max_batch=int(loop_config["num_train_images"]) // world)
     ema = ModelEMA(model, decay=cfg.train.ema_decay)
-    global_batch = cfg.train.batch_size * world
-    base_lr = scale_lr(cfg.train.lr, global_batch, cfg.train.nominal_batch_size)
+    global_batch = batch_size * world
+    base_lr = scale_lr(cfg.train.lr, global_batch, cfg.train.nominal_batch_size, cfg.train.optimizer)
     optimizer = build_optimizer(model, cfg.train.optimizer, lr=base_lr, momentum=cfg.train.momentum,
                                 weight_decay=cfg.train.weight_decay)
     rows_per_epoch = loop_config.get("rows_per_epoch")
-    spe = (max(1, int(rows_per_epoch) // (cfg.train.batch_size * world)) if rows_per_epoch
-           else steps_per_epoch(int(loop_config["num_train_images"]), cfg.train.batch_size, world))
+    spe = (max(1, int(rows_per_epoch) // (batch_size * world)) if rows_per_epoch
+           else steps_per_epoch(int(loop_config["num_train_images"]), batch_size, world))
     total_steps = cfg.train.epochs * spe
     time_limit = cfg.train.time_limit_min * 60.0 if cfg.train.time_limit_min > 0 else None
-    schedule = LRSchedule(
-        base_lr=base_lr, total_steps=total_steps,
-        warmup_steps=min(total_steps, round(cfg.train.warmup_epochs * spe)),
-        final_lr_ratio=cfg.train.final_lr_ratio, time_limit=time_limit,
+    schedule = LRSchedule.from_config(
+        cfg.train, base_lr=base_lr, total_steps=total_steps,
+        warmup_steps=min(total_steps, round(cfg.train.warmup_epochs * spe)), time_limit=time_limit,
     )
     scaler = engine.make_grad_scaler(device, cfg.train.amp)
     guard = NonFiniteGuard(max_consecutive=cfg.train.max_nonfinite)
@@ -269,7 +271,7 @@ def train_loop(loop_config: dict) -> None:
 
     if clock is not None:
         set_start_epoch(clock, start_epoch)  # the stream skips the epochs already trained
-    stream = _train_batches(cfg, train_shard, loop_config.get("decode", "cpu"), device, rank)
+    stream = _train_batches(cfg, train_shard, loop_config.get("decode", "cpu"), device, rank, batch_size)
     schedule.start()
     epoch = start_epoch
     finished = start_epoch >= cfg.train.epochs or (time_limit is not None and schedule.finished(step))

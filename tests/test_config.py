@@ -111,3 +111,54 @@ def test_cli_set_is_repeatable_and_takes_several_pairs():
     args = parser.parse_args(["--set", "train.lr=0.1", "model.width=0.5", "--set", "train.epochs=2"])
     cfg = load_config(args.config, args.overrides)
     assert (cfg.train.lr, cfg.model.width, cfg.train.epochs) == (0.1, 0.5, 2)
+
+
+def test_batch_size_is_a_positive_int_or_auto():
+    assert load_config(None, ["train.batch_size=auto"]).train.batch_size == "auto"
+    assert load_config(None, ["train.batch_size=48"]).train.batch_size == 48
+    cfg = config_from_dict({"train": {"batch_size": "auto", "autobatch_fraction": 0.8}})
+    assert (cfg.train.batch_size, cfg.train.autobatch_fraction) == ("auto", 0.8)
+    assert Config().train.autobatch_fraction == 0.6
+    assert config_from_dict(config_to_dict(cfg)) == cfg  # "auto" survives config.yaml / checkpoints
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("big", "train.batch_size: expected int | 'auto', got 'big'"),
+        ("AUTO", "train.batch_size: expected int | 'auto', got 'AUTO'"),
+        ("2.5", "train.batch_size: expected int | 'auto', got 2.5"),
+        ("true", "train.batch_size: expected int | 'auto', got True"),
+        ("null", "train.batch_size: expected int | 'auto', got None"),
+        ("0", "train.batch_size: 0 is out of range [1, 4096]"),
+        ("-8", "train.batch_size: -8 is out of range [1, 4096]"),
+    ],
+)
+def test_bad_batch_sizes_are_refused_in_one_line(value, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"train.batch_size={value}"])
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("value", ["0.05", "0.99", "auto"])
+def test_autobatch_fraction_range(value):
+    with pytest.raises(ConfigError, match="train.autobatch_fraction"):
+        load_config(None, [f"train.autobatch_fraction={value}"])
+
+
+def test_warmup_defaults_and_ranges():
+    t = Config().train
+    assert (t.warmup_start_ratio, t.warmup_bias_lr, t.warmup_momentum) == (0.1, 0.1, 0.8)
+    for bad in ["train.warmup_start_ratio=1.5", "train.warmup_momentum=1.0", "train.warmup_bias_lr=-0.1"]:
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            load_config(None, [bad])
+
+
+def test_every_shipped_config_loads():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(root.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        if "search" not in data:  # sweep specs are checked in tests/test_sweep.py
+            load_config(path)

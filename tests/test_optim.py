@@ -57,3 +57,13 @@ def test_weight_decay_only_shrinks_decay_group():
 def test_unknown_name_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown optimizer 'lion'; choose one of: sgd, adamw"):
         build_optimizer(_Net(), "lion")
+
+
+def test_every_bias_of_the_detector_is_in_the_bias_group_the_schedule_warms():
+    from rtrain.models import build_model
+
+    model = build_model("compact_n", 3)
+    g = _groups(build_optimizer(model, "sgd"))
+    biases = {id(p) for n, p in model.named_parameters() if n.endswith(".bias")}
+    assert biases and {id(p) for p in g["bias"]["params"]} == biases
+    assert not biases & {id(p) for k in ("decay", "no_decay") for p in g[k]["params"]}

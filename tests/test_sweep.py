@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,24 @@ def test_trial_config_and_batch_scaled_lr():
     assert effective_lr(cfg) == pytest.approx(0.004 * 32 / 16)
     assert effective_lr(cfg, workers=2) == pytest.approx(0.004 * 64 / 16)
     assert apply_params(BASE, {})["train"] == BASE["train"]
+
+
+def test_effective_lr_follows_the_optimiser_and_an_auto_batch():
+    adamw = trial_config(BASE, {"train.optimizer": "adamw", "train.batch_size": 64})
+    assert effective_lr(adamw) == pytest.approx(0.004 * 2.0)  # sqrt(64 / 16)
+    auto = trial_config(BASE, {"train.batch_size": "auto"})
+    assert math.isnan(effective_lr(auto))  # unknown until the trial resolves it on its device
+    assert effective_lr(auto, workers=2, batch_size=32) == pytest.approx(0.004 * 64 / 16)
+
+
+def test_trial_table_batch_of_an_auto_trial_comes_from_its_metrics():
+    from rtrain.sweep_run import _trial_batch
+
+    cfg = {"train": {"batch_size": "auto"}}
+    rows = [{"epoch": e, "global_batch": 96, "world_size": 2} for e in range(2)]
+    assert _trial_batch(cfg, rows) == 48
+    assert _trial_batch(cfg, []) is None
+    assert _trial_batch({"train": {"batch_size": 8}}, rows) == 8
 
 
 @pytest.mark.parametrize("name", ["sweep_quickstart.yaml", "sweep_bccd.yaml"])
