@@ -93,7 +93,7 @@ def test_yolo_unreadable_data_yaml_still_stops_the_run(shared_data, tmp_path, ca
 
 # ------------------------------------------------------------------------------------------- COCO
 
-COCO_IDS = [9, 25, 30, 34]
+COCO_IDS = [30, 86, 143, 149]  # images of the in-repo coco128 fixture
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def coco(shared_data, tmp_path) -> tuple[Path, Path, dict]:
 
 def test_coco_bad_annotations_are_dropped_and_listed(coco, tmp_path):
     path, images, data = coco
-    base = next(a for a in data["annotations"] if a["image_id"] == 25)
+    base = next(a for a in data["annotations"] if a["image_id"] == 30)
     bad = {
         801: dict(base, id=801, bbox=[1, 2, 3]),  # three numbers
         802: dict(base, id=802, bbox=[1, 2, float("nan"), 4]),  # NaN (Python's json writes it)
@@ -122,8 +122,8 @@ def test_coco_bad_annotations_are_dropped_and_listed(coco, tmp_path):
         807: dict(base, id=807, image_id=123456),  # unknown image
         808: dict(base, id=808, category_id=4242),  # unknown category
         809: dict(base, id=809, category_id=[1]),  # unhashable
-        810: dict(base, id=810, image_id=[25]),
-        811: dict(base, id=811, image_id=25.5),
+        810: dict(base, id=810, image_id=[30]),
+        811: dict(base, id=811, image_id=30.5),
     }
     data["annotations"] += list(bad.values()) + ["not an annotation"]
     data["images"].append({"id": "x", "file_name": "nothing.jpg"})

@@ -163,7 +163,7 @@ def test_yolo_missing_data_file_names_the_flag(tmp_path, capsys):
 def test_coco_any_json_name_and_image_folder(shared_data, tmp_path):
     src = shared_data / "coco128"
     data = json.loads((src / "annotations" / "instances_train2017.json").read_text())
-    ids = [9, 25, 30]
+    ids = [30, 86, 143]  # images of the in-repo coco128 fixture
     data["images"] = [i for i in data["images"] if i["id"] in ids]
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
     pics = tmp_path / "my pictures"
