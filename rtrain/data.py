@@ -53,6 +53,7 @@ from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from rtrain.augment import Augmenter, AugmentParams, Sample
+from rtrain.target_checks import clean_targets
 
 log = logging.getLogger(__name__)
 
@@ -193,11 +194,14 @@ class DecodeAugment:
     """
 
     def __init__(
-        self, *, train: bool, img_size: int, aug: AugmentParams | None = None, seed: int = 0, epoch=0
+        self, *, train: bool, img_size: int, aug: AugmentParams | None = None, seed: int = 0, epoch=0,
+        num_classes: int | None = None,
     ) -> None:
         self.augmenter = Augmenter(img_size=img_size, train=train, params=aug or AugmentParams(), seed=seed)
         self.epoch = epoch
+        self.num_classes = num_classes
         self.skipped = 0
+        self.dropped_targets = 0
 
     def _current_epoch(self) -> int:
         if isinstance(self.epoch, int | np.integer):
@@ -208,7 +212,7 @@ class DecodeAugment:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         epoch = 0 if "epoch" in batch else self._current_epoch()
-        samples, rows = [], []
+        samples, rows, dropped_per_row = [], [], []
         for i in range(len(batch["image_id"])):
             try:
                 image = _decode(batch["jpeg"][i])
@@ -221,11 +225,17 @@ class DecodeAugment:
                     e,
                 )
                 continue
-            samples.append(
-                Sample(
-                    image, np.asarray(batch["boxes"][i], np.float32), batch["labels"][i], batch["iscrowd"][i]
-                )
+            boxes, labels, crowd, dropped = clean_targets(
+                batch["boxes"][i], batch["labels"][i], batch["iscrowd"][i], image.shape[1], image.shape[0],
+                self.num_classes,
             )
+            if dropped:
+                self.dropped_targets += dropped
+                log.warning("image_id %s (%s): %d box(es) with non-finite coordinates, outside the image "
+                            "or with a label outside 0..C-1 dropped", batch["image_id"][i],
+                            batch["file_name"][i], dropped)
+            samples.append(Sample(image, boxes, labels, crowd))
+            dropped_per_row.append(dropped)
             rows.append(i)
         ids = [int(batch["image_id"][i]) for i in rows]
         if "epoch" in batch:  # rows of the train stream carry their epoch (rtrain.epoch_stream)
@@ -249,6 +259,7 @@ class DecodeAugment:
             "orig_size": np.asarray(
                 [(batch["orig_width"][i], batch["orig_height"][i]) for i in rows], np.int32
             ).reshape(n, 2),
+            "dropped_targets": np.asarray(dropped_per_row, np.int32),
         }
 
 
@@ -308,6 +319,8 @@ def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         "stored_size": torch.as_tensor(
             np.stack([np.asarray(p, np.int64) for p in batch["stored_size"]]).reshape(b, 2)
         ),
+        # boxes dropped from each image at decode (rtrain.target_checks); absent means none
+        "dropped_targets": torch.as_tensor(np.asarray(batch.get("dropped_targets", np.zeros(b)), np.int64)),
     }
 
 
