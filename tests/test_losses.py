@@ -156,3 +156,80 @@ def test_optimising_raw_outputs_fits_the_boxes_and_classes(one_thread):
             best = (scores[i] * (labels[i] == label)).argmax()
             iou = 1 - generalized_box_iou_loss(boxes[i, best], box).item()
             assert scores[i, best] > 0.5 and iou > 0.85, (i, label, scores[i, best].item(), iou)
+
+
+def padded(targets, m=4):
+    """The collate layout: boxes [B, M, 4], labels [B, M] with -1 padding, iscrowd [B, M]."""
+    b = len(targets)
+    boxes = torch.zeros(b, m, 4)
+    labels = torch.full((b, m), -1, dtype=torch.long)
+    crowd = torch.zeros(b, m, dtype=torch.bool)
+    for i, t in enumerate(targets):
+        k = t["boxes"].shape[0]
+        boxes[i, :k], labels[i, :k] = t["boxes"], t["labels"]
+        if "iscrowd" in t:
+            crowd[i, :k] = t["iscrowd"]
+    return {"boxes": boxes, "labels": labels, "iscrowd": crowd}
+
+
+def test_padded_targets_give_the_same_losses_and_gradients_as_dicts():
+    targets = some_targets()
+    targets[1]["iscrowd"] = torch.tensor([True])
+    targets.append({"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)})
+    cls_logits, box_dist, points, strides = setup(batch=3)
+    loss_fn = DetectionLoss(NUM_CLASSES, REG_MAX)
+    ref = loss_fn(cls_logits, box_dist, points, strides, targets)
+    ref["loss"].backward()
+    ref_grads = cls_logits.grad.clone(), box_dist.grad.clone()
+    cls_logits.grad = box_dist.grad = None
+    out = loss_fn(cls_logits, box_dist, points, strides, padded(targets))
+    out["loss"].backward()
+    for k in ref:
+        assert torch.allclose(out[k], ref[k], rtol=1e-6, atol=1e-7), k
+    assert torch.allclose(cls_logits.grad, ref_grads[0], atol=1e-7)
+    assert torch.allclose(box_dist.grad, ref_grads[1], atol=1e-7)
+    assert ref["loss_box"] > 0
+
+
+def test_invalid_labels_are_ignored_and_counted_without_raising():
+    cls_logits, box_dist, points, strides = setup()
+    good = some_targets()
+    bad = padded(good)
+    bad["boxes"][0, 2] = torch.tensor([1.0, 1.0, 20.0, 20.0])
+    bad["labels"][0, 2] = NUM_CLASSES  # out of range
+    bad["boxes"][1, 1] = torch.tensor([30.0, 30.0, 60.0, 60.0])
+    bad["labels"][1, 1] = -5  # negative but not the -1 padding
+    loss_fn = DetectionLoss(NUM_CLASSES, REG_MAX)
+    out = loss_fn(cls_logits, box_dist, points, strides, bad)
+    ref = DetectionLoss(NUM_CLASSES, REG_MAX)(cls_logits, box_dist, points, strides, good)
+    for k in ref:
+        assert torch.allclose(out[k], ref[k], rtol=1e-6), k  # the bad boxes were ignored
+    assert int(loss_fn.invalid_targets) == 2
+    loss_fn(cls_logits, box_dist, points, strides, bad)
+    assert int(loss_fn.invalid_targets) == 4  # cumulative
+    with pytest.raises(ValueError, match="labels must be in 0..2"):
+        DetectionLoss(NUM_CLASSES, REG_MAX, strict_labels=True)(cls_logits, box_dist, points, strides, bad)
+
+
+def test_detector_loss_points_are_float32_under_autocast(monkeypatch):
+    from rtrain.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("compact_n", num_classes=NUM_CLASSES).train()
+    seen = {}
+    forward = model.loss_fn.forward
+
+    def spy(cls_logits, box_dist, points, point_strides, targets):
+        seen["dtypes"] = (points.dtype, point_strides.dtype, box_dist.dtype)
+        return forward(cls_logits, box_dist, points, point_strides, targets)
+
+    monkeypatch.setattr(model.loss_fn, "forward", spy)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images, padded(some_targets()))
+    assert seen["dtypes"] == (torch.float32, torch.float32, torch.bfloat16)
+    assert torch.isfinite(out["loss"])
+    model.zero_grad()
+    ref = model(images, some_targets())
+    same = model(images, padded(some_targets()))
+    assert torch.allclose(ref["loss"], same["loss"], rtol=1e-6)
