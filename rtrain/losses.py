@@ -140,6 +140,7 @@ class DetectionLoss(nn.Module):
         return total.clamp(min=1.0)
 
     def _losses(self, cls_logits, box_dist, points, point_strides, targets) -> dict[str, torch.Tensor]:
+        batch, num_points = cls_logits.shape[:2]
         gt_boxes, gt_labels, gt_valid, gt_crowd, n_invalid = prepare_targets(
             targets, cls_logits.device, self.num_classes, strict=self.strict_labels
         )
@@ -155,17 +156,21 @@ class DetectionLoss(nn.Module):
         cls_elem = varifocal_loss(cls_logits, a.target_scores, self.vfl_alpha, self.vfl_gamma)
         loss_cls = (cls_elem * (~a.ignore_mask)[..., None]).sum() / norm
 
-        # Indexing an empty mask still keeps box_dist in the graph (zero gradient), so a batch
-        # with no boxes neither breaks backward nor leaves DDP with unused parameters.
-        fg = a.fg_mask
-        weight = a.target_scores[fg].sum(dim=-1)  # [P]
-        loss_box = (generalized_box_iou_loss(pred_boxes[fg], a.target_boxes[fg]) * weight).sum() / norm
+        # Box terms run densely over all points with weight 0 off the positives: boolean indexing
+        # (`x[fg]`) would make the host wait for the positives' count. Non-positive points get a
+        # stand-in target (a one-stride box around the point) so every term and gradient is finite.
+        # A batch with no boxes still keeps box_dist in the graph (zero gradient), so it neither
+        # breaks backward nor leaves DDP with unused parameters.
+        fg = a.fg_mask[..., None]  # [B, N, 1]
+        weight = a.target_scores.sum(dim=-1)  # [B, N]; 0 off the positives
+        stand_in = torch.cat([points - strides / 2, points + strides / 2], dim=-1)  # [N, 4]
+        target_boxes = torch.where(fg, a.target_boxes, stand_in)  # [B, N, 4]
+        giou = generalized_box_iou_loss(pred_boxes.reshape(-1, 4), target_boxes.reshape(-1, 4))
+        loss_box = (giou.view_as(weight) * weight).sum() / norm
 
-        fg_points = points.expand(fg.shape[0], -1, -1)[fg]  # [P, 2]
-        fg_strides = strides.expand(fg.shape[0], -1, -1)[fg]  # [P, 1]
-        target_ltrb = boxes_to_ltrb(fg_points / fg_strides, a.target_boxes[fg] / fg_strides)
+        target_ltrb = boxes_to_ltrb(points / strides, target_boxes / strides[None])  # [B, N, 4]
         target_ltrb = target_ltrb.clamp(min=0, max=self.reg_max - 0.01)
-        dist = box_dist[fg].reshape(-1, 4, self.reg_max + 1)
+        dist = box_dist.reshape(batch, num_points, 4, self.reg_max + 1)
         loss_dfl = (distribution_focal_loss(dist, target_ltrb).mean(dim=-1) * weight).sum() / norm
 
         loss_cls = self.cls_weight * loss_cls

@@ -233,3 +233,33 @@ def test_detector_loss_points_are_float32_under_autocast(monkeypatch):
     ref = model(images, some_targets())
     same = model(images, padded(some_targets()))
     assert torch.allclose(ref["loss"], same["loss"], rtol=1e-6)
+
+
+def test_dense_box_terms_equal_the_terms_over_the_positives_only():
+    """The box terms run over all points with weight 0 off the positives (no boolean indexing, so
+    no host sync); they must equal the same terms gathered over the positives."""
+    from rtrain.assigner import pad_targets
+    from rtrain.box_ops import boxes_to_ltrb
+
+    cls_logits, box_dist, points, strides = setup(seed=3)
+    loss_fn = DetectionLoss(NUM_CLASSES, REG_MAX)
+    out = loss_fn(cls_logits, box_dist, points, strides, some_targets())
+    with torch.no_grad():
+        pred = ltrb_to_boxes(points, dist_to_ltrb(box_dist, REG_MAX) * strides[:, None])
+        gts = pad_targets(some_targets(), torch.device("cpu"), NUM_CLASSES)
+        a = loss_fn.assigner(cls_logits.sigmoid(), pred, points, strides, *gts)
+        fg = a.fg_mask
+        assert fg.sum() > 3
+        w = a.target_scores[fg].sum(-1)
+        norm = a.target_scores.sum().clamp(min=1)
+        box = (generalized_box_iou_loss(pred[fg], a.target_boxes[fg]) * w).sum() / norm
+        s = strides[:, None].expand(2, -1, -1)[fg]
+        t = boxes_to_ltrb(points.expand(2, -1, -1)[fg] / s, a.target_boxes[fg] / s).clamp(0, REG_MAX - 0.01)
+        dfl = (distribution_focal_loss(box_dist[fg].reshape(-1, 4, REG_MAX + 1), t).mean(-1) * w).sum() / norm
+    assert out["loss_box"].item() == pytest.approx(2.0 * box.item(), rel=1e-5)
+    assert out["loss_dfl"].item() == pytest.approx(0.5 * dfl.item(), rel=1e-5)
+    out["loss"].backward()
+    assert torch.isfinite(box_dist.grad).all() and torch.isfinite(cls_logits.grad).all()
+    # Off the positives the box terms give no gradient (only the classification term touches cls).
+    off = ~fg
+    assert box_dist.grad[off].abs().max() == 0

@@ -66,6 +66,7 @@ class Detector(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.loss_fn = _make_loss(spec.num_classes, spec.reg_max)
+        self._points_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward_raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cls_logits [B, N, C] and box_dist [B, N, 4(R+1)] for images [B, 3, H, W] in 0..1."""
@@ -95,7 +96,10 @@ class Detector(nn.Module):
         """
         if self.loss_fn is None:
             raise RuntimeError("Detector has no loss_fn: rtrain.losses is not importable")
-        points, point_strides = self.points(image_size, cls_logits.device, torch.float32)
+        key = (int(image_size[0]), int(image_size[1]), cls_logits.device)
+        if key not in self._points_cache:  # a handful of sizes (multi-scale): built once each
+            self._points_cache[key] = self.points(image_size, cls_logits.device, torch.float32)
+        points, point_strides = self._points_cache[key]
         return self.loss_fn(cls_logits, box_dist, points, point_strides, targets)
 
     def postprocess(
