@@ -105,9 +105,10 @@ class NonFiniteGuard:
         if self._dev is None:
             return 0
         d = self._dev
-        counts = torch.stack([d["consecutive"], d["total"], d["peak"], d["skipped"]]).tolist()
-        last = d["last"].tolist()
-        consecutive, total, peak, skipped = (int(c) for c in counts)
+        counts = torch.stack([d["consecutive"], d["total"], d["peak"], d["skipped"]]).double()
+        host = torch.cat([counts, d["last"].double()]).tolist()  # the one host read
+        consecutive, total, peak, skipped = (int(c) for c in host[:4])
+        last = host[4:]
         self.consecutive, self.total = consecutive, total
         d["peak"].copy_(d["consecutive"])
         d["skipped"].zero_()

@@ -29,10 +29,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import generalized_box_iou_loss
 
 from rtrain.assigner import Targets, TaskAlignedAssigner, num_target_images, prepare_targets
-from rtrain.box_ops import boxes_to_ltrb, dist_to_ltrb, ltrb_to_boxes
+from rtrain.box_ops import boxes_to_ltrb, dist_to_ltrb, giou_loss, ltrb_to_boxes
 
 
 def varifocal_loss(
@@ -165,8 +164,7 @@ class DetectionLoss(nn.Module):
         weight = a.target_scores.sum(dim=-1)  # [B, N]; 0 off the positives
         stand_in = torch.cat([points - strides / 2, points + strides / 2], dim=-1)  # [N, 4]
         target_boxes = torch.where(fg, a.target_boxes, stand_in)  # [B, N, 4]
-        giou = generalized_box_iou_loss(pred_boxes.reshape(-1, 4), target_boxes.reshape(-1, 4))
-        loss_box = (giou.view_as(weight) * weight).sum() / norm
+        loss_box = (giou_loss(pred_boxes, target_boxes) * weight).sum() / norm
 
         target_ltrb = boxes_to_ltrb(points / strides, target_boxes / strides[None])  # [B, N, 4]
         target_ltrb = target_ltrb.clamp(min=0, max=self.reg_max - 0.01)

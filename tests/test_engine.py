@@ -392,3 +392,60 @@ def test_detector_trains_the_same_from_padded_targets_as_from_dicts():
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(w_pad, w_list, strict=True))
     padded = targets_from_batch(batches[0], torch.device("cpu"))
     assert padded["boxes"].shape == (2, 2, 4) and padded["labels"].dtype == torch.int64
+
+
+class HostReads:
+    """Counts the ways a tensor's value reaches Python (each one waits for the device on a GPU):
+    item/tolist/bool/float/int, and boolean-mask indexing (its size needs the mask's count)."""
+
+    METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+    def __init__(self, monkeypatch) -> None:
+        self.count = 0
+        for name in self.METHODS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(original))
+        getitem = torch.Tensor.__getitem__
+
+        def counting_getitem(t, index):
+            parts = index if isinstance(index, tuple) else (index,)
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts):
+                self.count += 1
+            return getitem(t, index)
+
+        monkeypatch.setattr(torch.Tensor, "__getitem__", counting_getitem)
+
+    def _counting(self, original):
+        def wrapper(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_host_reads_do_not_grow_with_the_steps(monkeypatch, optimizer):
+    """A Detector epoch (padded targets, EMA, guard, grad clipping) reads the device a fixed number
+    of times at its end, whatever the number of steps: the steps themselves never read."""
+    from rtrain.models import build_model
+
+    batches = make_batches(4, batch_size=2, size=64)
+    for b in batches:
+        b["iscrowd"] = torch.zeros(b["labels"].shape, dtype=torch.bool)
+    torch.manual_seed(0)
+    model = build_model("compact_n", num_classes=3)
+    opt = build_optimizer(model, optimizer, lr=0.01, momentum=0.9)
+    ema = ModelEMA(model, decay=0.99, tau=ModelEMA.tau_for_run(8))
+    guard = NonFiniteGuard()
+    sched = LRSchedule(base_lr=0.01, total_steps=8, warmup_steps=2)
+    kw = dict(device="cpu", ema=ema, guard=guard, grad_clip=10.0, schedule=sched)
+    train_one_epoch(model, opt, batches[:1], **kw)  # first step: optimizer state, caches
+    reads = HostReads(monkeypatch)
+    counts = []
+    for n in (1, 3):
+        before = reads.count
+        m = train_one_epoch(model, opt, batches[:n], **kw)
+        counts.append(reads.count - before)
+        assert m["steps"] == n
+    assert counts[0] == counts[1], counts
+    assert counts[0] <= 3, counts  # guard counters, the sums, the invalid-label count

@@ -263,3 +263,23 @@ def test_dense_box_terms_equal_the_terms_over_the_positives_only():
     # Off the positives the box terms give no gradient (only the classification term touches cls).
     off = ~fg
     assert box_dist.grad[off].abs().max() == 0
+
+
+def test_sync_free_giou_matches_torchvision():
+    from rtrain.box_ops import giou_loss
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(500, 2, generator=g) * 50
+    a = torch.cat([xy, xy + 1 + torch.rand(500, 2, generator=g) * 30], -1).requires_grad_(True)
+    xy = torch.rand(500, 2, generator=g) * 50
+    b = torch.cat([xy, xy + 1 + torch.rand(500, 2, generator=g) * 30], -1)
+    ours = giou_loss(a, b)
+    ours.sum().backward()
+    grad = a.grad.clone()
+    a.grad = None
+    ref = generalized_box_iou_loss(a, b)
+    ref.sum().backward()
+    disjoint = ref > 1
+    assert disjoint.any() and (~disjoint).any()  # both overlapping and disjoint pairs
+    assert torch.allclose(ours, ref, atol=1e-6)
+    assert torch.allclose(grad, a.grad, atol=1e-6)
