@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from rtrain.guard import NonFiniteGuard
+from rtrain.optim import ensure_fused
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +148,9 @@ def _prime_momentum(optimizer: torch.optim.Optimizer) -> None:
 
 def _honours_found_inf(optimizer: torch.optim.Optimizer) -> bool:
     """Fused torch optimizers read `optimizer.found_inf` on the device (the GradScaler protocol)."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        g.get("fused") for g in optimizer.param_groups
+    )
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
@@ -245,6 +248,7 @@ def train_one_epoch(
     if guard_every is None:
         guard_every = log_every if log_every > 0 else 50
     model.train()
+    ensure_fused(optimizer)  # a resumed optimizer state may have switched the fused kernels off
     _prime_momentum(optimizer)
     names: list[str] | None = None
     sums: torch.Tensor | None = None  # [loss parts..., grad_norm, images, steps taken] on the device

@@ -80,3 +80,22 @@ def fusable(params: list[torch.Tensor]) -> bool:
         p.is_floating_point() and p.device.type in FUSED_DEVICES and type(p) in (torch.Tensor, nn.Parameter)
         for p in params
     )
+
+
+def ensure_fused(optimizer: torch.optim.Optimizer) -> bool:
+    """Turn the fused kernels back on in an SGD/Adam/AdamW built fused; True when it is fused now.
+
+    `Optimizer.load_state_dict` takes the saved param groups' flags, so a checkpoint written by a
+    non-fused optimizer silently turns `fused` off while the optimizer still advertises
+    `found_inf` support (and torch's non-fused step then refuses a `found_inf`).
+    """
+    if not isinstance(optimizer, torch.optim.SGD | torch.optim.Adam | torch.optim.AdamW):
+        return False
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    for group in optimizer.param_groups:
+        if not group.get("fused"):
+            if not fusable(list(group["params"])):
+                return False
+            group["fused"], group["foreach"] = True, None
+    return True

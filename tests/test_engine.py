@@ -449,3 +449,19 @@ def test_host_reads_do_not_grow_with_the_steps(monkeypatch, optimizer):
         assert m["steps"] == n
     assert counts[0] == counts[1], counts
     assert counts[0] <= 3, counts  # guard counters, the sums, the invalid-label count
+
+
+def test_optimizer_resumed_from_a_non_fused_state_still_skips_on_the_device():
+    torch.manual_seed(0)
+    model = NaNAt(TinyBoxRegressor(), bad_calls={1})
+    from rtrain.optim import param_groups
+
+    plain = torch.optim.SGD(param_groups(model, 5e-4), lr=0.05, momentum=0.9)  # a pre-fused checkpoint
+    train_one_epoch(model, plain, make_batches(1), device="cpu", to_targets=to_targets)
+    opt = build_optimizer(model, "sgd", lr=0.05, momentum=0.9)
+    opt.load_state_dict(plain.state_dict())  # takes the saved groups' fused=None
+    assert not opt.param_groups[0]["fused"]
+    before = [p.detach().clone() for p in model.parameters()]
+    m = train_one_epoch(model, opt, make_batches(1, seed=1), device="cpu", to_targets=to_targets)
+    assert m["skipped"] == 1 and opt.param_groups[0]["fused"]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
