@@ -229,7 +229,8 @@ def train_one_epoch(
     The skip decision (non-finite loss part OR non-finite grad norm) is a device flag, agreed
     across DDP ranks by one device all-reduce (MAX) and applied without a host read: fused
     optimizers (`rtrain.optim.build_optimizer`) get it as `optimizer.found_inf`, the GradScaler
-    gets it folded into its inf flags, the EMA gets it as `skip`. Other optimizers cost one host
+    gets it folded into its inf flags (so a skipped step also backs its scale off, as an fp16
+    overflow does), the EMA gets it as `skip`. Other optimizers cost one host
     read per step. Under DDP the only host-visible agreement is the top-of-step one ("a rank ran
     out of data / steps, the elapsed time"), none when not distributed. The NonFiniteGuard counts
     on the device and is checked every `guard_every` steps, so a run of non-finite steps is
