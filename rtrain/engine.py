@@ -318,7 +318,9 @@ def train_one_epoch(
             ema.update(model, skip=ema_skip)
 
         finite_norm = torch.where(torch.isfinite(norm), norm, torch.zeros_like(norm)).reshape(1)
-        row = torch.cat([parts, finite_norm, parts.new_tensor([float(images.shape[0]), 1.0])])
+        counts = parts.new_ones(2)  # [images, 1 step]; filled in place, not copied from the host
+        counts[0] = float(images.shape[0])
+        row = torch.cat([parts, finite_norm, counts])
         row = torch.where(skip, torch.zeros_like(row), row)
         sums = row if sums is None else sums + row
         iters += 1
