@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -109,8 +110,9 @@ class ModelEMA:
 
     def _tensor_lists(self, src: nn.Module) -> tuple[list, list, list, list]:
         """(ema float, src float, ema other, src other) state tensors, cached per (src, ema) module."""
-        key = (id(src), id(self.module))
-        if self._lists_key != key:
+        # Weak references, not ids: a freed model's id can be reused by the next one.
+        key = self._lists_key
+        if key is None or key[0]() is not src or key[1]() is not self.module:
             src_state = src.state_dict()
             ema_f, src_f, ema_o, src_o = [], [], [], []
             for name, ema_t in self.module.state_dict().items():
@@ -121,7 +123,8 @@ class ModelEMA:
                 else:
                     ema_o.append(ema_t)
                     src_o.append(new)
-            self._lists, self._lists_key = (ema_f, src_f, ema_o, src_o), key
+            self._lists = (ema_f, src_f, ema_o, src_o)
+            self._lists_key = (weakref.ref(src), weakref.ref(self.module))
         return self._lists
 
     @torch.no_grad()
@@ -153,6 +156,11 @@ class ModelEMA:
                 keep = skip.long()
                 torch._foreach_mul_(ema_o, keep)
                 torch._foreach_add_(ema_o, torch._foreach_mul(src_o, 1 - keep))
+
+    def __getstate__(self) -> dict:  # copy/pickle without the cache (weak references)
+        state = self.__dict__.copy()
+        state["_lists_key"], state["_lists"] = None, ([], [], [], [])
+        return state
 
     def state_dict(self) -> dict:
         """{"model": EMA weights, "updates": int, "decay": float, "tau": float} (weights_only-safe)."""

@@ -169,3 +169,20 @@ def test_a_200_step_run_averages_and_lands_closer_to_the_optimum():
     assert float((fitted.module.weight - model.weight).norm()) > 0.5 * raw_err  # measurably different
     assert fitted_err < 0.5 * raw_err, (fitted_err, raw_err)
     assert fixed_err > 0.8 * raw_err, (fixed_err, raw_err)
+
+
+def test_copies_and_new_models_do_not_reuse_a_stale_cache():
+    import pickle
+
+    model = _net(0.0)
+    ema = ModelEMA(model, decay=0.5, tau=1e-9)  # decay 0.5 from the first update
+    ema.update(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin[0].weight.fill_(4.0)
+    ema.update(twin)  # a different module: its own tensors, not the cached ones of `model`
+    assert torch.allclose(ema.module[0].weight, torch.full((2, 2), 2.0))
+    clone = pickle.loads(pickle.dumps(ema))
+    clone.update(twin)
+    assert torch.allclose(clone.module[0].weight, torch.full((2, 2), 3.0))
+    assert torch.allclose(ema.module[0].weight, torch.full((2, 2), 2.0))  # the copy is independent
