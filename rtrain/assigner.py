@@ -17,6 +17,7 @@ not something to back-propagate through.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,14 +43,67 @@ class Assignment:
     ignore_mask: torch.Tensor
 
 
-def pad_targets(
-    targets: list[dict], device: torch.device, num_classes: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack a list of per-image target dicts into padded tensors (at least one slot per image).
+Targets = Sequence[Mapping[str, torch.Tensor]] | Mapping[str, torch.Tensor]
 
-    Returns gt_boxes [B, M, 4] float32 xyxy, gt_labels [B, M] int64, gt_valid [B, M] bool (a real,
-    non-crowd, non-degenerate box), gt_crowd [B, M] bool (a real crowd box).
+
+def num_target_images(targets: Targets) -> int:
+    """Images in `targets`: a list of per-image dicts, or a padded batch dict (boxes [B, M, 4])."""
+    if isinstance(targets, Mapping):
+        return int(targets["boxes"].shape[0])
+    return len(targets)
+
+
+def prepare_targets(
+    targets: Targets, device: torch.device, num_classes: int, strict: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded gt tensors for the assigner from either target form, plus the count of invalid labels.
+
+    targets: a list of per-image dicts {boxes [M, 4], labels [M], optional iscrowd [M]} (every entry
+    is a real box), or the padded batch `rtrain.data.collate` gives: {"boxes" [B, M, 4],
+    "labels" [B, M] (-1 = padding), optional "iscrowd" [B, M]}; the padded form is converted with
+    no Python loop over images and no host synchronisation.
+
+    A label outside 0..num_classes-1 (other than the -1 padding) is invalid: with strict=False it
+    is masked out (the box is ignored) and counted on the device; strict=True raises ValueError
+    (this reads the device once).
+
+    Returns gt_boxes [B, M, 4] float32 xyxy, gt_labels [B, M] int64 (0 where not a real box),
+    gt_valid [B, M] bool (a real, valid-label, non-crowd, non-degenerate box), gt_crowd [B, M]
+    bool (a real crowd box), n_invalid (0-dim int64 device tensor).
     """
+    if isinstance(targets, Mapping):
+        boxes = targets["boxes"].to(device=device, dtype=torch.float32, non_blocking=True)
+        labels = targets["labels"].to(device=device, dtype=torch.long, non_blocking=True)
+        if boxes.ndim != 3 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:2]:
+            raise ValueError(
+                f"padded targets: boxes must be [B, M, 4] and labels [B, M], got {tuple(boxes.shape)} "
+                f"and {tuple(labels.shape)}"
+            )
+        crowd = targets.get("iscrowd")
+        if crowd is None:
+            crowd = torch.zeros_like(labels, dtype=torch.bool)
+        else:
+            crowd = crowd.to(device=device, dtype=torch.bool, non_blocking=True)
+        if boxes.shape[1] == 0:  # at least one slot per image, as from the list form
+            boxes = boxes.new_zeros(boxes.shape[0], 1, 4)
+            labels = labels.new_full((labels.shape[0], 1), -1)
+            crowd = crowd.new_zeros(crowd.shape[0], 1)
+        real = labels != -1
+    else:
+        boxes, labels, real, crowd = _stack_target_dicts(targets, device)
+    invalid = real & ((labels < 0) | (labels >= num_classes))
+    if strict and bool(invalid.any()):
+        raise ValueError(f"target labels must be in 0..{num_classes - 1}, got {labels[invalid].tolist()}")
+    real = real & ~invalid
+    labels = torch.where(real, labels, torch.zeros_like(labels))
+    wh = boxes[..., 2:] - boxes[..., :2]
+    non_degenerate = (wh > 0).all(dim=-1)
+    crowd = crowd & real & non_degenerate
+    gt_valid = real & ~crowd & non_degenerate
+    return boxes, labels, gt_valid, crowd, invalid.sum()
+
+
+def _stack_target_dicts(targets, device):
     batch = len(targets)
     max_m = max([1] + [int(t["boxes"].shape[0]) for t in targets])
     gt_boxes = torch.zeros(batch, max_m, 4, device=device, dtype=torch.float32)
@@ -72,15 +126,18 @@ def pad_targets(
         crowd = t.get("iscrowd")
         if crowd is not None:
             gt_crowd[i, :m] = crowd.to(device=device, dtype=torch.bool)
-    # One host sync per step; a bad label would otherwise be a silent wrong target (CPU) or a
-    # device-side assert (CUDA) far from its cause.
-    bad = gt_real & ((gt_labels < 0) | (gt_labels >= num_classes))
-    if bool(bad.any()):
-        raise ValueError(f"target labels must be in 0..{num_classes - 1}, got {gt_labels[bad].tolist()}")
-    wh = gt_boxes[..., 2:] - gt_boxes[..., :2]
-    non_degenerate = (wh > 0).all(dim=-1)
-    gt_valid = gt_real & ~gt_crowd & non_degenerate
-    return gt_boxes, gt_labels, gt_valid, gt_crowd & gt_real & non_degenerate
+    return gt_boxes, gt_labels, gt_real, gt_crowd
+
+
+def pad_targets(
+    targets: Targets, device: torch.device, num_classes: int, strict: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`prepare_targets` without the invalid count; strict (a bad label raises ValueError) by default.
+
+    Returns gt_boxes [B, M, 4] float32 xyxy, gt_labels [B, M] int64, gt_valid [B, M] bool (a real,
+    non-crowd, non-degenerate box), gt_crowd [B, M] bool (a real crowd box).
+    """
+    return prepare_targets(targets, device, num_classes, strict=strict)[:4]
 
 
 def pairwise_iou(gt_boxes: torch.Tensor, pred_boxes: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:

@@ -52,3 +52,20 @@ def boxes_to_ltrb(points: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     left_top = points - boxes[..., :2]
     right_bottom = boxes[..., 2:] - points
     return torch.cat([left_top, right_bottom], dim=-1)
+
+
+def giou_loss(boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Element-wise GIoU loss `1 - GIoU` [...] of boxes xyxy [..., 4] (torchvision's formula).
+
+    Written with clamps instead of torchvision's boolean-mask assignment, which makes the host
+    wait for the mask's count on a GPU; same values (and gradients off the zero-overlap edge).
+    """
+    x1, y1, x2, y2 = boxes1.unbind(dim=-1)
+    x1g, y1g, x2g, y2g = boxes2.unbind(dim=-1)
+    inter_w = (torch.min(x2, x2g) - torch.max(x1, x1g)).clamp(min=0)
+    inter_h = (torch.min(y2, y2g) - torch.max(y1, y1g)).clamp(min=0)
+    inter = inter_w * inter_h
+    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - inter
+    iou = inter / (union + eps)
+    area_c = (torch.max(x2, x2g) - torch.min(x1, x1g)) * (torch.max(y2, y2g) - torch.min(y1, y1g))
+    return 1 - (iou - (area_c - union) / (area_c + eps))

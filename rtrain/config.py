@@ -111,6 +111,9 @@ class TrainConfig:
     warmup_momentum: float = field(default=0.8, metadata=_range(0.0, 0.9999))
     final_lr_ratio: float = field(default=0.05, metadata=_range(0.0, 1.0))
     ema_decay: float = field(default=0.9998, metadata=_range(0.0, 1.0))
+    # EMA warm-up ramp length in optimizer steps; 0 = auto: fit the run so the averaging window at
+    # its end is ~20% of its expected total steps (rtrain.ema.ema_tau_for_run, at most 2000).
+    ema_tau: float = field(default=0.0, metadata=_range(0.0, 1e9))
     grad_clip: float = field(default=10.0, metadata=_range(0.0, 1e6))  # 0 disables
     amp: bool = True  # bf16/fp16 autocast on GPU; ignored on CPU
     time_limit_min: float = field(default=0.0, metadata=_range(0.0, 1e6))  # 0 = use epochs

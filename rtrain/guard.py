@@ -7,13 +7,22 @@ is broken and must stop with a reason the user can act on.
 In DDP every rank must take the same decision (a rank that skips `backward`
 while the others all-reduce would hang): reduce the finite flag across ranks
 (e.g. all-reduce MIN of `float(is_finite(losses))`) and pass it as `all_finite`.
+
+Two ways to feed the guard:
+- `check(loss_dict)`: host-side, one decision per call (reads the values);
+- `record(skip, values, names)` + `sync()`: the training engine's sync-free path. `record`
+  counts a step's agreed skip flag on the device (consecutive, total, the values of the last
+  skipped step); `sync` reads those counters once (per log interval and at the epoch end),
+  logs the skipped steps and raises NonFiniteLossError when a limit was reached since the last
+  sync. So a run of non-finite steps is stopped at the first sync after it reaches the limit,
+  i.e. within one sync interval; the skipped steps themselves never touched the weights.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -61,6 +70,68 @@ class NonFiniteGuard:
         self.max_total = max_total
         self.consecutive = 0
         self.total = 0
+        self._dev: dict[str, torch.Tensor] | None = None  # device counters of `record`
+        self._names: tuple[str, ...] = ()
+
+    @torch.no_grad()
+    def record(self, skip: torch.Tensor, values: torch.Tensor, names: Sequence[str]) -> None:
+        """Count one step on the device, no host read. skip: 0-dim bool, the decision agreed across
+        ranks. values [K]: this rank's step values (loss parts, grad norm) named by `names`."""
+        skip = skip.reshape(())
+        values = values.detach().float().reshape(-1)
+        if self._dev is None or self._dev["consecutive"].device != skip.device:
+            dev = skip.device
+            self._dev = {
+                "consecutive": torch.tensor(self.consecutive, dtype=torch.int64, device=dev),
+                "total": torch.tensor(self.total, dtype=torch.int64, device=dev),
+                "peak": torch.tensor(self.consecutive, dtype=torch.int64, device=dev),
+                "skipped": torch.zeros((), dtype=torch.int64, device=dev),
+                "last": torch.zeros_like(values),
+            }
+        d = self._dev
+        if d["last"].shape != values.shape:
+            d["last"] = torch.zeros_like(values)
+        self._names = tuple(names)
+        s = skip.long()
+        d["consecutive"].add_(1).mul_(s)
+        torch.maximum(d["peak"], d["consecutive"], out=d["peak"])
+        d["total"].add_(s)
+        d["skipped"].add_(s)
+        d["last"].copy_(torch.where(skip, values, d["last"]))
+
+    def sync(self) -> int:
+        """Read the device counters of `record` (one host read); returns the steps skipped since the
+        last sync. Raises NonFiniteLossError when the consecutive or total limit was reached."""
+        if self._dev is None:
+            return 0
+        d = self._dev
+        counts = torch.stack([d["consecutive"], d["total"], d["peak"], d["skipped"]]).double()
+        host = torch.cat([counts, d["last"].double()]).tolist()  # the one host read
+        consecutive, total, peak, skipped = (int(c) for c in host[:4])
+        last = host[4:]
+        self.consecutive, self.total = consecutive, total
+        d["peak"].copy_(d["consecutive"])
+        d["skipped"].zero_()
+        if not skipped:
+            return 0
+        bad = {n: v for n, v in zip(self._names, last, strict=False) if not math.isfinite(v)}
+        what = ", ".join(f"{k}={v}" for k, v in bad.items()) or "non-finite on another worker"
+        if peak >= self.max_consecutive:
+            more = f", {peak} by the time it was checked" if peak > self.max_consecutive else ""
+            raise NonFiniteLossError(
+                f"loss was non-finite for {self.max_consecutive} consecutive steps{more} (last: {what}); "
+                "stopping — lower train.lr or check the data"
+            )
+        if self.max_total and total >= self.max_total:
+            raise NonFiniteLossError(
+                f"loss was non-finite in {total} steps of this run (last: {what}); "
+                "stopping — lower train.lr or check the data"
+            )
+        logger.warning(
+            "non-finite loss (%s): %d step(s) skipped since the last check (%d in a row, %d in total)",
+            what, skipped, consecutive, total,
+        )
+        return skipped
 
     def check(self, loss_dict: Mapping[str, object], all_finite: bool | None = None) -> bool:
         """True: the step is fine, take it. False: skip this step (it has been counted).
@@ -69,6 +140,9 @@ class NonFiniteGuard:
         all_finite: the decision already agreed across DDP ranks; None = decide from `loss_dict`.
         Raises NonFiniteLossError once the consecutive or total limit is reached.
         """
+        if self._dev is not None:  # counts from `record` first, then continue on the host
+            self.sync()
+            self._dev = None
         bad = non_finite_terms(loss_dict)
         finite = (not bad) if all_finite is None else bool(all_finite)
         if finite:
@@ -96,8 +170,12 @@ class NonFiniteGuard:
         return False
 
     def state_dict(self) -> dict[str, int]:
+        if self._dev is not None:  # counts recorded on the device since the last sync
+            self.consecutive = int(self._dev["consecutive"])
+            self.total = int(self._dev["total"])
         return {"consecutive": self.consecutive, "total": self.total}
 
     def load_state_dict(self, state: Mapping[str, int]) -> None:
         self.consecutive = int(state["consecutive"])
         self.total = int(state["total"])
+        self._dev = None

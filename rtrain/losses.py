@@ -10,17 +10,28 @@ class targets (at least 1):
 - DFL: distribution focal loss on the `reg_max + 1` distance bins of each side, same weights.
 
 All of it runs in float32 with autocast off, so it is safe inside an AMP training step.
+
+Targets: a list of per-image dicts, or the padded batch tensors of `rtrain.data.collate`
+(boxes [B, M, 4], labels [B, M] with -1 padding, iscrowd [B, M]) used as they are, with no loop
+over images and no host synchronisation. A label outside 0..C-1 is ignored and counted on the
+device in `DetectionLoss.invalid_targets` (cumulative 0-dim tensor; read it when logging);
+`strict_labels=True` raises instead (one host read per call).
+
+Normaliser under DDP: the sum of soft targets is averaged over the ranks (one device
+all-reduce per call, detached, when torch.distributed is initialised with world > 1), so N ranks
+with batch b give the same gradient as one rank with batch N*b once DDP averages the gradients.
+Every rank must therefore compute the loss the same number of times.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import generalized_box_iou_loss
 
-from rtrain.assigner import TaskAlignedAssigner, pad_targets
-from rtrain.box_ops import boxes_to_ltrb, dist_to_ltrb, ltrb_to_boxes
+from rtrain.assigner import Targets, TaskAlignedAssigner, num_target_images, prepare_targets
+from rtrain.box_ops import boxes_to_ltrb, dist_to_ltrb, giou_loss, ltrb_to_boxes
 
 
 def varifocal_loss(
@@ -57,8 +68,12 @@ class DetectionLoss(nn.Module):
 
     forward(cls_logits [B, N, C], box_dist [B, N, 4 * (reg_max + 1)], points [N, 2] (x, y input px),
     point_strides [N], targets: list of B dicts {boxes [M, 4] xyxy input px, labels [M] int64,
-    optional iscrowd [M] bool}) -> {"loss", "loss_cls", "loss_box", "loss_dfl"}, scalar tensors;
+    optional iscrowd [M] bool} or one padded dict {boxes [B, M, 4], labels [B, M] (-1 = padding),
+    optional iscrowd [B, M]}) -> {"loss", "loss_cls", "loss_box", "loss_dfl"}, scalar tensors;
     the three parts are already weighted, so loss = loss_cls + loss_box + loss_dfl.
+
+    sync_norm: average the normaliser across DDP ranks (see the module doc).
+    strict_labels: raise ValueError on a label outside 0..C-1 instead of ignoring and counting it.
     """
 
     def __init__(
@@ -75,6 +90,8 @@ class DetectionLoss(nn.Module):
         center_radius: float = 2.5,
         vfl_alpha: float = 0.75,
         vfl_gamma: float = 2.0,
+        sync_norm: bool = True,
+        strict_labels: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1 or reg_max < 1:
@@ -83,6 +100,8 @@ class DetectionLoss(nn.Module):
         self.cls_weight, self.box_weight, self.dfl_weight = cls_weight, box_weight, dfl_weight
         self.vfl_alpha, self.vfl_gamma = vfl_alpha, vfl_gamma
         self.assigner = TaskAlignedAssigner(topk=topk, alpha=alpha, beta=beta, center_radius=center_radius)
+        self.sync_norm, self.strict_labels = sync_norm, strict_labels
+        self.invalid_targets: torch.Tensor | None = None  # not a buffer: stays out of state_dict
 
     def forward(
         self,
@@ -90,7 +109,7 @@ class DetectionLoss(nn.Module):
         box_dist: torch.Tensor,
         points: torch.Tensor,
         point_strides: torch.Tensor,
-        targets: list[dict],
+        targets: Targets,
     ) -> dict[str, torch.Tensor]:
         batch, num_points, num_classes = cls_logits.shape
         bins = self.reg_max + 1
@@ -101,38 +120,55 @@ class DetectionLoss(nn.Module):
             )
         if points.shape != (num_points, 2) or point_strides.shape != (num_points,):
             raise ValueError(f"points/strides do not match N={num_points}: {tuple(points.shape)}")
-        if len(targets) != batch:
-            raise ValueError(f"got {len(targets)} target dicts for a batch of {batch} images")
+        if num_target_images(targets) != batch:
+            raise ValueError(f"got {num_target_images(targets)} target dicts for a batch of {batch} images")
 
         with torch.autocast(device_type=cls_logits.device.type, enabled=False):
             return self._losses(
                 cls_logits.float(), box_dist.float(), points.float(), point_strides.float(), targets
             )
 
+    def _normaliser(self, target_scores: torch.Tensor) -> torch.Tensor:
+        """Sum of the soft targets (mean over DDP ranks when `sync_norm`), at least 1; detached."""
+        total = target_scores.detach().sum()
+        if self.sync_norm and dist.is_available() and dist.is_initialized():
+            world = dist.get_world_size()
+            if world > 1:
+                dist.all_reduce(total, op=dist.ReduceOp.SUM)
+                total = total / world
+        return total.clamp(min=1.0)
+
     def _losses(self, cls_logits, box_dist, points, point_strides, targets) -> dict[str, torch.Tensor]:
-        gt_boxes, gt_labels, gt_valid, gt_crowd = pad_targets(targets, cls_logits.device, self.num_classes)
+        batch, num_points = cls_logits.shape[:2]
+        gt_boxes, gt_labels, gt_valid, gt_crowd, n_invalid = prepare_targets(
+            targets, cls_logits.device, self.num_classes, strict=self.strict_labels
+        )
+        self.invalid_targets = n_invalid if self.invalid_targets is None else self.invalid_targets + n_invalid
         strides = point_strides[:, None]
         ltrb = dist_to_ltrb(box_dist, self.reg_max)  # [B, N, 4] stride units
         pred_boxes = ltrb_to_boxes(points, ltrb * strides)  # [B, N, 4] input px
         a = self.assigner(
             cls_logits.sigmoid(), pred_boxes, points, point_strides, gt_boxes, gt_labels, gt_valid, gt_crowd
         )
-        norm = a.target_scores.sum().clamp(min=1.0)
+        norm = self._normaliser(a.target_scores)
 
         cls_elem = varifocal_loss(cls_logits, a.target_scores, self.vfl_alpha, self.vfl_gamma)
         loss_cls = (cls_elem * (~a.ignore_mask)[..., None]).sum() / norm
 
-        # Indexing an empty mask still keeps box_dist in the graph (zero gradient), so a batch
-        # with no boxes neither breaks backward nor leaves DDP with unused parameters.
-        fg = a.fg_mask
-        weight = a.target_scores[fg].sum(dim=-1)  # [P]
-        loss_box = (generalized_box_iou_loss(pred_boxes[fg], a.target_boxes[fg]) * weight).sum() / norm
+        # Box terms run densely over all points with weight 0 off the positives: boolean indexing
+        # (`x[fg]`) would make the host wait for the positives' count. Non-positive points get a
+        # stand-in target (a one-stride box around the point) so every term and gradient is finite.
+        # A batch with no boxes still keeps box_dist in the graph (zero gradient), so it neither
+        # breaks backward nor leaves DDP with unused parameters.
+        fg = a.fg_mask[..., None]  # [B, N, 1]
+        weight = a.target_scores.sum(dim=-1)  # [B, N]; 0 off the positives
+        stand_in = torch.cat([points - strides / 2, points + strides / 2], dim=-1)  # [N, 4]
+        target_boxes = torch.where(fg, a.target_boxes, stand_in)  # [B, N, 4]
+        loss_box = (giou_loss(pred_boxes, target_boxes) * weight).sum() / norm
 
-        fg_points = points.expand(fg.shape[0], -1, -1)[fg]  # [P, 2]
-        fg_strides = strides.expand(fg.shape[0], -1, -1)[fg]  # [P, 1]
-        target_ltrb = boxes_to_ltrb(fg_points / fg_strides, a.target_boxes[fg] / fg_strides)
+        target_ltrb = boxes_to_ltrb(points / strides, target_boxes / strides[None])  # [B, N, 4]
         target_ltrb = target_ltrb.clamp(min=0, max=self.reg_max - 0.01)
-        dist = box_dist[fg].reshape(-1, 4, self.reg_max + 1)
+        dist = box_dist.reshape(batch, num_points, 4, self.reg_max + 1)
         loss_dfl = (distribution_focal_loss(dist, target_ltrb).mean(dim=-1) * weight).sum() / norm
 
         loss_cls = self.cls_weight * loss_cls

@@ -6,6 +6,11 @@ hurts small models, so:
   "no_decay" weights of normalisation layers       (0)
   "bias"     every bias                            (0; LRSchedule may warm it up separately)
 Each group carries its "name", which `LRSchedule.apply` reads.
+
+The optimizers use torch's fused kernels where every parameter is a float tensor on CPU or CUDA
+(`fused=True`): one kernel per step instead of a loop over tensors, and they honour
+`optimizer.found_inf` (a device flag, as GradScaler sets it), which lets `rtrain.engine` skip a
+step on a device-side decision without reading it on the host.
 """
 
 from __future__ import annotations
@@ -59,6 +64,38 @@ def build_optimizer(
     groups = param_groups(model, weight_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters")
+    params = [p for g in groups for p in g["params"]]
+    kernel = {"fused": True} if fusable(params) else {}
     if key == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
-    return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, **kernel)
+    return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999), **kernel)
+
+
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fusable(params: list[torch.Tensor]) -> bool:
+    """True when torch's fused SGD/AdamW kernels take all of `params` (float, on CPU or CUDA)."""
+    return bool(params) and all(
+        p.is_floating_point() and p.device.type in FUSED_DEVICES and type(p) in (torch.Tensor, nn.Parameter)
+        for p in params
+    )
+
+
+def ensure_fused(optimizer: torch.optim.Optimizer) -> bool:
+    """Turn the fused kernels back on in an SGD/Adam/AdamW built fused; True when it is fused now.
+
+    `Optimizer.load_state_dict` takes the saved param groups' flags, so a checkpoint written by a
+    non-fused optimizer silently turns `fused` off while the optimizer still advertises
+    `found_inf` support (and torch's non-fused step then refuses a `found_inf`).
+    """
+    if not isinstance(optimizer, torch.optim.SGD | torch.optim.Adam | torch.optim.AdamW):
+        return False
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    for group in optimizer.param_groups:
+        if not group.get("fused"):
+            if not fusable(list(group["params"])):
+                return False
+            group["fused"], group["foreach"] = True, None
+    return True

@@ -199,3 +199,26 @@ def test_tiny_metrics_still_give_the_best_point_the_max_iou_target():
     assert torch.nonzero(a.fg_mask[0]).flatten().tolist() == [0, 5]
     assert a.target_scores[0, 0, 0].item() == pytest.approx(1 / 16, rel=1e-4)
     assert a.target_scores[0, 5, 0].item() == pytest.approx(1 / 16 * 0.25**6, rel=1e-3)
+
+
+def test_padded_targets_match_the_dict_form_and_invalid_labels_are_masked():
+    from rtrain.assigner import prepare_targets
+
+    pred, target = one_gt_case()
+    target["iscrowd"] = torch.tensor([False])
+    padded = {
+        "boxes": torch.tensor([[[0.0, 0.0, 16.0, 16.0], [0.0, 0.0, 0.0, 0.0], [16.0, 16.0, 32.0, 32.0]]]),
+        "labels": torch.tensor([[1, -1, 7]]),  # a real box, padding, an out-of-range label
+        "iscrowd": torch.zeros(1, 3, dtype=torch.bool),
+    }
+    dev = torch.device("cpu")
+    boxes, labels, valid, crowd, n_invalid = prepare_targets(padded, dev, NUM_CLASSES)
+    assert valid.tolist() == [[True, False, False]] and not crowd.any()
+    assert labels.tolist() == [[1, 0, 0]] and int(n_invalid) == 1
+    points, strides = grid()
+    scores = torch.full((1, 16, NUM_CLASSES), 0.5)
+    a = TaskAlignedAssigner(topk=3)(scores, pred, points, strides, boxes, labels, valid, crowd)
+    b = assign(pred, [target], topk=3)
+    assert torch.equal(a.fg_mask, b.fg_mask) and torch.allclose(a.target_scores, b.target_scores)
+    with pytest.raises(ValueError, match="labels must be in 0..1"):
+        pad_targets(padded, dev, NUM_CLASSES)  # strict by default for direct callers

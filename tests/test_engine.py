@@ -224,3 +224,244 @@ def test_evaluate_maps_predictions_to_original_pixels_and_source_ids():
     # Boxes left in input pixels (no mapping back) would miss: scale the predictions wrongly.
     wrong = [{**d, "boxes": d["boxes"] / 4} for d in detections]
     assert evaluate(Oracle(wrong), [batch], gt, [10, 11, 12], ["a", "b", "c"], device="cpu")["mAP"] < 0.2
+
+
+# --------------------------------------------------------------------------- the sync-free step loop
+
+
+class NaNIn(nn.Module):
+    """Wraps a model; on the calls in `bad_calls` one term goes non-finite.
+
+    term="loss_box": loss_box (and so the total) is NaN, the other parts stay finite.
+    term="grad": the losses stay finite but the gradients are NaN (0 * d sqrt(x)/dx at x = 0).
+    """
+
+    def __init__(self, model: nn.Module, bad_calls: set[int], term: str = "loss_box") -> None:
+        super().__init__()
+        self.model, self.bad_calls, self.term = model, bad_calls, term
+        self.calls = 0
+
+    def forward(self, images, targets):
+        losses = dict(self.model(images, targets))
+        if self.calls in self.bad_calls:
+            if self.term == "grad":
+                w = self.model.box.weight
+                losses["loss"] = losses["loss"] + 0.0 * torch.sqrt(w - w.detach()).sum()
+            else:
+                losses[self.term] = losses[self.term] * float("nan")
+                losses["loss"] = sum(v for k, v in losses.items() if k != "loss")
+        self.calls += 1
+        return losses
+
+
+def _old_style_epoch(model, opt, batches, ema=None, grad_clip=10.0):
+    """The engine's previous step loop (host reads every step), as the reference for the metrics."""
+    sums, steps, norm_sum, images = {}, 0, 0.0, 0
+    model.train()
+    for batch in batches:
+        losses = model(batch["images"].float() / 255, to_targets(batch, "cpu"))
+        if not bool(torch.isfinite(losses["loss"])):
+            continue
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+        if not math.isfinite(norm):
+            continue
+        opt.step()
+        if ema is not None:
+            ema.update(model)
+        steps += 1
+        images += batch["images"].shape[0]
+        norm_sum += norm
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+    return {**{k: v / steps for k, v in sums.items()}, "steps": steps, "images": images,
+            "grad_norm": norm_sum / steps}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("term", ["loss_box", "grad"])
+def test_skipped_steps_change_no_weights_optimizer_state_or_ema(optimizer, term):
+    """[bad, b1, bad, b3] must end exactly where [b1, b3] does: params, optimizer state, EMA."""
+    batches = make_batches(4)
+    results = []
+    for bad_calls, run_batches in (({0, 2}, batches), (set(), [batches[1], batches[3]])):
+        torch.manual_seed(0)
+        model = NaNIn(TinyBoxRegressor(), bad_calls, term)
+        opt = build_optimizer(model, optimizer, lr=0.05, momentum=0.9, weight_decay=1e-3)
+        ema = ModelEMA(model, decay=0.9, tau=1.0)
+        guard = NonFiniteGuard(max_consecutive=5)
+        metrics = train_one_epoch(model, opt, run_batches, device="cpu", ema=ema, guard=guard,
+                                  grad_clip=10.0, to_targets=to_targets)
+        results.append((model, opt, ema, metrics, guard))
+    (m_a, opt_a, ema_a, met_a, guard_a), (m_b, opt_b, ema_b, met_b, _) = results
+    assert (met_a["steps"], met_a["skipped"], guard_a.total) == (2, 2, 2)
+    for (name, p), q in zip(m_a.named_parameters(), m_b.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    state_a, state_b = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    assert state_a.keys() == state_b.keys() and state_a
+    for idx, entry in state_a.items():
+        for key, value in entry.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(state_b[idx][key])), (idx, key)
+    assert ema_a.updates == ema_b.updates == 2
+    for (name, p), q in zip(ema_a.module.named_parameters(), ema_b.module.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    for key in ("loss", "loss_box", "loss_cls", "grad_norm", "images"):
+        assert met_a[key] == pytest.approx(met_b[key], rel=1e-6), key
+
+
+def test_metrics_and_weights_match_the_old_step_loop():
+    batches = make_batches(6)
+    runs = []
+    for engine in (True, False):
+        torch.manual_seed(0)
+        model = NaNIn(TinyBoxRegressor(), {3})
+        opt = build_optimizer(model, "sgd", lr=0.05, momentum=0.9)
+        ema = ModelEMA(model, decay=0.9, tau=2.0)
+        if engine:
+            m = train_one_epoch(model, opt, batches, device="cpu", ema=ema, grad_clip=10.0,
+                                to_targets=to_targets, log_every=2)
+        else:
+            m = _old_style_epoch(model, opt, batches, ema=ema)
+        runs.append((model, ema, m))
+    (model, ema, new), (old_model, old_ema, old) = runs
+    assert new["steps"] == old["steps"] == 5 and new["skipped"] == 1 and new["images"] == old["images"] == 20
+    for key in ("loss", "loss_box", "loss_cls", "grad_norm"):
+        assert new[key] == pytest.approx(old[key], rel=1e-5), key
+    for p, q in zip(model.parameters(), old_model.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
+    for p, q in zip(ema.module.parameters(), old_ema.module.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_guard_stops_a_run_of_bad_steps_within_one_interval_naming_the_term():
+    model = NaNIn(TinyBoxRegressor(), set(range(100)), "loss_box")
+    opt = build_optimizer(model, "sgd", lr=0.01)
+    with pytest.raises(NonFiniteLossError, match="3 consecutive steps") as e:
+        train_one_epoch(model, opt, make_batches(10), device="cpu", guard=NonFiniteGuard(max_consecutive=3),
+                        to_targets=to_targets, guard_every=2)
+    msg = str(e.value)
+    assert "loss_box=nan" in msg and "loss_cls" not in msg and "lower train.lr" in msg
+    assert model.calls == 4  # the limit (3) was reached in the interval ending at step 4
+    grad = NaNIn(TinyBoxRegressor(), set(range(100)), "grad")
+    opt = build_optimizer(grad, "adamw", lr=0.01)
+    with pytest.raises(NonFiniteLossError, match="grad_norm=nan"):
+        train_one_epoch(grad, opt, make_batches(4), device="cpu", guard=NonFiniteGuard(max_consecutive=2),
+                        to_targets=to_targets)
+
+
+def test_grad_scaler_path_skips_bad_steps_and_backs_off():
+    torch.manual_seed(0)
+    model = NaNIn(TinyBoxRegressor(), {1})
+    opt = build_optimizer(model, "sgd", lr=0.05, momentum=0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    ema = ModelEMA(model, decay=0.9, tau=1.0)
+    batches = make_batches(3)
+    kw = dict(device="cpu", scaler=scaler, ema=ema, to_targets=to_targets)
+    first = train_one_epoch(model, opt, batches[:1], **kw)
+    before = [p.detach().clone() for p in model.parameters()]
+    ema_before = [p.detach().clone() for p in ema.module.parameters()]
+    m = train_one_epoch(model, opt, batches[1:2], **kw)
+    assert first["steps"] == 1 and m["skipped"] == 1 and m["steps"] == 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(ema.module.parameters(), ema_before, strict=True))
+    assert scaler.get_scale() == 2.0**9 and ema.updates == 1
+    m = train_one_epoch(model, opt, batches[2:], **kw)
+    assert m["steps"] == 1
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+def test_detector_trains_the_same_from_padded_targets_as_from_dicts():
+    from rtrain.engine import targets_from_batch
+    from rtrain.models import build_model
+
+    batches = make_batches(2, batch_size=2, size=64)
+    for b in batches:
+        b["iscrowd"] = torch.zeros(b["labels"].shape, dtype=torch.bool)
+    weights = []
+    for padded in (True, False):
+        torch.manual_seed(0)
+        model = build_model("compact_n", num_classes=3)
+        opt = build_optimizer(model, "sgd", lr=0.01, momentum=0.9)
+        m = train_one_epoch(model, opt, batches, device="cpu", grad_clip=10.0,
+                            to_targets=lambda b, d, p=padded: targets_from_batch(b, d, padded=p))
+        assert m["steps"] == 2 and math.isfinite(m["loss"])
+        weights.append((m, [p.detach().clone() for p in model.parameters()]))
+    (m_pad, w_pad), (m_list, w_list) = weights
+    assert m_pad["loss"] == pytest.approx(m_list["loss"], rel=1e-5)
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(w_pad, w_list, strict=True))
+    padded = targets_from_batch(batches[0], torch.device("cpu"))
+    assert padded["boxes"].shape == (2, 2, 4) and padded["labels"].dtype == torch.int64
+
+
+class HostReads:
+    """Counts the ways a tensor's value reaches Python (each one waits for the device on a GPU):
+    item/tolist/bool/float/int, and boolean-mask indexing (its size needs the mask's count)."""
+
+    METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+    def __init__(self, monkeypatch) -> None:
+        self.count = 0
+        for name in self.METHODS:
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._counting(original))
+        getitem = torch.Tensor.__getitem__
+
+        def counting_getitem(t, index):
+            parts = index if isinstance(index, tuple) else (index,)
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in parts):
+                self.count += 1
+            return getitem(t, index)
+
+        monkeypatch.setattr(torch.Tensor, "__getitem__", counting_getitem)
+
+    def _counting(self, original):
+        def wrapper(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_host_reads_do_not_grow_with_the_steps(monkeypatch, optimizer):
+    """A Detector epoch (padded targets, EMA, guard, grad clipping) reads the device a fixed number
+    of times at its end, whatever the number of steps: the steps themselves never read."""
+    from rtrain.models import build_model
+
+    batches = make_batches(4, batch_size=2, size=64)
+    for b in batches:
+        b["iscrowd"] = torch.zeros(b["labels"].shape, dtype=torch.bool)
+    torch.manual_seed(0)
+    model = build_model("compact_n", num_classes=3)
+    opt = build_optimizer(model, optimizer, lr=0.01, momentum=0.9)
+    ema = ModelEMA(model, decay=0.99, tau=ModelEMA.tau_for_run(8))
+    guard = NonFiniteGuard()
+    sched = LRSchedule(base_lr=0.01, total_steps=8, warmup_steps=2)
+    kw = dict(device="cpu", ema=ema, guard=guard, grad_clip=10.0, schedule=sched)
+    train_one_epoch(model, opt, batches[:1], **kw)  # first step: optimizer state, caches
+    reads = HostReads(monkeypatch)
+    counts = []
+    for n in (1, 3):
+        before = reads.count
+        m = train_one_epoch(model, opt, batches[:n], **kw)
+        counts.append(reads.count - before)
+        assert m["steps"] == n
+    assert counts[0] == counts[1], counts
+    assert counts[0] <= 3, counts  # guard counters, the sums, the invalid-label count
+
+
+def test_optimizer_resumed_from_a_non_fused_state_still_skips_on_the_device():
+    torch.manual_seed(0)
+    model = NaNAt(TinyBoxRegressor(), bad_calls={1})
+    from rtrain.optim import param_groups
+
+    plain = torch.optim.SGD(param_groups(model, 5e-4), lr=0.05, momentum=0.9)  # a pre-fused checkpoint
+    train_one_epoch(model, plain, make_batches(1), device="cpu", to_targets=to_targets)
+    opt = build_optimizer(model, "sgd", lr=0.05, momentum=0.9)
+    opt.load_state_dict(plain.state_dict())  # takes the saved groups' fused=None
+    assert not opt.param_groups[0]["fused"]
+    before = [p.detach().clone() for p in model.parameters()]
+    m = train_one_epoch(model, opt, make_batches(1, seed=1), device="cpu", to_targets=to_targets)
+    assert m["skipped"] == 1 and opt.param_groups[0]["fused"]
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))

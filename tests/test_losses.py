@@ -156,3 +156,130 @@ def test_optimising_raw_outputs_fits_the_boxes_and_classes(one_thread):
             best = (scores[i] * (labels[i] == label)).argmax()
             iou = 1 - generalized_box_iou_loss(boxes[i, best], box).item()
             assert scores[i, best] > 0.5 and iou > 0.85, (i, label, scores[i, best].item(), iou)
+
+
+def padded(targets, m=4):
+    """The collate layout: boxes [B, M, 4], labels [B, M] with -1 padding, iscrowd [B, M]."""
+    b = len(targets)
+    boxes = torch.zeros(b, m, 4)
+    labels = torch.full((b, m), -1, dtype=torch.long)
+    crowd = torch.zeros(b, m, dtype=torch.bool)
+    for i, t in enumerate(targets):
+        k = t["boxes"].shape[0]
+        boxes[i, :k], labels[i, :k] = t["boxes"], t["labels"]
+        if "iscrowd" in t:
+            crowd[i, :k] = t["iscrowd"]
+    return {"boxes": boxes, "labels": labels, "iscrowd": crowd}
+
+
+def test_padded_targets_give_the_same_losses_and_gradients_as_dicts():
+    targets = some_targets()
+    targets[1]["iscrowd"] = torch.tensor([True])
+    targets.append({"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)})
+    cls_logits, box_dist, points, strides = setup(batch=3)
+    loss_fn = DetectionLoss(NUM_CLASSES, REG_MAX)
+    ref = loss_fn(cls_logits, box_dist, points, strides, targets)
+    ref["loss"].backward()
+    ref_grads = cls_logits.grad.clone(), box_dist.grad.clone()
+    cls_logits.grad = box_dist.grad = None
+    out = loss_fn(cls_logits, box_dist, points, strides, padded(targets))
+    out["loss"].backward()
+    for k in ref:
+        assert torch.allclose(out[k], ref[k], rtol=1e-6, atol=1e-7), k
+    assert torch.allclose(cls_logits.grad, ref_grads[0], atol=1e-7)
+    assert torch.allclose(box_dist.grad, ref_grads[1], atol=1e-7)
+    assert ref["loss_box"] > 0
+
+
+def test_invalid_labels_are_ignored_and_counted_without_raising():
+    cls_logits, box_dist, points, strides = setup()
+    good = some_targets()
+    bad = padded(good)
+    bad["boxes"][0, 2] = torch.tensor([1.0, 1.0, 20.0, 20.0])
+    bad["labels"][0, 2] = NUM_CLASSES  # out of range
+    bad["boxes"][1, 1] = torch.tensor([30.0, 30.0, 60.0, 60.0])
+    bad["labels"][1, 1] = -5  # negative but not the -1 padding
+    loss_fn = DetectionLoss(NUM_CLASSES, REG_MAX)
+    out = loss_fn(cls_logits, box_dist, points, strides, bad)
+    ref = DetectionLoss(NUM_CLASSES, REG_MAX)(cls_logits, box_dist, points, strides, good)
+    for k in ref:
+        assert torch.allclose(out[k], ref[k], rtol=1e-6), k  # the bad boxes were ignored
+    assert int(loss_fn.invalid_targets) == 2
+    loss_fn(cls_logits, box_dist, points, strides, bad)
+    assert int(loss_fn.invalid_targets) == 4  # cumulative
+    with pytest.raises(ValueError, match="labels must be in 0..2"):
+        DetectionLoss(NUM_CLASSES, REG_MAX, strict_labels=True)(cls_logits, box_dist, points, strides, bad)
+
+
+def test_detector_loss_points_are_float32_under_autocast(monkeypatch):
+    from rtrain.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("compact_n", num_classes=NUM_CLASSES).train()
+    seen = {}
+    forward = model.loss_fn.forward
+
+    def spy(cls_logits, box_dist, points, point_strides, targets):
+        seen["dtypes"] = (points.dtype, point_strides.dtype, box_dist.dtype)
+        return forward(cls_logits, box_dist, points, point_strides, targets)
+
+    monkeypatch.setattr(model.loss_fn, "forward", spy)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images, padded(some_targets()))
+    assert seen["dtypes"] == (torch.float32, torch.float32, torch.bfloat16)
+    assert torch.isfinite(out["loss"])
+    model.zero_grad()
+    ref = model(images, some_targets())
+    same = model(images, padded(some_targets()))
+    assert torch.allclose(ref["loss"], same["loss"], rtol=1e-6)
+
+
+def test_dense_box_terms_equal_the_terms_over_the_positives_only():
+    """The box terms run over all points with weight 0 off the positives (no boolean indexing, so
+    no host sync); they must equal the same terms gathered over the positives."""
+    from rtrain.assigner import pad_targets
+    from rtrain.box_ops import boxes_to_ltrb
+
+    cls_logits, box_dist, points, strides = setup(seed=3)
+    loss_fn = DetectionLoss(NUM_CLASSES, REG_MAX)
+    out = loss_fn(cls_logits, box_dist, points, strides, some_targets())
+    with torch.no_grad():
+        pred = ltrb_to_boxes(points, dist_to_ltrb(box_dist, REG_MAX) * strides[:, None])
+        gts = pad_targets(some_targets(), torch.device("cpu"), NUM_CLASSES)
+        a = loss_fn.assigner(cls_logits.sigmoid(), pred, points, strides, *gts)
+        fg = a.fg_mask
+        assert fg.sum() > 3
+        w = a.target_scores[fg].sum(-1)
+        norm = a.target_scores.sum().clamp(min=1)
+        box = (generalized_box_iou_loss(pred[fg], a.target_boxes[fg]) * w).sum() / norm
+        s = strides[:, None].expand(2, -1, -1)[fg]
+        t = boxes_to_ltrb(points.expand(2, -1, -1)[fg] / s, a.target_boxes[fg] / s).clamp(0, REG_MAX - 0.01)
+        dfl = (distribution_focal_loss(box_dist[fg].reshape(-1, 4, REG_MAX + 1), t).mean(-1) * w).sum() / norm
+    assert out["loss_box"].item() == pytest.approx(2.0 * box.item(), rel=1e-5)
+    assert out["loss_dfl"].item() == pytest.approx(0.5 * dfl.item(), rel=1e-5)
+    out["loss"].backward()
+    assert torch.isfinite(box_dist.grad).all() and torch.isfinite(cls_logits.grad).all()
+    # Off the positives the box terms give no gradient (only the classification term touches cls).
+    off = ~fg
+    assert box_dist.grad[off].abs().max() == 0
+
+
+def test_sync_free_giou_matches_torchvision():
+    from rtrain.box_ops import giou_loss
+
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(500, 2, generator=g) * 50
+    a = torch.cat([xy, xy + 1 + torch.rand(500, 2, generator=g) * 30], -1).requires_grad_(True)
+    xy = torch.rand(500, 2, generator=g) * 50
+    b = torch.cat([xy, xy + 1 + torch.rand(500, 2, generator=g) * 30], -1)
+    ours = giou_loss(a, b)
+    ours.sum().backward()
+    grad = a.grad.clone()
+    a.grad = None
+    ref = generalized_box_iou_loss(a, b)
+    ref.sum().backward()
+    disjoint = ref > 1
+    assert disjoint.any() and (~disjoint).any()  # both overlapping and disjoint pairs
+    assert torch.allclose(ours, ref, atol=1e-6)
+    assert torch.allclose(grad, a.grad, atol=1e-6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,7 @@ class Detector(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.loss_fn = _make_loss(spec.num_classes, spec.reg_max)
+        self._points_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward_raw(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cls_logits [B, N, C] and box_dist [B, N, 4(R+1)] for images [B, 3, H, W] in 0..1."""
@@ -85,12 +87,19 @@ class Detector(nn.Module):
         cls_logits: torch.Tensor,
         box_dist: torch.Tensor,
         image_size: tuple[int, int],
-        targets: list[dict[str, torch.Tensor]],
+        targets,
     ) -> dict[str, torch.Tensor]:
-        """Loss dict {"loss", "loss_cls", "loss_box", "loss_dfl"} from raw outputs and targets."""
+        """Loss dict {"loss", "loss_cls", "loss_box", "loss_dfl"} from raw outputs and targets.
+
+        targets: a list of per-image dicts or the padded batch dict (see `rtrain.losses`).
+        Points and strides are float32 even under autocast (bf16 cannot hold 8.5 * 32 exactly).
+        """
         if self.loss_fn is None:
             raise RuntimeError("Detector has no loss_fn: rtrain.losses is not importable")
-        points, point_strides = self.points(image_size, cls_logits.device, box_dist.dtype)
+        key = (int(image_size[0]), int(image_size[1]), cls_logits.device)
+        if key not in self._points_cache:  # a handful of sizes (multi-scale): built once each
+            self._points_cache[key] = self.points(image_size, cls_logits.device, torch.float32)
+        points, point_strides = self._points_cache[key]
         return self.loss_fn(cls_logits, box_dist, points, point_strides, targets)
 
     def postprocess(
@@ -118,8 +127,12 @@ class Detector(nn.Module):
             pre_nms_topk=pre_nms_topk,
         )
 
-    def forward(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]] | None = None):
-        """Training: loss dict (targets required). Eval: list (len B) of detection dicts."""
+    def forward(self, images: torch.Tensor, targets=None):
+        """Training: loss dict (targets required). Eval: list (len B) of detection dicts.
+
+        targets: a list of B per-image dicts, or the padded batch dict {"boxes" [B, M, 4],
+        "labels" [B, M] (-1 = padding), "iscrowd" [B, M]} that `rtrain.engine.targets_from_batch` gives.
+        """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
         height, width = images.shape[-2:]
@@ -129,7 +142,8 @@ class Detector(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("Detector in training mode needs targets")
-            if len(targets) != images.shape[0]:
-                raise ValueError(f"{len(targets)} targets for {images.shape[0]} images")
+            n = int(targets["boxes"].shape[0]) if isinstance(targets, Mapping) else len(targets)
+            if n != images.shape[0]:
+                raise ValueError(f"{n} targets for {images.shape[0]} images")
             return self.compute_loss(cls_logits, box_dist, (height, width), targets)
         return self.postprocess(cls_logits, box_dist, (height, width))
