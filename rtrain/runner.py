@@ -289,7 +289,7 @@ def build_trainer(
     decode = decode_mode(cfg)
     tasks = decode_tasks(cfg, num_workers) if decode == "cpu" else 0
     kwargs = {"train": True, "img_size": cfg.data.img_size, "aug": AugmentParams.from_obj(cfg.data),
-              "seed": cfg.train.seed}
+              "seed": cfg.train.seed, "num_classes": len(classes)}
     ds_train = build_train_stream(
         plan, epochs=stream_epochs(cfg), clock=clock,
         decode_fn=decode_augment_batch if decode == "cpu" else None, decode_kwargs=kwargs,

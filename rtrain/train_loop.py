@@ -99,22 +99,34 @@ def multi_scale_fn(cfg: Config):
     return transform
 
 
-class FirstBatchTimer:
-    """Iterate `batches`, recording how long the first batch took to arrive (`seconds`)."""
+class EpochBatches:
+    """Iterate one epoch's `batches`, recording how long the first took to arrive
+    (`first_batch_s`) and how many boxes the decode step dropped (`dropped_targets`)."""
 
     def __init__(self, batches) -> None:
         self.batches = batches
-        self.seconds = 0.0
+        self.first_batch_s = 0.0
+        self.dropped_targets = 0
 
     def __iter__(self):
         t0 = time.perf_counter()
         iterator = iter(self.batches)
         first = next(iterator, None)
-        self.seconds = time.perf_counter() - t0
+        self.first_batch_s = time.perf_counter() - t0
         if first is None:
             return
-        yield first
-        yield from iterator
+        for batch in itertools.chain([first], iterator):
+            dropped = batch.get("dropped_targets")
+            if dropped is not None:  # a CPU tensor from the collate: no device sync
+                self.dropped_targets += int(dropped.sum())
+            yield batch
+
+
+def _refit_ema_tau(ema: ModelEMA, schedule: LRSchedule, step: int, time_limit: float) -> None:
+    """Fit the EMA ramp to the steps a time-limited run is now expected to take."""
+    elapsed = schedule.elapsed()
+    if elapsed > 0 and step > 0:
+        ema.tau = ModelEMA.tau_for_run(max(step, round(step / elapsed * time_limit)))
 
 
 def _train_batches(cfg: Config, shard, decode: str, device, rank: int, batch_size: int):
@@ -215,7 +227,6 @@ def train_loop(loop_config: dict) -> None:
     model = build_detector(cfg, len(class_names)).to(device)
     batch_size = resolve_batch_size(cfg, model, device,  # autobatch: "auto" -> int, min over ranks
                                     max_batch=int(loop_config["num_train_images"]) // world)
-    ema = ModelEMA(model, decay=cfg.train.ema_decay)
     global_batch = batch_size * world
     base_lr = scale_lr(cfg.train.lr, global_batch, cfg.train.nominal_batch_size, cfg.train.optimizer)
     optimizer = build_optimizer(model, cfg.train.optimizer, lr=base_lr, momentum=cfg.train.momentum,
@@ -225,6 +236,10 @@ def train_loop(loop_config: dict) -> None:
            else steps_per_epoch(int(loop_config["num_train_images"]), batch_size, world))
     total_steps = cfg.train.epochs * spe
     time_limit = cfg.train.time_limit_min * 60.0 if cfg.train.time_limit_min > 0 else None
+    # A time-limited run does not know its step count: its EMA starts fitted to one epoch and is
+    # refitted from the measured speed after every epoch (_refit_ema_tau).
+    ema = ModelEMA.for_run(model, total_steps if time_limit is None else spe, decay=cfg.train.ema_decay,
+                           tau=cfg.train.ema_tau)
     schedule = LRSchedule.from_config(
         cfg.train, base_lr=base_lr, total_steps=total_steps,
         warmup_steps=min(total_steps, round(cfg.train.warmup_epochs * spe)), time_limit=time_limit,
@@ -238,6 +253,8 @@ def train_loop(loop_config: dict) -> None:
         check_compatible(state, cfg_dict, class_names)
         load_model_weights(model, state["model"], source)
         ema.load_state_dict(state["ema"])
+        if cfg.train.ema_tau == 0 and time_limit is None:  # the epoch count may have been raised
+            ema.tau = ModelEMA.tau_for_run(total_steps)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
         if time_limit is None:  # the epoch count may have been raised to train longer
@@ -278,8 +295,8 @@ def train_loop(loop_config: dict) -> None:
     cycle_start = None  # wall time of a whole epoch cycle: data restart, training, eval, checkpoint
     while not finished:
         t_epoch = time.perf_counter()
-        first_batch = FirstBatchTimer(itertools.islice(stream, spe))
-        batches = iter(first_batch)
+        epoch_batches = EpochBatches(itertools.islice(stream, spe))
+        batches = iter(epoch_batches)
         if epoch == start_epoch:
             batches = _clock_from_first_batch(batches, schedule)
         metrics = engine.train_one_epoch(
@@ -288,7 +305,10 @@ def train_loop(loop_config: dict) -> None:
             step_offset=step, stop_when_finished=time_limit is not None, epoch=epoch,
         )
         step += metrics["steps"] + metrics["skipped"]
-        metrics["first_batch_s"] = first_batch.seconds
+        metrics["first_batch_s"] = epoch_batches.first_batch_s
+        metrics["dropped_targets"] = epoch_batches.dropped_targets
+        if time_limit is not None and cfg.train.ema_tau == 0:
+            _refit_ema_tau(ema, schedule, step, time_limit)
         if metrics["steps"] + metrics["skipped"] < spe and not metrics["stopped_early"] and rank == 0:
             logger.warning("epoch %d: the data stream ended after %d of %d steps", epoch + 1,
                            metrics["steps"] + metrics["skipped"], spe)
