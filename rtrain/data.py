@@ -13,28 +13,28 @@ Rows after `DecodeAugment` (one per image): `image` uint8 [S, S, 3]; `boxes` flo
 val mode); `stored_size` and `orig_size` int32 [2] as (width, height). Ragged columns are 1-D
 arrays (Ray keeps them as Arrow lists); nested lists would fall back to pickle.
 
-The epoch reaches the augmentation seed through an `EpochClock` actor: the driver makes one
-(`make_epoch_clock()`), passes it to `build_dataset(epoch=clock)` and to the train loop, and
-every worker calls `set_epoch(clock, epoch)` before it iterates that epoch's shard. Each
-decode batch reads the clock, so the augmentation of image i in epoch e depends only on
-(seed, e, i) whatever the actor or worker (mosaic partners come from the same batch; see
-`rtrain.augment.Augmenter`). The end-of-epoch `ray.train.report` barrier means no batch of
-epoch e is still being made when a worker sets e + 1. An int `epoch` fixes it (eval, tests).
+Training reads these rows through `rtrain.epoch_stream` (one Ray Data execution over all
+epochs; each row carries its `epoch`, which seeds its augmentation). `build_dataset` is the
+one-pass dataset for validation, inference and tests: its `epoch` is an int or an EpochClock
+actor (`make_epoch_clock()`, `set_epoch(clock, e)`) read once per decode batch, so the
+augmentation of image i in epoch e depends only on (seed, e, i) whatever the task or worker
+(mosaic partners come from the same batch; see `rtrain.augment.Augmenter`).
 
 Compute: decode/augment runs as Ray tasks (`pool="tasks"`, default; at most `num_actors` at a
-time, `cpus_per_actor` each) on worker processes Ray reuses across epochs. An actor pool
-(`pool="actors"`) is re-created by Ray Data for every execution, i.e. every epoch, and paid
-process start + imports each time: 5 vs 14 img/s for actors vs tasks in benchmarks/data_speed.py
-on the 2-core machine. Shards are read with Ray's V1 Parquet reader: 2.60's V2 reader spent
-35-45 s wall per epoch in its ListFiles step here. Blocks are cut to `batch_rows` rows so every
-task/actor gets work (the reader merges small shards into one block).
+time, `cpus_per_actor` each) on worker processes Ray reuses across executions. An actor pool
+(`pool="actors"`) is re-created by Ray Data for every execution and pays process start +
+imports each time. Shards are read with Ray's V1 Parquet reader (2.60's V2 reader runs a slow
+ListFiles step every execution). Blocks are cut to `batch_rows` rows so every task gets work.
 
 Resources (2-core machines): Ray Data's read step asks for a whole CPU and Ray Train takes its
 workers' CPUs out of Ray Data's budget, so 2 Train workers on `ray.init(num_cpus=2)` deadlock.
 Start Ray with more logical CPUs than cores (`ray.init(num_cpus=4)`, as the tests'
-`ray_session` fixture and the fit CLI on small machines do), give Train workers 1 CPU each and
-decode `cpus_per_actor` <= 1 (default 1; 0.5 fits 2 decoders beside 2 workers on 4 logical
-CPUs). Without Ray, `iter_batches_local` runs the same decode/augment/collate in-process.
+`ray_session` fixture and the fit CLI on small machines do). Without Ray,
+`iter_batches_local` runs the same decode/augment/collate in-process.
+
+A box with non-finite coordinates, outside its image or (given `num_classes`) with a label
+outside 0..C-1 is dropped at decode (`rtrain.target_checks`); each row counts its drops in
+`dropped_targets`, which the collate passes on per image.
 """
 
 from __future__ import annotations
@@ -280,7 +280,8 @@ class DetectionCollate(NumpyBatchCollateFn):
     images uint8 [B, 3, S, S]; boxes float32 [B, M, 4] xyxy input px (0 where padded);
     labels int64 [B, M] (-1 where padded); iscrowd bool [B, M]; image_id int64 [B];
     scale float32 [B]; pad float32 [B, 2] (left, top); orig_size, stored_size int64 [B, 2]
-    (width, height). M >= 1 so reductions over the box axis never see an empty dimension.
+    (width, height); dropped_targets int64 [B] (boxes the decode step dropped). M >= 1 so
+    reductions over the box axis never see an empty dimension.
     """
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
