@@ -108,6 +108,13 @@ def hsv_jitter_batch(images: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
     return _hsv_to_rgb(hue, sat, val)
 
 
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without stalling the host: pinned + non_blocking on CUDA."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def _to_numpy(x, dtype, shape) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
@@ -225,13 +232,16 @@ class TensorAugmenter:
     # ------------------------------------------------------------ device: pixels
 
     def _resize_all(self, images: list[torch.Tensor], needed: set[int]) -> dict[int, torch.Tensor]:
-        """Each needed source image resized by S / max(H, W), equal-sized images in one call."""
+        """Each needed source image resized by S / max(H, W), equal-sized images in one call, minus
+        the pad gray: canvases are built around 0 = gray so zero-filling and grid_sample's zero
+        padding both give the gray border without a full-canvas subtraction."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i in sorted(needed):
             groups.setdefault(tuple(images[i].shape[-2:]), []).append(i)
         out = {}
         for (h, w), idx in groups.items():
-            batch = resize_exact(torch.stack([images[i] for i in idx]).float(), self.img_size / max(h, w))
+            batch = torch.stack([images[i] for i in idx]).float().sub_(PAD_VALUE)
+            batch = resize_exact(batch, self.img_size / max(h, w))  # linear, so resizing after is equal
             for k, i in enumerate(idx):
                 out[i] = batch[k]
         return out
@@ -262,17 +272,15 @@ class TensorAugmenter:
                 [[ax * size / side, 0.0, (ax * size + 2 * bx) / side - 1.0],
                  [0.0, ay * size / side, (ay * size + 2 * by) / side - 1.0]]
             )
-        return torch.tensor(rows, dtype=torch.float32).to(device, non_blocking=True)
+        return _to_device(torch.tensor(rows, dtype=torch.float32), device)
 
     def _warp(self, canvases: torch.Tensor, plans: list[_Plan]) -> torch.Tensor:
-        """One grid_sample for a canvas group; outside the canvas reads gray (PIL's fillcolor)."""
+        """One grid_sample for a gray-centred canvas group; outside the canvas reads 0 = gray (PIL's
+        fillcolor)."""
         side, size = canvases.shape[-1], self.img_size
         theta = self._theta(plans, side, canvases.device)
         grid = F.affine_grid(theta, [len(plans), 3, size, size], align_corners=False)
-        out = F.grid_sample(
-            canvases - PAD_VALUE, grid, mode="bilinear", padding_mode="zeros", align_corners=False
-        )
-        return out.add_(PAD_VALUE)
+        return F.grid_sample(canvases, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     def render(self, images: list[torch.Tensor], plans: list[_Plan]) -> torch.Tensor:
         """uint8 [B, 3, S, S] for the plans, on the images' device."""
@@ -280,22 +288,28 @@ class TensorAugmenter:
         device = images[0].device
         needed = {src for p in plans for src, _, _ in p.tiles}
         tiles = self._resize_all(images, needed)
-        out = torch.empty((len(plans), 3, size, size), dtype=torch.float32, device=device)
+        parts = []
         for is_mosaic in (False, True):
             idx = [i for i, p in enumerate(plans) if p.mosaic == is_mosaic]
             if not idx:
                 continue
             side = 2 * size if is_mosaic else size
-            canvases = torch.full((len(idx), 3, side, side), float(PAD_VALUE), device=device)
+            canvases = torch.zeros((len(idx), 3, side, side), device=device)
             for k, i in enumerate(idx):
                 for src, ox, oy in plans[i].tiles:
                     self._paste(canvases[k], tiles[src], ox, oy)
             if self.train:
                 canvases = self._warp(canvases, [plans[i] for i in idx])
-            out[torch.tensor(idx, device=device)] = canvases
+            parts.append((idx, canvases))
+        if len(parts) == 1:
+            out = parts[0][1]
+        else:  # back to input order
+            out = torch.empty((len(plans), 3, size, size), device=device)
+            for idx, canvases in parts:
+                out.index_copy_(0, _to_device(torch.tensor(idx), device), canvases)
+        out = out.add_(PAD_VALUE)
         if self.train and any(v != 0 for v in (self.params.hsv_h, self.params.hsv_s, self.params.hsv_v)):
-            gains = torch.tensor([p.hsv for p in plans], dtype=torch.float32).to(device, non_blocking=True)
-            out = hsv_jitter_batch(out, gains)
+            out = hsv_jitter_batch(out, _to_device(torch.tensor([p.hsv for p in plans]), device))
         return out.round_().clamp_(0, 255).to(torch.uint8)
 
     # ------------------------------------------------------------ the call
@@ -339,10 +353,7 @@ class TensorAugmenter:
         pixels = self.render(images, plans) if n else torch.zeros((0, 3, size, size), dtype=torch.uint8)
 
         def put(a: np.ndarray) -> torch.Tensor:
-            t = torch.from_numpy(a)
-            if device.type == "cuda":
-                t = t.pin_memory()  # so the copy is asynchronous
-            return t.to(device, non_blocking=True)
+            return _to_device(torch.from_numpy(a), device)
 
         return {
             "images": pixels,
