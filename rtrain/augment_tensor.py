@@ -61,7 +61,7 @@ def _resized_size(h: int, w: int, r: float) -> tuple[int, int]:
 
 
 def resize_exact(images: torch.Tensor, r: float) -> torch.Tensor:
-    """float [N, C, H, W] -> [N, C, floor(H r), floor(W r)] with x_out = r * x_in exactly
+    """[N, C, H, W] (float, or uint8 on CPU) -> [N, C, floor(H r), floor(W r)], x_out = r * x_in exactly
     (antialiased bilinear, PIL's filter): the tensor twin of `rtrain.augment._resize_exact`."""
     h, w = images.shape[-2:]
     nh, nw = _resized_size(h, w, r)
@@ -128,6 +128,8 @@ class TensorAugmenter:
     train=True: per image, mosaic (prob `params.mosaic`, partners from the same call) or letterbox,
     random affine, HSV jitter, horizontal flip, each drawn from `sample_rng(seed, epoch, image_id)`.
     """
+
+    uint8_resize_on_cpu = True  # False: the float resize path the CUDA device takes (tests use it)
 
     def __init__(
         self, img_size: int, train: bool, params: AugmentParams | None = None, seed: int = 0
@@ -232,16 +234,20 @@ class TensorAugmenter:
     # ------------------------------------------------------------ device: pixels
 
     def _resize_all(self, images: list[torch.Tensor], needed: set[int]) -> dict[int, torch.Tensor]:
-        """Each needed source image resized by S / max(H, W), equal-sized images in one call, minus
-        the pad gray: canvases are built around 0 = gray so zero-filling and grid_sample's zero
-        padding both give the gray border without a full-canvas subtraction."""
+        """Each needed source image resized by S / max(H, W), equal-sized images in one call.
+
+        CPU: uint8 channels-last in, uint8 out (torch's vectorised antialias kernel; rounds like
+        PIL's resize). Elsewhere float (the CUDA antialias kernel has no uint8 version)."""
         groups: dict[tuple[int, int], list[int]] = {}
         for i in sorted(needed):
             groups.setdefault(tuple(images[i].shape[-2:]), []).append(i)
         out = {}
         for (h, w), idx in groups.items():
-            batch = torch.stack([images[i] for i in idx]).float().sub_(PAD_VALUE)
-            batch = resize_exact(batch, self.img_size / max(h, w))  # linear, so resizing after is equal
+            # stack as [N, H, W, 3]: the NCHW view of that is channels-last, at the cost of one copy
+            batch = torch.stack([images[i].permute(1, 2, 0) for i in idx]).permute(0, 3, 1, 2)
+            if batch.device.type != "cpu" or not self.uint8_resize_on_cpu:
+                batch = batch.float()
+            batch = resize_exact(batch, self.img_size / max(h, w))
             for k, i in enumerate(idx):
                 out[i] = batch[k]
         return out
@@ -275,12 +281,14 @@ class TensorAugmenter:
         return _to_device(torch.tensor(rows, dtype=torch.float32), device)
 
     def _warp(self, canvases: torch.Tensor, plans: list[_Plan]) -> torch.Tensor:
-        """One grid_sample for a gray-centred canvas group; outside the canvas reads 0 = gray (PIL's
-        fillcolor)."""
+        """One grid_sample for a canvas group -> float; outside the canvas reads gray (PIL's
+        fillcolor): the canvas is sampled around gray so that zero padding is gray."""
         side, size = canvases.shape[-1], self.img_size
         theta = self._theta(plans, side, canvases.device)
         grid = F.affine_grid(theta, [len(plans), 3, size, size], align_corners=False)
-        return F.grid_sample(canvases, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        centred = canvases.to(torch.float32).sub_(PAD_VALUE)
+        out = F.grid_sample(centred, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return out.add_(PAD_VALUE)
 
     def render(self, images: list[torch.Tensor], plans: list[_Plan]) -> torch.Tensor:
         """uint8 [B, 3, S, S] for the plans, on the images' device."""
@@ -288,13 +296,14 @@ class TensorAugmenter:
         device = images[0].device
         needed = {src for p in plans for src, _, _ in p.tiles}
         tiles = self._resize_all(images, needed)
+        dtype = next(iter(tiles.values())).dtype  # uint8 on CPU, float elsewhere: see _resize_all
         parts = []
         for is_mosaic in (False, True):
             idx = [i for i, p in enumerate(plans) if p.mosaic == is_mosaic]
             if not idx:
                 continue
             side = 2 * size if is_mosaic else size
-            canvases = torch.zeros((len(idx), 3, side, side), device=device)
+            canvases = torch.full((len(idx), 3, side, side), PAD_VALUE, dtype=dtype, device=device)
             for k, i in enumerate(idx):
                 for src, ox, oy in plans[i].tiles:
                     self._paste(canvases[k], tiles[src], ox, oy)
@@ -304,10 +313,11 @@ class TensorAugmenter:
         if len(parts) == 1:
             out = parts[0][1]
         else:  # back to input order
-            out = torch.empty((len(plans), 3, size, size), device=device)
+            out = torch.empty((len(plans), 3, size, size), dtype=parts[0][1].dtype, device=device)
             for idx, canvases in parts:
                 out.index_copy_(0, _to_device(torch.tensor(idx), device), canvases)
-        out = out.add_(PAD_VALUE)
+        if out.dtype == torch.uint8:  # val on CPU: letterbox canvases are the output
+            return out
         if self.train and any(v != 0 for v in (self.params.hsv_h, self.params.hsv_s, self.params.hsv_v)):
             out = hsv_jitter_batch(out, _to_device(torch.tensor([p.hsv for p in plans]), device))
         return out.round_().clamp_(0, 255).to(torch.uint8)

@@ -256,3 +256,17 @@ def test_rejects_mismatched_inputs():
         aug([img], [torch.zeros(1, 4)], [torch.zeros(2)], [torch.zeros(1, dtype=bool)], [1])
     with pytest.raises(ValueError, match="uint8"):
         aug([img.float()], [torch.zeros(0, 4)], [torch.zeros(0)], [torch.zeros(0)], [1])
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_float_resize_path_as_on_cuda_agrees(train):
+    """CUDA resizes in float (no uint8 antialias kernel there); CPU in uint8: same result to rounding."""
+    params = AugmentParams(mosaic=0.5)
+    fast = TensorAugmenter(160, train, params, seed=4)
+    cuda_like = TensorAugmenter(160, train, params, seed=4)
+    cuda_like.uint8_resize_on_cpu = False
+    a, b = _run(fast, MOSAIC_SCENES, [1, 2, 3, 4], 1), _run(cuda_like, MOSAIC_SCENES, [1, 2, 3, 4], 1)
+    for key in ("boxes", "labels", "scale", "pad"):
+        assert torch.equal(a[key], b[key]), key
+    assert (a["images"].float() - b["images"].float()).abs().mean() < 0.5
+    _assert_tight(b)
