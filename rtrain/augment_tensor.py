@@ -108,7 +108,7 @@ def hsv_jitter_batch(images: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
     return _hsv_to_rgb(hue, sat, val)
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host tensor -> device without stalling the host: pinned + non_blocking on CUDA."""
     if device.type == "cuda":
         t = t.pin_memory()
@@ -246,7 +246,7 @@ class TensorAugmenter:
             # stack as [N, H, W, 3]: the NCHW view of that is channels-last, at the cost of one copy
             batch = torch.stack([images[i].permute(1, 2, 0) for i in idx]).permute(0, 3, 1, 2)
             if batch.device.type != "cpu" or not self.uint8_resize_on_cpu:
-                batch = batch.float()
+                batch = batch.float().contiguous()  # NCHW: what the CUDA kernel is written for
             batch = resize_exact(batch, self.img_size / max(h, w))
             for k, i in enumerate(idx):
                 out[i] = batch[k]
@@ -278,7 +278,7 @@ class TensorAugmenter:
                 [[ax * size / side, 0.0, (ax * size + 2 * bx) / side - 1.0],
                  [0.0, ay * size / side, (ay * size + 2 * by) / side - 1.0]]
             )
-        return _to_device(torch.tensor(rows, dtype=torch.float32), device)
+        return to_device_async(torch.tensor(rows, dtype=torch.float32), device)
 
     def _warp(self, canvases: torch.Tensor, plans: list[_Plan]) -> torch.Tensor:
         """One grid_sample for a canvas group -> float; outside the canvas reads gray (PIL's
@@ -315,11 +315,11 @@ class TensorAugmenter:
         else:  # back to input order
             out = torch.empty((len(plans), 3, size, size), dtype=parts[0][1].dtype, device=device)
             for idx, canvases in parts:
-                out.index_copy_(0, _to_device(torch.tensor(idx), device), canvases)
+                out.index_copy_(0, to_device_async(torch.tensor(idx), device), canvases)
         if out.dtype == torch.uint8:  # val on CPU: letterbox canvases are the output
             return out
         if self.train and any(v != 0 for v in (self.params.hsv_h, self.params.hsv_s, self.params.hsv_v)):
-            out = hsv_jitter_batch(out, _to_device(torch.tensor([p.hsv for p in plans]), device))
+            out = hsv_jitter_batch(out, to_device_async(torch.tensor([p.hsv for p in plans]), device))
         return out.round_().clamp_(0, 255).to(torch.uint8)
 
     # ------------------------------------------------------------ the call
@@ -363,7 +363,7 @@ class TensorAugmenter:
         pixels = self.render(images, plans) if n else torch.zeros((0, 3, size, size), dtype=torch.uint8)
 
         def put(a: np.ndarray) -> torch.Tensor:
-            return _to_device(torch.from_numpy(a), device)
+            return to_device_async(torch.from_numpy(a), device)
 
         return {
             "images": pixels,

@@ -31,7 +31,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from rtrain.augment import AugmentParams
-from rtrain.augment_tensor import TensorAugmenter
+from rtrain.augment_tensor import TensorAugmenter, to_device_async
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class DeviceDecodeAugment:
             out = {k: v.to(device) for k, v in out.items()}
         stored = torch.stack([raw["width"][pick], raw["height"][pick]], 1)
         orig = torch.stack([raw["orig_width"][pick], raw["orig_height"][pick]], 1)
-        out["image_id"] = image_ids.to(device, non_blocking=True)
-        out["stored_size"] = stored.to(device, non_blocking=True)
-        out["orig_size"] = orig.to(device, non_blocking=True)
+        out["image_id"] = to_device_async(image_ids, device)
+        out["stored_size"] = to_device_async(stored, device)
+        out["orig_size"] = to_device_async(orig, device)
         return out
