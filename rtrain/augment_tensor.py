@@ -88,7 +88,7 @@ def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 def _hsv_to_rgb(hue: torch.Tensor, sat: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
     """Inverse of `_rgb_to_hsv` -> float RGB [B, 3, H, W] (the closed form f(n) = V - V S k(n))."""
-    n = torch.tensor([5.0, 3.0, 1.0], device=hue.device, dtype=hue.dtype).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=hue.device, dtype=hue.dtype).view(1, 3, 1, 1)  # R, G, B
     k = torch.remainder(n + hue[:, None] * 6.0, 6.0)
     weight = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
     return val[:, None] - (val * sat)[:, None] * weight
