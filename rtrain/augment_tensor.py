@@ -72,40 +72,28 @@ def resize_exact(images: torch.Tensor, r: float) -> torch.Tensor:
     return torch.ops.aten._upsample_bilinear2d_aa(images, [nh, nw], False, r, r)
 
 
-def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float RGB [B, 3, H, W] in 0..255 -> hue in [0, 1), saturation in [0, 1], value in 0..255."""
-    r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
-    chroma = maxc - minc
-    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
-    hue = torch.where(r == maxc, bc - gc, torch.where(g == maxc, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = torch.where(chroma > 0, torch.remainder(hue / 6.0, 1.0), torch.zeros_like(hue))
-    sat = torch.where(maxc > 0, chroma / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), 0.0)
-    return hue, sat, maxc
-
-
-def _hsv_to_rgb(hue: torch.Tensor, sat: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
-    """Inverse of `_rgb_to_hsv` -> float RGB [B, 3, H, W] (the closed form f(n) = V - V S k(n))."""
-    n = torch.arange(5.0, 0.0, -2.0, device=hue.device, dtype=hue.dtype).view(1, 3, 1, 1)  # R, G, B
-    k = torch.remainder(n + hue[:, None] * 6.0, 6.0)
-    weight = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
-    return val[:, None] - (val * sat)[:, None] * weight
-
-
 def hsv_jitter_batch(images: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
     """float RGB [B, 3, H, W] 0..255; gains [B, 3] = (hue shift as a circle fraction, saturation
     gain, value gain): hue + shift, saturation * (1 + gain), value * (1 + gain), clipped.
 
     The hue shift is scaled by 256/255 as `rtrain.augment.hsv_jitter`'s 256-entry LUT on PIL's
-    0..255 hue does."""
-    hue, sat, val = _rgb_to_hsv(images)
-    g = gains.to(images.dtype)[:, :, None, None]
-    hue = torch.remainder(hue + g[:, 0] * (256.0 / 255.0), 1.0)
-    sat = torch.clamp(sat * (1.0 + g[:, 1]), 0.0, 1.0)
-    val = torch.clamp(val * (1.0 + g[:, 2]), 0.0, 255.0)
-    return _hsv_to_rgb(hue, sat, val)
+    0..255 hue does. Hue is kept in sextants (0..6): max channel k and (next - previous) / chroma
+    give it in one pass; back to RGB with the closed form c(n) = V - V S clamp(min(t, 4 - t), 0, 1),
+    t = (n + hue) mod 6, n = 5, 3, 1 for R, G, B.
+    """
+    g = gains.to(images.dtype)
+    maxc, k = images.max(1)  # the first maximal channel on ties: R before G before B, as PIL
+    chroma = maxc - images.amin(1)
+    r, gr, b = images.unbind(1)
+    numer = torch.where(k == 0, gr - b, torch.where(k == 1, b - r, r - gr))
+    hue = numer.div_(chroma.clamp_min(1e-6)).add_(k.to(images.dtype), alpha=2.0)  # grey: S = 0 anyway
+    hue.add_((g[:, 0] * (6.0 * 256.0 / 255.0))[:, None, None])
+    sat = chroma.div_(maxc.clamp_min(1e-6)).mul_((1.0 + g[:, 1])[:, None, None]).clamp_(0.0, 1.0)
+    val = maxc.mul_((1.0 + g[:, 2])[:, None, None]).clamp_(0.0, 255.0)
+    n = torch.arange(5.0, 0.0, -2.0, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)  # R, G, B
+    t = torch.remainder(hue[:, None] + n, 6.0)
+    weight = torch.minimum(t, 4.0 - t).clamp_(0.0, 1.0)
+    return weight.mul_((val * sat)[:, None]).neg_().add_(val[:, None])
 
 
 def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
