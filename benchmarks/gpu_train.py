@@ -1,17 +1,18 @@
 """Does the device data path keep a GPU busy? Train steps fed by decode + augment on the device.
 
 Makes shards in a temp dir (BCCD when ../shared/data/bccd exists, else the synthetic shapes) at
---img-size px, reads them with pyarrow (no Ray), and a background thread prefetches raw batches
-(`rtrain.device_data.raw_collate`, CPU). The loop decodes (nvJPEG on CUDA) and augments
-(`DeviceDecodeAugment`, train recipe) on the device and runs `rtrain.engine.train_one_epoch`
-(bf16 autocast on CUDA) for two models on the same path: rtrain's `compact_s` and torchvision's
-`ssdlite320_mobilenet_v3_large` (random init). Per model: warm-up steps, then measured steps.
-Also the data path alone (decode + augment, no model).
+--img-size px, reads them with pyarrow (no Ray), and a background thread prefetches batches of
+raw rows (`rtrain.device_data.raw_collate`). Decode (nvJPEG on CUDA) and augment
+(`DeviceDecodeAugment`, train recipe) run on the device, in that thread on its own CUDA stream
+(`--augment-in thread`, default) or in the training loop (`--augment-in loop`), feeding
+`rtrain.engine.train_one_epoch` (bf16 autocast on CUDA) for two models on the same path:
+rtrain's `compact_s` and torchvision's `ssdlite320_mobilenet_v3_large` (random init). Per model:
+warm-up steps, then measured steps. Also the data path alone (decode + augment, no model).
 
-Figures: img/s; data-wait fraction (engine's: time the loop waits for its next batch, which
-includes the device decode/augment it launches); queue-wait fraction (of that, waiting for the
-prefetch thread); host syncs per step (`torch.cuda.set_sync_debug_mode("warn")` warnings
-counted; n/a off CUDA); peak GPU memory (n/a off CUDA).
+Figures: img/s; data-wait fraction (engine's: time the loop waits for its next batch; with
+`loop` that includes launching decode/augment); queue-wait fraction (of that, blocked on the
+prefetch queue); host syncs per step (`torch.cuda.set_sync_debug_mode("warn")` warnings, both
+threads, counted; n/a off CUDA); peak GPU memory (n/a off CUDA).
 
     python benchmarks/gpu_train.py                     # CUDA, batch 128, ends within 5 minutes
     python benchmarks/gpu_train.py --device cpu --smoke
@@ -49,46 +50,82 @@ SYNC_WARNING = "synchroniz"  # set_sync_debug_mode("warn") messages: "called a s
 
 
 class Prefetcher:
-    """Raw batches from a background thread, cycling over the rows (epoch += 1 per pass)."""
+    """Batches from a background thread, cycling over the rows (epoch += 1 per pass).
 
-    def __init__(self, rows, batch: int, depth: int = 4) -> None:
-        self.rows, self.batch = rows, batch
+    transform=None: yields (epoch, raw batch) (CPU). Otherwise yields transform(raw, epoch): with
+    CUDA the thread runs it on its own stream, so host-side planning and the decode/augment
+    kernels overlap the training step; the consumer waits on the batch's event, and the tensors
+    are marked as used by its stream so the allocator does not recycle them early.
+    """
+
+    def __init__(self, rows, batch: int, transform=None, device=None, depth: int = 3) -> None:
+        self.rows, self.batch, self.transform = rows, batch, transform
+        self.device = torch.device(device) if device is not None else None
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
         self.wait_s = 0.0
+        self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
+    def _make(self, epoch: int, raw):
+        if self.transform is None:
+            return epoch, raw
+        if self.device is None or self.device.type != "cuda":
+            return self.transform(raw, epoch), None
+        with torch.cuda.stream(self.stream):
+            batch = self.transform(raw, epoch)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return batch, event
+
     def _run(self) -> None:
-        epoch = 0
-        while not self.stop.is_set():
-            for b in row_batches(self.rows, self.batch):
-                raw = raw_collate(b)
-                while not self.stop.is_set():
-                    try:
-                        self.queue.put((epoch, raw), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self.stop.is_set():
-                    return
-            epoch += 1
+        try:
+            if self.device is not None and self.device.type == "cuda":
+                self.stream = torch.cuda.Stream(self.device)
+            epoch = 0
+            while not self.stop.is_set():
+                for b in row_batches(self.rows, self.batch):
+                    item = self._make(epoch, raw_collate(b))
+                    while not self.stop.is_set():
+                        try:
+                            self.queue.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if self.stop.is_set():
+                        return
+                epoch += 1
+        except BaseException as e:  # surfaced in get(), not lost in the thread
+            self.error = e
+            self.queue.put(None)
 
     def get(self):
         t0 = time.perf_counter()
         item = self.queue.get()
         self.wait_s += time.perf_counter() - t0
+        if item is None:
+            raise RuntimeError("prefetch thread failed") from self.error
         return item
+
+    def batches(self, step=None, device=None):
+        """Device batches: made here by `step` (transform=None), or taken ready from the thread."""
+        while True:
+            first, second = self.get()
+            if self.transform is None:
+                yield step(second, first, device)
+                continue
+            batch, event = first, second
+            if event is not None:
+                current = torch.cuda.current_stream(self.device)
+                current.wait_event(event)
+                for t in batch.values():
+                    t.record_stream(current)
+            yield batch
 
     def close(self) -> None:
         self.stop.set()
         self.thread.join(timeout=5)
-
-
-def device_batches(prefetch: Prefetcher, step: DeviceDecodeAugment, device: torch.device):
-    while True:
-        epoch, raw = prefetch.get()
-        yield step(raw, epoch, device)
 
 
 def targets_on_device(batch, device) -> list[dict]:
@@ -122,12 +159,19 @@ def ssdlite(num_classes: int) -> nn.Module:
     )
 
 
+def make_prefetcher(rows, args, step: DeviceDecodeAugment, device: torch.device) -> Prefetcher:
+    """--augment-in thread: decode + augment in the prefetch thread; loop: in the training loop."""
+    if args.augment_in == "thread":
+        return Prefetcher(rows, args.batch, lambda raw, epoch: step(raw, epoch, device), device)
+    return Prefetcher(rows, args.batch)
+
+
 def run_model(name, model, rows, args, device, params) -> dict:
     model = model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9, weight_decay=5e-4)
     step = DeviceDecodeAugment(args.img_size, True, params, seed=0)
-    prefetch = Prefetcher(rows, args.batch)
-    batches = device_batches(prefetch, step, device)
+    prefetch = make_prefetcher(rows, args, step, device)
+    batches = prefetch.batches(step, device)
     common = {"device": device, "amp": True, "grad_clip": 10.0, "to_targets": targets_on_device}
     try:
         train_one_epoch(model, optimizer, batches, max_steps=args.warmup, **common)
@@ -165,9 +209,9 @@ def run_model(name, model, rows, args, device, params) -> dict:
 def run_data_path(rows, args, device, params) -> dict:
     """Decode + augment alone: img/s of the device path with the prefetch thread feeding it."""
     step = DeviceDecodeAugment(args.img_size, True, params, seed=0)
-    prefetch = Prefetcher(rows, args.batch)
+    prefetch = make_prefetcher(rows, args, step, device)
     try:
-        gen = device_batches(prefetch, step, device)
+        gen = prefetch.batches(step, device)
         next(gen)  # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -193,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="default 5 (smoke 1)")
     ap.add_argument("--steps", type=int, default=None, help="measured steps per model; default 30 (smoke 2)")
     ap.add_argument("--mosaic", type=float, default=0.5)
+    ap.add_argument("--augment-in", choices=("thread", "loop"), default="thread",
+                    help="where decode + augment run: the prefetch thread (own CUDA stream) or the loop")
     args = ap.parse_args(argv)
     defaults = {"batch": 4, "img_size": 128, "warmup": 1, "steps": 2} if args.smoke else \
         {"batch": 128, "img_size": 320, "warmup": 5, "steps": 30}
@@ -224,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, {source} shards ({len(rows['image_id'])} images, {classes} classes) at "
           f"{args.img_size} px, batch {args.batch}, {args.warmup} warm-up + {args.steps} measured steps, "
-          f"mosaic {args.mosaic}, setup {setup_s:.1f} s")
+          f"mosaic {args.mosaic}, decode + augment in the {args.augment_in}, setup {setup_s:.1f} s")
     print(f"data path alone (decode + augment on {device.type}): {data_path['img_s']} img/s, "
           f"{data_path['ms_per_batch']} ms/batch")
     print(f"{'model':<32} {'img/s':>8} {'data wait':>10} {'queue wait':>11} {'syncs/step':>11} "
@@ -238,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{fmt(r['host_syncs_per_step']):>11} {fmt(r['peak_mem_gib']):>9}")
     print(json.dumps({
         "device": name, "smoke": args.smoke, "source": source, "batch": args.batch, "img_size": args.img_size,
-        "steps": args.steps, "mosaic": args.mosaic, "wall_s": round(time.perf_counter() - start, 1),
-        "data_path": data_path, "models": models,
+        "steps": args.steps, "mosaic": args.mosaic, "augment_in": args.augment_in,
+        "wall_s": round(time.perf_counter() - start, 1), "data_path": data_path, "models": models,
     }))
     return 0
 
