@@ -8,9 +8,8 @@ synthetic shapes of `data_prep.synthetic`; read back with pyarrow as Ray's numpy
 
 from __future__ import annotations
 
+import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,21 +21,25 @@ BCCD = ROOT.parent / "shared" / "data" / "bccd"
 
 
 def make_bench_shards(tmp: Path, images: int, stored: int, use_bccd: bool = True) -> tuple[Path, str]:
-    """Write shards with `python -m data_prep.shard` under `tmp`; returns (shard dir, source name)."""
+    """Write shards under `tmp` with data_prep's reader + shard writer (what `python -m
+    data_prep.shard` runs), in-process and without a pool: the CLI module also imports the YOLO
+    reader's PyYAML, which a bare GPU host may lack. Returns (shard dir, source name)."""
+    from data_prep import coco, voc
+    from data_prep.writer import Options, write_dataset
+
     out = Path(tmp) / "shards"
+    args = argparse.Namespace(annotations=None, images=None, root=None, split_file=None, classes=None,
+                              data=None, split=None, opt=[], opts={})
     if use_bccd and BCCD.is_dir():
-        args = ["--format", "voc", "--root", str(BCCD)]
-        source = "bccd"
+        args.root, reader, source = str(BCCD), voc.read, "bccd"
     else:
         from data_prep.synthetic import make_synthetic
 
         paths = make_synthetic(Path(tmp) / "synthetic", images=images, seed=0, size=stored)
-        args = ["--format", "coco", "--annotations", str(paths.annotations["all"]),
-                "--images", str(paths.images)]
-        source = "synthetic"
-    cmd = [sys.executable, "-m", "data_prep.shard", *args, "--out", str(out), "--size", str(stored),
-           "--workers", "2"]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+        args.annotations, args.images = str(paths.annotations["all"]), str(paths.images)
+        reader, source = coco.read, "synthetic"
+    classes, stream, src = reader(args)
+    write_dataset(classes, stream, src, out, Options(size=stored, workers=1))
     return out, source
 
 
