@@ -10,6 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # The GPU benchmark machine has torch, torchvision and pyarrow but no Ray, no pycocotools and
@@ -24,18 +26,19 @@ HIDE_MODULES = textwrap.dedent("""
 """)
 
 
-def test_gpu_train_smoke_on_cpu_without_ray(tmp_path):
+@pytest.mark.parametrize("augment_in", ["thread", "loop"])
+def test_gpu_train_smoke_on_cpu_without_ray(tmp_path, augment_in):
     (tmp_path / "sitecustomize.py").write_text(HIDE_MODULES)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])}
     proc = subprocess.run(
-        [sys.executable, "benchmarks/gpu_train.py", "--device", "cpu", "--smoke"],
+        [sys.executable, "benchmarks/gpu_train.py", "--device", "cpu", "--smoke", "--augment-in", augment_in],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()
     assert any("img/s" in line for line in lines[:-1])  # the table comes first
     result = json.loads(lines[-1])
-    assert result["device"] == "cpu" and result["smoke"] is True
+    assert result["device"] == "cpu" and result["smoke"] is True and result["augment_in"] == augment_in
     assert result["data_path"]["img_s"] > 0
     assert set(result["models"]) == {"compact_s", "ssdlite320_mobilenet_v3_large"}
     for name, m in result["models"].items():
