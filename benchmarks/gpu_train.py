@@ -166,7 +166,7 @@ def make_prefetcher(rows, args, step: DeviceDecodeAugment, device: torch.device)
     return Prefetcher(rows, args.batch)
 
 
-def run_model(name, model, rows, args, device, params) -> dict:
+def run_model(model, rows, args, device, params) -> dict:
     model = model.to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9, weight_decay=5e-4)
     step = DeviceDecodeAugment(args.img_size, True, params, seed=0)
@@ -264,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_s = time.perf_counter() - start
     data_path = run_data_path(rows, args, device, params)
     models = {
-        "compact_s": run_model("compact_s", build_model("compact_s", classes), rows, args, device, params),
-        "ssdlite320_mobilenet_v3_large": run_model("ssdlite", ssdlite(classes), rows, args, device, params),
+        "compact_s": run_model(build_model("compact_s", classes), rows, args, device, params),
+        "ssdlite320_mobilenet_v3_large": run_model(ssdlite(classes), rows, args, device, params),
     }
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}, {source} shards ({len(rows['image_id'])} images, {classes} classes) at "
