@@ -1,0 +1,66 @@
+"""Shards for the benchmarks, made in a temp dir: BCCD (../shared/data/bccd) when present, else the
+synthetic shapes of `data_prep.synthetic`; read back with pyarrow as Ray's numpy batches (no Ray).
+
+    shard_dir, source = make_bench_shards(tmp, images=64, stored=640)
+    rows = read_rows(shard_dir)            # dict of numpy columns, `rtrain.device_data.RAW_COLUMNS`
+    for batch in row_batches(rows, 32): ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+BCCD = ROOT.parent / "shared" / "data" / "bccd"
+
+
+def make_bench_shards(tmp: Path, images: int, stored: int, use_bccd: bool = True) -> tuple[Path, str]:
+    """Write shards under `tmp` with data_prep's reader + shard writer (what `python -m
+    data_prep.shard` runs), in-process and without a pool: the CLI module also imports the YOLO
+    reader's PyYAML, which a bare GPU host may lack. Returns (shard dir, source name)."""
+    from data_prep import coco, voc
+    from data_prep.writer import Options, write_dataset
+
+    out = Path(tmp) / "shards"
+    args = argparse.Namespace(annotations=None, images=None, root=None, split_file=None, classes=None,
+                              data=None, split=None, opt=[], opts={})
+    if use_bccd and BCCD.is_dir():
+        args.root, reader, source = str(BCCD), voc.read, "bccd"
+    else:
+        from data_prep.synthetic import make_synthetic
+
+        paths = make_synthetic(Path(tmp) / "synthetic", images=images, seed=0, size=stored)
+        args.annotations, args.images = str(paths.annotations["all"]), str(paths.images)
+        reader, source = coco.read, "synthetic"
+    classes, stream, src = reader(args)
+    write_dataset(classes, stream, src, out, Options(size=stored, workers=1))
+    return out, source
+
+
+def num_classes(shard_dir: Path) -> int:
+    return len(json.loads((Path(shard_dir) / "manifest.json").read_text())["classes"])
+
+
+def read_rows(shard_dir: Path, limit: int | None = None) -> dict[str, np.ndarray]:
+    """All rows of the shards (at most `limit`) as one numpy batch of the raw columns."""
+    from rtrain.device_data import RAW_COLUMNS, numpy_batch_from_table
+
+    tables = [pq.read_table(p, columns=list(RAW_COLUMNS)) for p in sorted(Path(shard_dir).glob("*.parquet"))]
+    table = pa.concat_tables(tables)
+    if limit is not None:
+        table = table.slice(0, limit)
+    return numpy_batch_from_table(table)
+
+
+def row_batches(rows: dict[str, np.ndarray], batch: int, drop_last: bool = True):
+    """Consecutive slices of `rows` of `batch` rows (the last partial one unless drop_last)."""
+    n = len(rows["image_id"])
+    stop = n - n % batch if drop_last else n
+    for start in range(0, stop, batch):
+        yield {k: v[start : start + batch] for k, v in rows.items()}
