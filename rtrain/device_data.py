@@ -32,6 +32,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from rtrain.augment import AugmentParams
 from rtrain.augment_tensor import TensorAugmenter, to_device_async
+from rtrain.target_checks import clean_targets
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +80,32 @@ def _bytes_tensor(data) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(data, np.uint8).copy())  # writable; empty bytes allowed
 
 
-def raw_collate(batch: dict[str, np.ndarray]) -> dict:
-    """Numpy batch of raw shard rows -> the raw batch of the module doc (CPU tensors and lists)."""
+def raw_collate(batch: dict[str, np.ndarray], num_classes: int | None = None) -> dict:
+    """Numpy batch of raw shard rows -> the raw batch of the module doc (CPU tensors and lists).
+
+    Poisoned targets (non-finite, outside the stored image, label outside 0..C-1 when
+    `num_classes` is given) are dropped here and counted per row in `dropped_targets`.
+    """
     n = len(batch["image_id"])
+    boxes, labels, crowd, dropped = [], [], [], []
+    for i in range(n):
+        b, lab, c, d = clean_targets(batch["boxes"][i], batch["labels"][i], batch["iscrowd"][i],
+                                     float(batch["width"][i]), float(batch["height"][i]), num_classes)
+        if d:
+            log.warning("image_id %s (%s): %d box(es) with non-finite coordinates, outside the image or "
+                        "with a label outside 0..C-1 dropped", batch["image_id"][i], batch["file_name"][i], d)
+        boxes.append(torch.from_numpy(b))
+        labels.append(torch.from_numpy(lab))
+        crowd.append(torch.from_numpy(c))
+        dropped.append(d)
     out = {
         "image_id": torch.tensor(np.asarray(batch["image_id"], np.int64).reshape(n)),
         "file_name": [str(x) for x in batch["file_name"]],
         "jpeg": [_bytes_tensor(x) for x in batch["jpeg"]],
-        "boxes": [torch.tensor(np.asarray(x, np.float32).reshape(-1, 4)) for x in batch["boxes"]],
-        "labels": [torch.tensor(np.asarray(x, np.int64).reshape(-1)) for x in batch["labels"]],
-        "iscrowd": [torch.tensor(np.asarray(x, bool).reshape(-1)) for x in batch["iscrowd"]],
+        "boxes": boxes,
+        "labels": labels,
+        "iscrowd": crowd,
+        "dropped_targets": torch.tensor(dropped, dtype=torch.int64),
     }
     for name in ("width", "height", "orig_width", "orig_height"):
         out[name] = torch.tensor(np.asarray(batch[name], np.int64).reshape(n))
@@ -100,8 +117,11 @@ def raw_collate(batch: dict[str, np.ndarray]) -> dict:
 class RawCollate(_CollateBase):
     """`collate_fn` for `iter_torch_batches` over raw shard rows: see `raw_collate`."""
 
+    def __init__(self, num_classes: int | None = None) -> None:
+        self.num_classes = num_classes
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-        return raw_collate(batch)
+        return raw_collate(batch, self.num_classes)
 
 
 def numpy_batch_from_table(table) -> dict[str, np.ndarray]:
@@ -179,4 +199,6 @@ class DeviceDecodeAugment:
         out["image_id"] = to_device_async(image_ids, device)
         out["stored_size"] = to_device_async(stored, device)
         out["orig_size"] = to_device_async(orig, device)
+        if "dropped_targets" in raw:  # stays on the CPU: the loop sums it without a device sync
+            out["dropped_targets"] = raw["dropped_targets"][pick]
         return out

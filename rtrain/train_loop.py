@@ -129,7 +129,7 @@ def _refit_ema_tau(ema: ModelEMA, schedule: LRSchedule, step: int, time_limit: f
         ema.tau = ModelEMA.tau_for_run(max(step, round(step / elapsed * time_limit)))
 
 
-def _train_batches(cfg: Config, shard, decode: str, device, rank: int, batch_size: int):
+def _train_batches(cfg: Config, shard, decode: str, device, rank: int, batch_size: int, num_classes: int):
     """ONE iterator over the worker's shard of the whole run's stream (rtrain.epoch_stream):
     collated batches (the `rtrain.data.collate` layout), decoded by Ray Data tasks ("cpu") or
     here on the worker's device ("gpu")."""
@@ -143,7 +143,7 @@ def _train_batches(cfg: Config, shard, decode: str, device, rank: int, batch_siz
     if decode == "gpu":
         from rtrain.device_data import DeviceDecodeAugment, RawCollate
 
-        collate = RawCollate()
+        collate = RawCollate(num_classes)
     batches = shard.iter_torch_batches(
         batch_size=batch_size, collate_fn=collate,
         local_shuffle_buffer_size=max(buffer, batch_size) if buffer else None,
@@ -288,7 +288,8 @@ def train_loop(loop_config: dict) -> None:
 
     if clock is not None:
         set_start_epoch(clock, start_epoch)  # the stream skips the epochs already trained
-    stream = _train_batches(cfg, train_shard, loop_config.get("decode", "cpu"), device, rank, batch_size)
+    stream = _train_batches(cfg, train_shard, loop_config.get("decode", "cpu"), device, rank, batch_size,
+                            len(class_names))
     schedule.start()
     epoch = start_epoch
     finished = start_epoch >= cfg.train.epochs or (time_limit is not None and schedule.finished(step))

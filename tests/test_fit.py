@@ -134,6 +134,45 @@ def test_fit_reports_checkpoints_and_resumes(ray_session, tiny_shards, tmp_path)
     assert load_weights(out / "last.pt")["extra"]["epoch"] == 2
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_decoding_in_the_worker_trains_and_drops_poisoned_boxes(ray_session, tiny_shards, tmp_path):
+    """data.decode=gpu on CPU workers runs the accelerator path (raw rows -> torchvision.io +
+    tensor augmentation in the worker); a shard written by hand with a NaN box, a box outside
+    its image and a label outside 0..C-1 trains with those boxes dropped and counted."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    train, val = tiny_shards
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(train, poisoned)
+    first = sorted(poisoned.glob("*.parquet"))[0]
+    table = pq.read_table(first)
+    boxes = table["boxes"].to_pylist()
+    labels = table["labels"].to_pylist()
+    boxes[0] = boxes[0] + [float("nan"), 1.0, 5.0, 5.0, 5000.0, 5000.0, 6000.0, 6000.0, 1.0, 1.0, 9.0, 9.0]
+    labels[0] = labels[0] + [0, 0, 99]
+    crowd = table["iscrowd"].to_pylist()
+    crowd[0] = crowd[0] + [False, False, False]
+    for name, values, kind in (("boxes", boxes, pa.float32()), ("labels", labels, pa.int32()),
+                               ("iscrowd", crowd, pa.bool_())):
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.list_(kind)))
+    pq.write_table(table, first)
+    cfg = _tiny_config(poisoned, val, tmp_path / "runs", epochs=2)
+    cfg["data"]["decode"] = "gpu"
+    cfg["data"]["shuffle_buffer"] = 0
+    cfg["run"]["workers"] = 1
+    result = fit(cfg, name="worker-decode", plots=False)
+    rows = run_dir.read_metrics(result.run_dir)
+    assert [r["epoch"] for r in rows] == [0, 1] and all(r["evaluated"] for r in rows)
+    assert all(r["skipped"] == 0 and r["steps"] == 2 for r in rows)  # 19 train images, batch 8
+    # the poisoned image's 3 bad boxes, in each epoch whose 16 rows include it
+    assert all(r["dropped_targets"] in (0, 3) for r in rows) and sum(r["dropped_targets"] for r in rows) > 0
+    assert all(r["first_batch_s"] >= 0 for r in rows)
+
+
 def test_full_disk_at_start_is_one_line_before_ray(tmp_path, monkeypatch):
     """A full disk cannot be made here without root mounts: the OS error it raises is injected."""
     import errno
