@@ -144,10 +144,14 @@ def _train_batches(cfg: Config, shard, decode: str, device, rank: int, batch_siz
         from rtrain.device_data import DeviceDecodeAugment, RawCollate
 
         collate = RawCollate(num_classes)
+    on_gpu = torch.device(device).type == "cuda"
     batches = shard.iter_torch_batches(
         batch_size=batch_size, collate_fn=collate,
         local_shuffle_buffer_size=max(buffer, batch_size) if buffer else None,
         prefetch_batches=cfg.data.prefetch_batches,
+        # decoded batches: Ray pins and copies them to the device in its prefetch thread; raw
+        # batches (lists of JPEG bytes) stay on the CPU for the worker's own decode
+        device="cpu" if decode == "gpu" else "auto", pin_memory=on_gpu and decode != "gpu",
     )
     if decode != "gpu":
         return iter(batches)
