@@ -211,7 +211,7 @@ def build_train_stream(
     # Reading is light (Parquet slices, no decode): a small CPU share, and a resource shape that
     # differs from the decode step's, so Ray Data does not fuse the two into one task per window.
     ds = ds.map_batches(emit_items, fn_kwargs={"plan": plan, "clock": clock}, batch_size=None,
-                        batch_format="numpy", num_cpus=0.25)
+                        batch_format="numpy")
     # Ray buffers a task's outputs into blocks of up to 128 MB: cut them back to batch_rows rows
     # (a streaming step) so decode spreads over tasks and the splitter deals whole batches.
     ds = ds.repartition(target_num_rows_per_block=plan.batch_rows)
