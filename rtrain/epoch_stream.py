@@ -206,10 +206,11 @@ def build_train_stream(
     import ray
 
     items = epochs * plan.windows_per_epoch
-    # One read block per epoch, so a read task never runs far ahead of the epochs in use.
     ds = ray.data.range(items, override_num_blocks=max(1, min(epochs, 10_000)))
-    # Reading is light (Parquet slices, no decode): a small CPU share, and a resource shape that
-    # differs from the decode step's, so Ray Data does not fuse the two into one task per window.
+    # One execution lasts the whole run: its progress bars would print for hours into job logs.
+    ds.context.enable_progress_bars = False
+    # Range read, window read and the cut into batch blocks fuse into one operator; Ray Data
+    # never fuses a repartition into the map after it, so decode still spreads over tasks.
     ds = ds.map_batches(emit_items, fn_kwargs={"plan": plan, "clock": clock}, batch_size=None,
                         batch_format="numpy")
     # Ray buffers a task's outputs into blocks of up to 128 MB: cut them back to batch_rows rows

@@ -321,7 +321,8 @@ def build_trainer(
             callbacks=list(callbacks or []),
         ),
         datasets={"train": ds_train},
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_ingest_options(cfg)),
+        dataset_config=DataConfig(datasets_to_split=["train"],
+                                  execution_options=_ingest_options(cfg, decode, num_workers)),
     )
     return trainer, clock
 
@@ -372,19 +373,25 @@ def decode_tasks(cfg: Config, num_workers: int) -> int:
     return max(1, int(free // cfg.data.cpus_per_actor))
 
 
-def _ingest_options(cfg: Config):
-    """Ray Data's execution options for the train split (None: Ray Train's defaults).
+def _ingest_options(cfg: Config, decode: str, num_workers: int):
+    """Ray Data's execution options for the train stream.
 
+    The stream holds every epoch, and its read step is much faster than decoding: without a
+    limit Ray Data would read epochs ahead until half the object store is full. The limit
+    leaves room for about 32 blocks per worker in flight (at least 256 MiB).
     Deterministic runs preserve block order: Ray Data then also drops locality hints and
     hands the stream's blocks (one batch each) to the workers in turn, so each worker's rows
     of every epoch depend only on the shards, the seed and the epoch.
     """
-    if not cfg.data.deterministic:
-        return None
+    from ray.data import ExecutionResources
     from ray.train import DataConfig
 
     options = DataConfig.default_ingest_options()
-    options.preserve_order = True
+    batch = stream_batch_rows(cfg)
+    block = batch * (cfg.data.img_size**2 * 3 if decode == "cpu" else 100 * 1024)
+    options.resource_limits = options.resource_limits.min(
+        ExecutionResources.for_limits(object_store_memory=max(256 * 1024**2, 32 * num_workers * block)))
+    options.preserve_order = bool(cfg.data.deterministic)
     return options
 
 
