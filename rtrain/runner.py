@@ -20,6 +20,11 @@ continued, with its saved config.yaml (plus `overrides`, e.g. more epochs)
 unless a config is given. Ray Train V2 resumes by itself when storage + name
 match: it hands the loop the latest checkpoint.
 
+One writer per run: before anything is written and before Ray, `fit` takes RUN/.lock
+(`rtrain.run_lock`); while another live process holds it (a second `--resume`, a retried Ray
+job) it is refused with one line naming that process's host and pid. A killed driver's lock
+is taken over with a warning.
+
 Multi-node clusters: storage must be a path every node sees (shared filesystem),
 because rank 0 writes metrics and weights there directly.
 """
@@ -36,7 +41,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from rtrain import run_dir
+from rtrain import run_dir, run_lock
 from rtrain.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
 
 logger = logging.getLogger(__name__)
@@ -435,8 +440,19 @@ def fit(
     # Absolute shard paths: Ray workers (and a later --resume) may run from another directory.
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, train=_absolute(cfg.data.train), val=_absolute(cfg.data.val)))
-    classes, num_images = check_data(cfg)
     out_dir = storage_path / name
+    try:  # one writer per run name, checked before anything is written and before Ray
+        lock = run_lock.acquire(out_dir, what="run")
+    except run_lock.RunLockError as exc:
+        raise FitError(str(exc)) from None
+    with lock:
+        return _fit_locked(cfg, name, storage_path, out_dir, resume, plots)
+
+
+def _fit_locked(cfg: Config, name: str, storage_path: Path, out_dir: Path, resume: bool,
+                plots: bool) -> FitResult:
+    """The rest of `fit`, while this process holds RUN/.lock (rtrain.run_lock)."""
+    classes, num_images = check_data(cfg)
     if resume:
         latest = check_resume(cfg, out_dir, [c["name"] for c in classes])
         logger.info("resuming %s from %s", name, latest or "its start (no complete checkpoint yet)")
