@@ -278,6 +278,7 @@ def build_trainer(
     from rtrain.augment import AugmentParams
     from rtrain.data import decode_augment_batch, make_epoch_clock
     from rtrain.epoch_stream import StreamPlan, build_train_stream
+    from rtrain.storage_guard import StopWhenStorageFull
     from rtrain.train_loop import SCORE_METRIC, train_loop
 
     use_gpu = cfg.run.gpus > 0
@@ -323,7 +324,7 @@ def build_trainer(
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            callbacks=list(callbacks or []),
+            callbacks=[*(callbacks or []), StopWhenStorageFull()],  # a full disk: no retries
         ),
         datasets={"train": ds_train},
         dataset_config=DataConfig(datasets_to_split=["train"], execution_options=_ingest_options(cfg)),
@@ -456,7 +457,10 @@ def _fit_locked(cfg: Config, name: str, storage_path: Path, out_dir: Path, resum
     if resume:
         latest = check_resume(cfg, out_dir, [c["name"] for c in classes])
         logger.info("resuming %s from %s", name, latest or "its start (no complete checkpoint yet)")
-    dump_config(cfg, out_dir / run_dir.CONFIG_YAML)
+    try:
+        dump_config(cfg, out_dir / run_dir.CONFIG_YAML)
+    except OSError as exc:
+        raise FitError(f"{out_dir / run_dir.CONFIG_YAML}: cannot write ({exc.strerror or exc})") from None
     logger.info("run %s: %d train images, %d classes -> %s", name, num_images, len(classes), out_dir)
 
     import ray
@@ -473,6 +477,9 @@ def _fit_locked(cfg: Config, name: str, storage_path: Path, out_dir: Path, resum
         try:
             result = trainer.fit()
         except Exception as exc:  # ray.train.TrainingFailedError and friends: keep the cause visible
+            full = storage_full_error(exc, out_dir)
+            if full is not None:
+                raise full from exc
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise FitError(
                 f"training failed: {first} (run dir: {out_dir}; rerun with resume to continue)"
@@ -486,6 +493,21 @@ def _fit_locked(cfg: Config, name: str, storage_path: Path, out_dir: Path, resum
         if started:
             ray.shutdown()
     return _finish(cfg, name, out_dir, [c["name"] for c in classes], checkpoint, plots)
+
+
+def storage_full_error(exc: BaseException, out_dir: Path) -> FitError | None:
+    """A training failure that is a full disk, as one FitError line: the file, what is kept, --resume."""
+    from rtrain.checkpoint import checkpoint_dirs, find_latest_complete, read_marker
+
+    line = run_dir.storage_full_line(exc)
+    if line is None:
+        return None
+    latest, _ = find_latest_complete(checkpoint_dirs(out_dir))
+    kept = (f"the last complete checkpoint (epoch {int(read_marker(latest)['epoch']) + 1}) is kept"
+            if latest is not None else "no complete checkpoint was written")
+    resume = f"python -m rtrain.fit --resume --name {out_dir.name} --storage {out_dir.parent}"
+    return FitError(f"training stopped, the disk is full: {line}; {kept}; free space, then `{resume}` "
+                    "continues")
 
 
 def _finish(
