@@ -191,10 +191,83 @@ def test_the_driver_turns_rays_wrapped_error_into_one_fit_error_line(tmp_path):
         StopWhenStorageFull().after_exception(None, worker_error.worker_failures)
     StopWhenStorageFull().after_exception(None, {0: RuntimeError("not a disk")})  # others: Ray decides
 
-    for exc in (worker_error, ControllerError(full), RuntimeError(f"Traceback...\n{full}\nmore")):
+    as_the_driver_gets_it = pickle.loads(pickle.dumps(ControllerError(full)))  # its cause is text by then
+    for exc in (worker_error, ControllerError(full), as_the_driver_gets_it,
+                RuntimeError(f"Traceback...\n{full}\nmore")):
         line = str(storage_full_error(exc, out))
         assert "\n" not in line
         assert line == (f"training stopped, the disk is full: {out / 'last.pt'}: no space left on the "
                         "device; the last complete checkpoint (epoch 3) is kept; free space, then "
                         f"`python -m rtrain.fit --resume --name X --storage {out.parent}` continues")
     assert storage_full_error(RuntimeError("CUDA out of memory"), out) is None
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_fit_stops_on_a_disk_that_fills_mid_run_and_resumes_after_space_is_freed(ray_session, tmp_path):
+    """End to end on the session's Ray, storage on a 48 MB tmpfs filled once epoch 0 is checkpointed.
+
+    The run ends with one FitError line (no retries: every row keeps run_starts 1), the last
+    complete checkpoint stays loadable, and --resume after the filler is removed trains the rest,
+    each epoch once in metrics.jsonl.
+    """
+    import threading
+    import time
+
+    from rtrain.checkpoint import checkpoint_dirs, read_marker
+    from rtrain.quickstart import prepare_synthetic
+    from rtrain.runner import FitError, fit
+
+    mount = tmp_path / "store"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); the disk-full tests need root")
+    try:
+        train, val = prepare_synthetic(tmp_path / "data", images=32, size=128, seed=5)
+        epochs = 3
+        config = {
+            "model": {"name": "compact_n"},
+            "data": {"train": str(train), "val": str(val), "img_size": 128, "num_actors": 1,
+                     "cpus_per_actor": 0.5, "shuffle_buffer": 16},
+            "train": {"epochs": epochs, "batch_size": 8, "optimizer": "adamw", "lr": 0.002,
+                      "nominal_batch_size": 16, "warmup_epochs": 0.5},
+            "eval": {"interval": 1, "batch_size": 8},
+            "run": {"workers": 2, "cpus_per_worker": 1.0, "keep_last": 2, "max_failures": 2},
+        }
+        out = mount / "full"
+        filled: list[int] = []
+
+        def fill_after_first_checkpoint() -> None:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                latest, _ = find_latest_complete(checkpoint_dirs(out))
+                if latest is not None:
+                    _fill(mount)
+                    filled.append(int(read_marker(latest)["epoch"]))
+                    return
+                time.sleep(0.05)
+
+        filler = threading.Thread(target=fill_after_first_checkpoint, daemon=True)
+        filler.start()
+        with pytest.raises(FitError) as info:
+            fit(config, name="full", storage=mount, plots=False)
+        filler.join(timeout=5)
+        msg = str(info.value)
+        assert filled, "no checkpoint appeared before the run ended"
+        assert "\n" not in msg and "the disk is full" in msg and "no space left" in msg.lower(), msg
+        assert f"--resume --name full --storage {mount}" in msg
+        latest, _ = find_latest_complete(checkpoint_dirs(out))
+        assert latest is not None and int(read_marker(latest)["epoch"]) < epochs - 1
+        load_checkpoint(latest)  # whole
+        assert all(r["run_starts"] == 1 for r in run_dir.read_metrics(out)), "Ray retried into the full disk"
+
+        (mount / "filler").unlink()
+        result = fit(None, name="full", storage=mount, resume=True, plots=False)
+        rows = run_dir.read_metrics(out)
+        assert [r["epoch"] for r in rows] == list(range(epochs))
+        assert rows[-1]["run_starts"] == 2 and result.epochs_done == epochs
+        assert load_weights(out / run_dir.LAST_WEIGHTS)["extra"]["epoch"] == epochs - 1
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
