@@ -4,15 +4,15 @@
     ...                                      # heartbeat thread refreshes the lock meanwhile
     lock.release()                           # or: with hold(run_dir): ...
 
-RUN/.lock is JSON {"host", "pid", "start_time", "boot_id", "heartbeat", "command", "token"},
+RUN/.lock is JSON {"host", "pid", "start_time", "boot_id", "pid_ns", "heartbeat", "command", "token"},
 created with O_CREAT | O_EXCL, so of two drivers that start together exactly one gets it.
 A lock whose holder is gone is taken over with a one-line warning naming the old holder:
 
-- same host (same hostname): the pid is not alive, or it is alive but is another process
-  (its start time in /proc differs, or the machine rebooted: another boot id);
-- another host: its heartbeat (refreshed by the holder every `heartbeat_s`, default 10 s) is
-  older than `stale_s` (default 60 s, env RTRAIN_LOCK_STALE_S). Clocks of the two hosts must
-  agree to well within that.
+- same host (same hostname and pid namespace): the pid is not alive, or it is alive but is
+  another process (its start time in /proc differs, or the machine rebooted: another boot id);
+- another host (or another container with the same hostname): its heartbeat, refreshed by the
+  holder every `heartbeat_s` (10 s), is older than `stale_s` (60 s, env RTRAIN_LOCK_STALE_S).
+  The clocks of the two hosts must agree to well within that.
 
 The lock is released on a normal exit, on an exception and on Ctrl-C (the `with` block, and an
 atexit hook for a lock that was never released); a SIGKILLed holder leaves it for the takeover.
@@ -61,6 +61,14 @@ def _boot_id() -> str | None:
         return None
 
 
+def _pid_namespace() -> str | None:
+    """This process's pid namespace ("pid:[4026531836]"): containers sharing a hostname differ here."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -82,7 +90,8 @@ def describe(info: dict) -> str:
 def holder_gone(info: dict, *, stale_s: float = STALE_S, now: float | None = None) -> str | None:
     """Why the holder of a lock with `info` is gone (a short reason), or None while it may be alive."""
     now = time.time() if now is None else now
-    if info.get("host") == socket.gethostname():
+    ns, holder_ns = _pid_namespace(), info.get("pid_ns")
+    if info.get("host") == socket.gethostname() and (ns is None or holder_ns is None or ns == holder_ns):
         pid = info.get("pid")
         if not isinstance(pid, int) or pid <= 0:
             return "no valid pid"
@@ -189,7 +198,7 @@ class RunLock:
 def _new_info(command: str | None) -> dict:
     pid = os.getpid()
     return {"host": socket.gethostname(), "pid": pid, "start_time": _proc_start_time(pid),
-            "boot_id": _boot_id(), "heartbeat": time.time(), "since": time.time(),
+            "boot_id": _boot_id(), "pid_ns": _pid_namespace(), "heartbeat": time.time(), "since": time.time(),
             "command": command if command is not None else " ".join([sys.executable, *sys.argv]),
             "token": uuid.uuid4().hex}
 

@@ -175,6 +175,18 @@ def test_same_host_pid_alive_but_another_process_is_taken_over(tmp_path, caplog)
     assert f"pid {os.getpid()} is now another process" in caplog.text
 
 
+def test_same_hostname_in_another_pid_namespace_goes_by_the_heartbeat(tmp_path):
+    """A container sharing the hostname (host networking): its pids mean nothing here."""
+    info = {**run_lock._new_info("a driver in another container"), "pid": 999_999_999,
+            "pid_ns": "pid:[1]", "start_time": 1}
+    (tmp_path / run_lock.LOCK_FILE).write_text(json.dumps(info))
+    with pytest.raises(run_lock.RunLockError, match="in use by pid 999999999"):
+        run_lock.acquire(tmp_path)  # that pid is not alive here, but the heartbeat is fresh
+    info["heartbeat"] = time.time() - 3600
+    (tmp_path / run_lock.LOCK_FILE).write_text(json.dumps(info))
+    run_lock.acquire(tmp_path).release()
+
+
 TAKER = """
 import sys, time
 from rtrain import run_lock
