@@ -120,6 +120,9 @@ class SweepResult:
 
 def failure_reason(exc: BaseException) -> str:
     """One line for the table: the innermost worker exception as `Type: message` when there is one."""
+    full = run_files.storage_full_line(exc)  # also when Ray's ControllerError holds it as text only
+    if full is not None:
+        return f"the disk is full: {full}"[:300]
     failures = getattr(exc, "worker_failures", None) or {}
     inner = next(iter(failures.values()), None) if failures else None
     while inner is not None and getattr(inner, "cause", None) is not None and inner.cause is not inner:

@@ -201,6 +201,11 @@ def test_the_driver_turns_rays_wrapped_error_into_one_fit_error_line(tmp_path):
                         f"`python -m rtrain.fit --resume --name X --storage {out.parent}` continues")
     assert storage_full_error(RuntimeError("CUDA out of memory"), out) is None
 
+    from rtrain.sweep_run import failure_reason  # a sweep's table names the file too
+
+    reason = failure_reason(as_the_driver_gets_it)
+    assert reason == f"the disk is full: {out / 'last.pt'}: no space left on the device"
+
 
 @pytest.mark.ray
 @pytest.mark.slow
