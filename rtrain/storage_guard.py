@@ -20,7 +20,10 @@ class StopWhenStorageFull(UserCallback):
 
     def after_exception(self, run_context, worker_exceptions) -> None:
         for exc in worker_exceptions.values():
-            line = storage_full_line(exc) if isinstance(exc, BaseException) else None
+            try:
+                line = storage_full_line(exc) if isinstance(exc, BaseException) else None
+            except Exception:  # noqa: BLE001 - an error raised here would end the run: never for other faults
+                line = None
             if line is not None:
                 if isinstance(exc, StorageFullError):
                     raise exc
