@@ -6,7 +6,9 @@ Checkpoint directory layout:
                             "step": int}, written LAST
 state.pt is written to a temp name and renamed; COMPLETE only appears once
 state.pt is in place, so a crash at any moment leaves either a complete
-checkpoint or one `find_latest_complete` recognises as broken and skips.
+checkpoint or one `find_latest_complete` recognises as broken and skips. A full
+disk raises `rtrain.run_dir.StorageFullError` (one line naming the file) and
+removes the temp file; the directory it was writing then has no marker.
 
 Weights file (`best.pt`, `last.pt`): torch.save of
     {"format": "rtrain.weights", "version": 1, "model": state_dict, "config": dict,
@@ -33,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from rtrain.run_dir import full_storage
 
 logger = logging.getLogger(__name__)
 
@@ -80,12 +84,31 @@ def _check_plain(obj, where: str) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to a temp file beside `path`, fsync, rename; the old `path` stays if that fails.
+
+    A full disk (ENOSPC/EDQUOT) raises `rtrain.run_dir.StorageFullError` naming `path`; the
+    temp file is removed on every failure, so it neither fills the disk nor looks like a file.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        full = full_storage(exc, path)
+        if full is not None:
+            raise full from None
+        raise
+
+
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise full_storage(exc, path) or exc from None
 
 
 def _serialize(obj) -> bytes:
@@ -188,7 +211,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, state: Mapping) -> Path:
         raise ValueError(f"checkpoint state has unknown keys {unknown}; put extras under 'extra'")
     _check_plain(state, "state")
     d = Path(ckpt_dir)
-    d.mkdir(parents=True, exist_ok=True)
+    _make_dir(d)
     marker = d / MARKER_FILE
     marker.unlink(missing_ok=True)  # overwriting: the dir is incomplete until the new marker lands
     data = _serialize(dict(state))
@@ -299,7 +322,7 @@ def save_weights(
     }
     _check_plain(obj, "weights")
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
+    _make_dir(p.parent)
     _atomic_write(p, _serialize(obj))
     return p
 

@@ -10,16 +10,20 @@ Layout of RUN = <storage>/<name> (Ray Train writes its `checkpoint_*` dirs there
     RUN/plots/val_predictions.png   val images: predicted boxes (solid) and true boxes (dashed)
     RUN/checkpoint_*/        Ray Train checkpoints (state.pt + COMPLETE), the last K and the best
 
-Every file is written to a temp name and renamed, so a crash never leaves half a file.
+Every file is written to a temp name and renamed, so a crash never leaves half a file. A write
+that finds the disk full (ENOSPC, or EDQUOT: over quota) removes its temp file, leaves the old
+file as it was, and raises `StorageFullError`: one line naming the file.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,15 +36,77 @@ LAST_WEIGHTS = "last.pt"
 PLOTS_DIR = "plots"
 
 
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_FULL_TEXT = re.compile(r"no space left on (the )?device|disk quota exceeded", re.IGNORECASE)
+
+
+class StorageFullError(OSError):
+    """A write failed because the disk (or the quota) is full; str() is one line naming the file.
+
+    An OSError with errno ENOSPC/EDQUOT and `filename` set, so `except OSError` still catches it;
+    it pickles (it crosses from a Ray worker to the driver).
+    """
+
+    def __str__(self) -> str:
+        what = "over its disk quota" if self.errno == errno.EDQUOT else "no space left on the device"
+        return f"{self.filename}: {what}"
+
+
+def full_storage(exc: BaseException, path: str | os.PathLike) -> StorageFullError | None:
+    """`exc` as a StorageFullError naming `path` when it is ENOSPC/EDQUOT; None otherwise."""
+    if isinstance(exc, StorageFullError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in FULL_ERRNOS:
+        return StorageFullError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path))
+    return None
+
+
+def storage_full_line(exc: BaseException) -> str | None:
+    """The one-line reason when `exc` (or what it wraps: a cause, Ray's worker failures) is a full disk.
+
+    Looks through __cause__/__context__ and the attributes Ray's errors keep their causes in
+    (`worker_failures`, `controller_failure`, `cause`); falls back to the text of the error
+    ("No space left on device"), which is all that is left when the cause did not unpickle.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, StorageFullError):
+            return str(e)
+        if isinstance(e, OSError) and e.errno in FULL_ERRNOS and e.filename:
+            return str(full_storage(e, e.filename))
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, Mapping):
+            todo.extend(v for v in failures.values() if isinstance(v, BaseException))
+        for attr in ("controller_failure", "cause", "__cause__", "__context__"):
+            inner = getattr(e, attr, None)
+            if isinstance(inner, BaseException):
+                todo.append(inner)
+    for line in str(exc).splitlines():
+        if _FULL_TEXT.search(line):
+            return line.strip()[:300]
+    return None
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise full_storage(exc, path) or exc from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        full = full_storage(exc, path)
+        if full is not None:
+            raise full from None
         raise
 
 

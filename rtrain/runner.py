@@ -20,6 +20,11 @@ continued, with its saved config.yaml (plus `overrides`, e.g. more epochs)
 unless a config is given. Ray Train V2 resumes by itself when storage + name
 match: it hands the loop the latest checkpoint.
 
+One writer per run: before anything is written and before Ray, `fit` takes RUN/.lock
+(`rtrain.run_lock`); while another live process holds it (a second `--resume`, a retried Ray
+job) it is refused with one line naming that process's host and pid. A killed driver's lock
+is taken over with a warning.
+
 Multi-node clusters: storage must be a path every node sees (shared filesystem),
 because rank 0 writes metrics and weights there directly.
 """
@@ -36,7 +41,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from rtrain import run_dir
+from rtrain import run_dir, run_lock
 from rtrain.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
 
 logger = logging.getLogger(__name__)
@@ -273,6 +278,7 @@ def build_trainer(
     from rtrain.augment import AugmentParams
     from rtrain.data import decode_augment_batch, make_epoch_clock
     from rtrain.epoch_stream import StreamPlan, build_train_stream
+    from rtrain.storage_guard import StopWhenStorageFull
     from rtrain.train_loop import SCORE_METRIC, train_loop
 
     use_gpu = cfg.run.gpus > 0
@@ -318,7 +324,7 @@ def build_trainer(
                 checkpoint_score_order="max",
             ),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            callbacks=list(callbacks or []),
+            callbacks=[*(callbacks or []), StopWhenStorageFull()],  # a full disk: no retries
         ),
         datasets={"train": ds_train},
         dataset_config=DataConfig(datasets_to_split=["train"],
@@ -442,12 +448,26 @@ def fit(
     # Absolute shard paths: Ray workers (and a later --resume) may run from another directory.
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, train=_absolute(cfg.data.train), val=_absolute(cfg.data.val)))
-    classes, num_images = check_data(cfg)
     out_dir = storage_path / name
+    try:  # one writer per run name, checked before anything is written and before Ray
+        lock = run_lock.acquire(out_dir, what="run")
+    except run_lock.RunLockError as exc:
+        raise FitError(str(exc)) from None
+    with lock:
+        return _fit_locked(cfg, name, storage_path, out_dir, resume, plots)
+
+
+def _fit_locked(cfg: Config, name: str, storage_path: Path, out_dir: Path, resume: bool,
+                plots: bool) -> FitResult:
+    """The rest of `fit`, while this process holds RUN/.lock (rtrain.run_lock)."""
+    classes, num_images = check_data(cfg)
     if resume:
         latest = check_resume(cfg, out_dir, [c["name"] for c in classes])
         logger.info("resuming %s from %s", name, latest or "its start (no complete checkpoint yet)")
-    dump_config(cfg, out_dir / run_dir.CONFIG_YAML)
+    try:
+        dump_config(cfg, out_dir / run_dir.CONFIG_YAML)
+    except OSError as exc:
+        raise FitError(f"{out_dir / run_dir.CONFIG_YAML}: cannot write ({exc.strerror or exc})") from None
     logger.info("run %s: %d train images, %d classes -> %s", name, num_images, len(classes), out_dir)
 
     import ray
@@ -464,6 +484,9 @@ def fit(
         try:
             result = trainer.fit()
         except Exception as exc:  # ray.train.TrainingFailedError and friends: keep the cause visible
+            full = storage_full_error(exc, out_dir)
+            if full is not None:
+                raise full from exc
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise FitError(
                 f"training failed: {first} (run dir: {out_dir}; rerun with resume to continue)"
@@ -477,6 +500,21 @@ def fit(
         if started:
             ray.shutdown()
     return _finish(cfg, name, out_dir, [c["name"] for c in classes], checkpoint, plots)
+
+
+def storage_full_error(exc: BaseException, out_dir: Path) -> FitError | None:
+    """A training failure that is a full disk, as one FitError line: the file, what is kept, --resume."""
+    from rtrain.checkpoint import checkpoint_dirs, find_latest_complete, read_marker
+
+    line = run_dir.storage_full_line(exc)
+    if line is None:
+        return None
+    latest, _ = find_latest_complete(checkpoint_dirs(out_dir))
+    kept = (f"the last complete checkpoint (epoch {int(read_marker(latest)['epoch']) + 1}) is kept"
+            if latest is not None else "no complete checkpoint was written")
+    resume = f"python -m rtrain.fit --resume --name {out_dir.name} --storage {out_dir.parent}"
+    return FitError(f"training stopped, the disk is full: {line}; {kept}; free space, then `{resume}` "
+                    "continues")
 
 
 def _finish(

@@ -16,6 +16,7 @@ Layout of SWEEP = <storage>/<name>:
     SWEEP/<trial dir>/               Tune's trial dir (params.json, progress.csv, result.json)
     SWEEP/<trial dir>/run/           the rtrain run of that trial (see rtrain.run_dir)
     SWEEP/results.csv, results.md, pareto.png, best.yaml     (rtrain.sweep_report)
+    SWEEP/.lock                      the driver that runs the sweep (rtrain.run_lock): one at a time
 
 In the Ray dashboard (on by default when the sweep starts its own Ray: 127.0.0.1:8265, token
 from `ray get-auth-token`) a sweep shows as: one `ImplicitFunc` actor per running trial (Tune's
@@ -56,6 +57,7 @@ from pathlib import Path
 import yaml
 
 from rtrain import run_dir as run_files
+from rtrain import run_lock
 from rtrain.config import TrainConfig, config_from_dict, config_to_dict, dump_config
 from rtrain.runner import FitError, check_data, check_storage
 from rtrain.sweep import METRIC, TIME_ATTR, SweepError, SweepSpec, apply_params, effective_lr
@@ -118,6 +120,9 @@ class SweepResult:
 
 def failure_reason(exc: BaseException) -> str:
     """One line for the table: the innermost worker exception as `Type: message` when there is one."""
+    full = run_files.storage_full_line(exc)  # also when Ray's ControllerError holds it as text only
+    if full is not None:
+        return f"the disk is full: {full}"[:300]
     failures = getattr(exc, "worker_failures", None) or {}
     inner = next(iter(failures.values()), None) if failures else None
     while inner is not None and getattr(inner, "cause", None) is not None and inner.cause is not inner:
@@ -345,7 +350,7 @@ def resolve_sweep_dir(spec: SweepSpec | None, storage: Path, name: str | None, r
         raise SweepError("no sweep config given (pass --config)")
     name = name or f"{spec.source.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = storage / name
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and any(p.name != run_lock.LOCK_FILE for p in path.iterdir()):
         raise SweepError(f"{path}: a sweep named {name!r} exists; pass --resume to continue it or choose "
                          "another --name")
     return path
@@ -374,15 +379,26 @@ def run_sweep(
     one. Uses an already initialised Ray as is; shuts Ray down only if it started it.
     Raises SweepError / FitError (one line) on bad input before any trial starts.
     """
+    if storage is None:
+        storage = Path(spec.base["run"]["storage"]) / "sweeps" if spec is not None else Path("runs/sweeps")
+    storage_path = check_storage(Path(storage).expanduser().resolve())
+    sweep_dir = resolve_sweep_dir(spec, storage_path, name, resume)
+    try:  # one driver per sweep directory, checked before anything is written and before Ray
+        lock = run_lock.acquire(sweep_dir, what="sweep")
+    except run_lock.RunLockError as exc:
+        raise SweepError(str(exc)) from None
+    with lock:
+        return _run_sweep_locked(spec, sweep_dir, storage_path, resume, address, dashboard)
+
+
+def _run_sweep_locked(spec: SweepSpec | None, sweep_dir: Path, storage_path: Path, resume: bool,
+                      address: str | None, dashboard: bool) -> SweepResult:
+    """The rest of `run_sweep`, while this process holds SWEEP/.lock (rtrain.run_lock)."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    if storage is None:
-        storage = Path(spec.base["run"]["storage"]) / "sweeps" if spec is not None else Path("runs/sweeps")
-    storage_path = check_storage(Path(storage).expanduser().resolve())
-    sweep_dir = resolve_sweep_dir(spec, storage_path, name, resume)
     if spec is None:
         from rtrain.sweep import load_sweep
 

@@ -29,6 +29,7 @@ from rtrain import engine, run_dir
 from rtrain.augment import rescale_batch
 from rtrain.autobatch import resolve_batch_size
 from rtrain.checkpoint import (
+    CheckpointError,
     IncompatibleCheckpointError,
     capture_rng_state,
     check_compatible,
@@ -363,9 +364,14 @@ def _resume_state(checkpoint, out_dir: Path, device) -> tuple[dict | None, str]:
     ray_epoch, ray_dir = -1, None
     if checkpoint is not None:
         ray_dir = checkpoint.path
-        with checkpoint.as_directory() as ckpt_dir:
-            state = load_checkpoint(ckpt_dir, map_location=device)
-        ray_epoch = int(state["epoch"])
+        try:
+            with checkpoint.as_directory() as ckpt_dir:
+                state = load_checkpoint(ckpt_dir, map_location=device)
+            ray_epoch = int(state["epoch"])
+        except CheckpointError as exc:  # e.g. an upload cut short by a full disk: never load half a file
+            logger.warning("Ray's latest checkpoint is not usable (%s); resuming from the newest complete "
+                           "one in %s", exc, out_dir)
+            checkpoint = None
     disk, skipped = find_latest_complete(checkpoint_dirs(out_dir))
     if disk is not None and int(read_marker(disk)["epoch"]) > ray_epoch:
         for path, reason in skipped:
@@ -420,9 +426,27 @@ def _clock_from_first_batch(batches, schedule: LRSchedule):
     yield from iterator
 
 
-def _write_outputs(ckpt_dir, out_dir, cfg_dict, class_names, model, ema, optimizer, schedule, scaler, guard,
-                   epoch, step, metrics, extra) -> None:
-    """Rank 0: the checkpoint dir for Ray, the metrics row, last.pt and (when improved) best.pt."""
+def _write_outputs(ckpt_dir, out_dir, *args) -> None:
+    """Rank 0: `_write_epoch_files`; a full disk ends the run with one line naming the file.
+
+    The run's previous files stay as they were (every write is temp + rename) and Ray gets no
+    checkpoint of this epoch, so the last complete one is where `--resume` continues once space
+    is freed. The error is `rtrain.run_dir.StorageFullError`; the driver's callback
+    (`rtrain.storage_guard`) stops Ray Train from retrying into the same full disk.
+    """
+    try:
+        _write_epoch_files(ckpt_dir, out_dir, *args)
+    except OSError as exc:
+        full = run_dir.full_storage(exc, exc.filename or out_dir)
+        if full is None:
+            raise
+        logger.error("%s; the run stops, the last complete checkpoint is kept", full)
+        raise full from None
+
+
+def _write_epoch_files(ckpt_dir, out_dir, cfg_dict, class_names, model, ema, optimizer, schedule, scaler,
+                       guard, epoch, step, metrics, extra) -> None:
+    """The checkpoint dir for Ray, the metrics row, last.pt and (when improved) best.pt."""
     save_checkpoint(ckpt_dir, {
         "model": unwrap_model(model).state_dict(),
         "ema": ema.state_dict(),
