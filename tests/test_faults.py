@@ -110,12 +110,13 @@ def test_killed_worker_restarts_from_last_checkpoint_and_matches(reference, shar
 
     def kill_one_worker() -> None:
         _wait_for_epoch_checkpoint(out, epoch=0)
-        time.sleep(1.0)  # into epoch 2 (its data restart and first steps)
-        pids = _train_worker_pids()
+        time.sleep(1.0)  # into epoch 2 (its first steps)
+        pids = [p for p in _train_worker_pids() if p not in before]  # this run's, not a leftover
         if pids:
             os.kill(pids[-1], signal.SIGKILL)
             killed.append(pids[-1])
 
+    before = set(_train_worker_pids())
     killer = threading.Thread(target=kill_one_worker, daemon=True)
     killer.start()
     result = fit(_config(*shards), name="worker-kill", storage=tmp_path, plots=False)

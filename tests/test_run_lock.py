@@ -73,8 +73,28 @@ def _make_run(storage: Path, name: str) -> Path:
 
 
 def _ray_started() -> bool:
-    ray = sys.modules.get("ray")
-    return ray is not None and ray.is_initialized()
+    """Whether the code under test touched Ray (see `no_ray`): the suite may share one Ray session."""
+    return bool(_RAY_CALLS)
+
+
+_RAY_CALLS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def no_ray(monkeypatch):
+    """Record any attempt to start or query Ray, so 'refused before Ray' holds whatever ran before."""
+    import ray
+
+    _RAY_CALLS.clear()
+
+    def touched(name):
+        def record(*args, **kwargs):
+            _RAY_CALLS.append(name)
+            raise RuntimeError(f"ray.{name} called before the lock check")
+        return record
+
+    monkeypatch.setattr(ray, "init", touched("init"))
+    monkeypatch.setattr(ray, "is_initialized", touched("is_initialized"))
 
 
 def test_second_fit_resume_is_refused_naming_host_and_pid_before_ray(holders, tmp_path):
