@@ -132,7 +132,7 @@ class ProgressReporter:
 class BarRenderer:
     """The driver's tqdm bar made from forwarded progress lines; other lines print above it."""
 
-    BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {postfix}"
+    BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}"  # postfix: ", stats"
 
     def __init__(self, file=None) -> None:
         self.file = file or sys.stdout
@@ -149,6 +149,7 @@ class BarRenderer:
                 self.epoch = fields["epoch"]
                 self.bar = tqdm(total=fields["total"], desc=f"epoch {fields['epoch']}", unit="step",
                                 file=self.file, leave=False, bar_format=self.BAR_FORMAT, dynamic_ncols=True)
+            self.bar.total = fields["total"]
             self.bar.n = fields["step"]
             self.bar.set_postfix_str(f"{fields['images_per_s']:.1f} img/s loss {fields['loss']} "
                                      f"data-wait {fields['data_wait']}% ETA {fields['eta']}", refresh=False)
