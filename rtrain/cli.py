@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 
 # Lines Ray forwards from its processes that say nothing to someone watching a training run:
@@ -50,7 +51,12 @@ QUIET_RAY_LINES = "|".join([
     "Progress bars disabled\\. To enable",
     "Progress will be logged because stdout",
     "Registered dataset logger for dataset",
+    "Truncating long operator name to",
 ])
+
+# Ray's driver-side WARNING lines that need no action: the notice that token authentication is on
+# (the README says so; its "is disabled" warning still shows).
+QUIET_DRIVER_LINES = "Token authentication is enabled for this Ray cluster"
 
 # What the quiet default changes in every Ray process of the job (ray.init's runtime env, through
 # Ray's RAY_RUNTIME_ENV_HOOK, so a joined cluster's workers get it too): no Ray Data progress bars
@@ -87,11 +93,24 @@ def quiet_ray_terminal(verbose: bool = False) -> None:
     import ray.data  # noqa: F401  (their imports give the "ray" and "ray.data" loggers their handlers)
     from ray.util.annotations import RayDeprecationWarning
 
+    drop = _DropLines(QUIET_DRIVER_LINES)
     for name in ("ray", "ray.data"):
         for handler in logging.getLogger(name).handlers:
             if not isinstance(handler, logging.FileHandler):  # the terminal; log files keep all
                 handler.setLevel(max(handler.level, logging.WARNING))
+                handler.addFilter(drop)
     warnings.filterwarnings("ignore", category=RayDeprecationWarning)
+
+
+class _DropLines(logging.Filter):
+    """Drops the records whose message matches `pattern`."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
 
 
 def quiet_runtime_env(runtime_env):

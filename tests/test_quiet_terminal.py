@@ -40,6 +40,7 @@ RAY_INTERNAL_LINES = [
     "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars`.",
     "Starting execution of Dataset train_1_0. Full logs are in /tmp/ray/session_latest/logs/ray-data",
     "A run snapshot was found in storage folder at: '/tmp/runs/e2e'",
+    "Truncating long operator name to 100 characters. To disable this behavior, set `ray.data...`.",
 ]
 # What a run must keep printing: rtrain's own lines, and Ray's errors.
 KEPT_LINES = [
@@ -114,6 +115,9 @@ CHECK_TERMINAL = (
     "print(ray.data.DataContext.get_current().enable_progress_bars)\n"
     "print(sorted({logging.getLevelName(h.level) for n in ('ray', 'ray.data')\n"
     "              for h in logging.getLogger(n).handlers if not isinstance(h, logging.FileHandler)}))\n"
+    "log = logging.getLogger('ray._private.authentication.authentication_token_setup')\n"
+    "log.warning('Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled')\n"
+    "log.warning('Token authentication is disabled for this Ray cluster. Anyone with network access')\n"
 )
 
 
@@ -122,11 +126,14 @@ def test_default_terminal_is_quiet_and_verbose_leaves_ray_alone():
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stdout.splitlines() == [f"True 1 {cli.QUIET_RUNTIME_ENV_HOOK}", "False", "['WARNING']"]
     assert "RayDeprecationWarning" not in quiet.stderr
+    assert "is enabled for this Ray cluster" not in quiet.stderr  # a notice that needs no action
+    assert "Token authentication is disabled for this Ray cluster" in quiet.stderr  # a warning does
     verbose = _python(CHECK_TERMINAL.replace("len(sys.argv) > 1", "True"))
     assert verbose.returncode == 0, verbose.stderr
     assert verbose.stdout.splitlines()[:2] == ["False None None", "True"]
     assert "WARNING" not in verbose.stdout.splitlines()[2]
     assert "RayDeprecationWarning: old API" in verbose.stderr
+    assert "Token authentication is enabled for this Ray cluster" in verbose.stderr
 
 
 def test_fit_and_tune_take_verbose():
@@ -142,6 +149,7 @@ FORBIDDEN = re.compile("|".join([
     "tqdm is not installed", "core_worker\\.cc", "PreemptionWatcher", "max_restarts", "RayDeprecationWarning",
     "__ray_tqdm_magic_token__", "Attempting to start training worker group", "Reporting training result",
     "Setting up process group", "Connecting to existing Ray cluster", "Started a local Ray instance",
+    "Running Dataset", "Truncating long operator name", "Token authentication is enabled",
 ]))
 MAX_LINES_BEFORE_FIRST_EPOCH = 5  # rtrain's own: "run ...", "joined the Ray cluster ...", "data: ..."
 
