@@ -8,8 +8,8 @@ The design, and why:
    its device sums once every `log_every` steps; its keyword-only `on_progress(step_in_epoch,
    steps_total, stats)` hook is called right there, so progress costs no extra host sync.
    `read_every(device)` picks that interval: every step on the CPU (a read is free there), every
-   `GPU_READ_EVERY` steps on a GPU, the interval at which the non-finite guard already drains
-   the device (so the read finds the device idle and costs nothing more).
+   `GPU_READ_EVERY` steps on a GPU, the steps at which the non-finite guard already drains the
+   device (the two reads share one wait for the device, as many as without progress).
 2. Rank 0 writes plain lines (`ProgressReporter`): at most one every `interval_s` seconds of
    the epoch, none for the last step (the epoch line follows it). It logs them through the
    `rtrain` logger like the epoch lines, so they reach the driver through Ray's log forwarding
