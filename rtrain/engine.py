@@ -201,6 +201,8 @@ def train_one_epoch(
     log_every: int = 0,
     epoch: int = 0,
     guard_every: int | None = None,
+    on_progress: Callable[[int, int | None, dict[str, float]], None] | None = None,
+    steps_total: int | None = None,
 ) -> dict[str, float]:
     """Run one pass over `batches`, one optimizer step per batch.
 
@@ -221,6 +223,11 @@ def train_one_epoch(
     to_targets: (batch, device) -> targets for the model; default `targets_from_batch` (padded).
     max_steps: at most this many steps (taken + skipped) in this call.
     log_every: log the running mean loss every this many steps (0 = never).
+    on_progress: called instead of that log line, every `log_every` steps, as
+        `on_progress(step_in_epoch, steps_total, stats)`: steps taken + skipped in this call, the
+        caller's `steps_total` (else `max_steps`; None when unknown), and `stats` made from the sums
+        read there (no further host sync): epoch, loss (running mean), lr, steps, skipped, images,
+        elapsed_s, images_per_s, data_wait_s, data_wait_frac (`rtrain.progress` renders them).
     guard_every: read the guard's device counters every this many steps (default: `log_every`,
         or 50 when that is 0); always at the epoch end.
 
@@ -326,8 +333,17 @@ def train_one_epoch(
         iters += 1
         if log_every and iters % log_every == 0:
             host = sums.tolist()
-            logger.info("epoch %d step %d: loss %.4f lr %.5f", epoch, step + 1,
-                        host[names.index("loss")] / max(host[-1], 1.0), lr)
+            mean_loss = host[names.index("loss")] / max(host[-1], 1.0)
+            if on_progress is None:
+                logger.info("epoch %d step %d: loss %.4f lr %.5f", epoch, step + 1, mean_loss, lr)
+            else:
+                spent = time.perf_counter() - start
+                on_progress(iters, steps_total if steps_total is not None else max_steps, {
+                    "epoch": epoch, "loss": mean_loss, "lr": lr, "steps": host[-1],
+                    "skipped": iters - host[-1], "images": host[-2], "elapsed_s": spent,
+                    "images_per_s": host[-2] / spent if spent > 0 else 0.0, "data_wait_s": data_wait,
+                    "data_wait_frac": data_wait / spent if spent > 0 else 0.0,
+                })
         if guard_every and iters % guard_every == 0:
             guard.sync()
 

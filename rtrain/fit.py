@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start the Ray dashboard (local Ray only; token: `ray get-auth-token`)")
     p.add_argument("--dashboard-host", help="dashboard bind address (default 127.0.0.1: this machine only)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots at the end")
+    p.add_argument("--verbose", action="store_true",
+                   help="show all of Ray's output: its start-up and worker-group lines, Ray Data's "
+                        "progress bars, deprecation warnings (hidden by default; always in Ray's logs)")
     p.add_argument("--data-root", default=None,
                    help="quickstart only: where the synthetic data lives (default ./data/synthetic)")
     return p
@@ -43,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    quiet_ray_terminal()
+    quiet_ray_terminal(verbose=args.verbose)
     from rtrain.checkpoint import CheckpointError
     from rtrain.runner import FitError, fit
 

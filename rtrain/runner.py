@@ -478,9 +478,13 @@ def _fit_locked(cfg: Config, name: str, storage_path: Path, out_dir: Path, resum
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         where = f"join Ray at {cfg.run.address}" if cfg.run.address else "start a local Ray"
         raise FitError(f"could not {where}: {first}") from exc
+    from rtrain import progress
+
     clock = None
+    detach_bar = progress.attach_bar()  # a tqdm bar of the workers' progress lines, on a terminal
     try:
-        trainer, clock = build_trainer(cfg, name, storage_path, out_dir, classes, num_images)
+        trainer, clock = build_trainer(cfg, name, storage_path, out_dir, classes, num_images,
+                                       loop_extra={"progress_s": progress.interval_for()})
         try:
             result = trainer.fit()
         except Exception as exc:  # ray.train.TrainingFailedError and friends: keep the cause visible
@@ -495,6 +499,8 @@ def _fit_locked(cfg: Config, name: str, storage_path: Path, out_dir: Path, resum
             raise FitError(f"training failed: {result.error} (run dir: {out_dir})")
         checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     finally:
+        if detach_bar is not None:
+            detach_bar()
         if clock is not None:
             ray.kill(clock)
         if started:

@@ -46,6 +46,7 @@ from rtrain.ema import ModelEMA, unwrap_model
 from rtrain.guard import NonFiniteGuard
 from rtrain.models import build_model
 from rtrain.optim import build_optimizer
+from rtrain.progress import GUARD_EVERY, ProgressReporter, read_every
 from rtrain.schedule import LRSchedule, scale_lr
 from rtrain.sharded_eval import validate_sharded
 
@@ -295,6 +296,9 @@ def train_loop(loop_config: dict) -> None:
         set_start_epoch(clock, start_epoch)  # the stream skips the epochs already trained
     stream = _train_batches(cfg, train_shard, loop_config.get("decode", "cpu"), device, rank, batch_size,
                             len(class_names))
+    # Progress inside an epoch: rank 0's lines at the driver's pace (rtrain.progress; 0/absent = none).
+    progress_s = float(loop_config.get("progress_s") or 0.0)
+    reporter = ProgressReporter(progress_s) if rank == 0 and progress_s > 0 else None
     schedule.start()
     epoch = start_epoch
     finished = start_epoch >= cfg.train.epochs or (time_limit is not None and schedule.finished(step))
@@ -309,6 +313,8 @@ def train_loop(loop_config: dict) -> None:
             model, optimizer, batches, device=device, schedule=schedule, ema=ema, amp=cfg.train.amp,
             scaler=scaler, guard=guard, grad_clip=cfg.train.grad_clip, batch_transform=transform,
             step_offset=step, stop_when_finished=time_limit is not None, epoch=epoch,
+            log_every=read_every(device) if reporter else 0, guard_every=GUARD_EVERY, on_progress=reporter,
+            steps_total=spe,
         )
         step += metrics["steps"] + metrics["skipped"]
         metrics["first_batch_s"] = epoch_batches.first_batch_s

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help="folder of sweeps (default <base run.storage>/sweeps)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep: finished trials are kept, unfinished ones resume")
+    p.add_argument("--verbose", action="store_true",
+                   help="show all of Ray's output: its start-up and worker-group lines, Ray Data's "
+                        "progress bars, deprecation warnings (hidden by default; always in Ray's logs)")
     p.add_argument("--no-dashboard", action="store_true",
                    help="start Ray without its dashboard (stopped trials' worker groups are still freed)")
     return p
@@ -51,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    quiet_ray_terminal()
+    quiet_ray_terminal(verbose=args.verbose)
     from rtrain.config import ConfigError
     from rtrain.runner import FitError
     from rtrain.sweep import SweepError, load_sweep

@@ -465,3 +465,41 @@ def test_optimizer_resumed_from_a_non_fused_state_still_skips_on_the_device():
     m = train_one_epoch(model, opt, make_batches(1, seed=1), device="cpu", to_targets=to_targets)
     assert m["skipped"] == 1 and opt.param_groups[0]["fused"]
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+def test_progress_hook_gets_the_sums_read_every_log_every_steps(caplog):
+    """on_progress is called where the sums are read (every log_every steps), instead of the log line."""
+    from rtrain.progress import ProgressReporter, parse_line
+
+    torch.manual_seed(0)
+    model = TinyBoxRegressor()
+    opt = build_optimizer(model, "adamw", lr=0.01, momentum=0.9, weight_decay=0.0)
+    calls = []
+    lines = []
+    reporter = ProgressReporter(interval_s=1e-9, emit=lines.append)
+
+    def hook(step, total, stats):
+        calls.append((step, total, dict(stats)))
+        reporter(step, total, stats)
+
+    with caplog.at_level("INFO", logger="rtrain.engine"):
+        metrics = train_one_epoch(model, opt, make_batches(6), device="cpu", to_targets=to_targets,
+                                  log_every=2, on_progress=hook, steps_total=6, epoch=2)
+    assert [c[0] for c in calls] == [2, 4, 6] and all(c[1] == 6 for c in calls)
+    assert [c[2]["images"] for c in calls] == [8, 16, 24]
+    assert all(c[2]["epoch"] == 2 and c[2]["skipped"] == 0 for c in calls)
+    assert calls[-1][2]["loss"] == pytest.approx(metrics["loss"])  # the last read covers the whole epoch
+    assert all(c[2]["images_per_s"] > 0 and 0 <= c[2]["data_wait_frac"] <= 1 for c in calls)
+    assert all(b[2]["elapsed_s"] >= a[2]["elapsed_s"] for a, b in zip(calls, calls[1:], strict=False))
+    assert not [r for r in caplog.records if "step" in r.getMessage()], "the hook replaces the log line"
+    # The reporter's lines (none for the last step: the epoch line follows it) parse back.
+    assert [parse_line(x)["step"] for x in lines] == [2, 4]
+    assert all(parse_line(x)["epoch"] == 3 and parse_line(x)["total"] == 6 for x in lines)
+
+    # No hook calls without log_every; max_steps stands in for an unknown steps_total.
+    calls.clear()
+    train_one_epoch(model, opt, make_batches(3), device="cpu", to_targets=to_targets, on_progress=hook)
+    assert calls == []
+    train_one_epoch(model, opt, make_batches(3), device="cpu", to_targets=to_targets, log_every=1,
+                    on_progress=hook, max_steps=3)
+    assert [(c[0], c[1]) for c in calls] == [(1, 3), (2, 3), (3, 3)]
