@@ -40,6 +40,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from rtrain.augment import Sample, letterbox
 from rtrain.inference import read_image
+from rtrain.ray_session import start_ray  # noqa: F401  (rtrain.predictor.start_ray: re-exported)
 from rtrain.sources import Source, resolve_source
 
 logger = logging.getLogger(__name__)
@@ -317,22 +318,6 @@ def category_ids(source: Source, class_names: list[str], data_paths: list[str] |
 def wants_ray(num_images: int, workers: int | None, gpus: int | None, threshold: int = RAY_THRESHOLD) -> bool:
     """Ray Data batch inference for more than `threshold` images or when workers/gpus are asked for."""
     return num_images > threshold or bool(workers) or bool(gpus)
-
-
-def start_ray(address: str | None = None) -> bool:
-    """Join `address`, reuse a running Ray, or start a local one as `rtrain.fit` does (dashboard off,
-    at least 4 logical CPUs: Ray Data's listing step needs a whole CPU). True if this started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    if address:
-        ray.init(address=address, configure_logging=False)
-        return False
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, dashboard_host="127.0.0.1",
-             configure_logging=False)
-    return True
 
 
 def _ray_rows(weights: str, source: Source, settings: PredictSettings, out_dir: Path | None,

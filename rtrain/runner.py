@@ -218,31 +218,9 @@ def check_resume(cfg: Config, out_dir: Path, class_names: list[str]) -> Path | N
 
 def _start_ray(cfg: Config) -> bool:
     """Join `cfg.run.address`, reuse an initialised Ray, or start a local one. True if we started it."""
-    import ray
+    from rtrain.ray_session import start_ray
 
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    if cfg.run.dashboard:
-        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # the dashboard's Train view
-    if cfg.run.address:
-        ray.init(address=cfg.run.address, configure_logging=False)
-        logger.info("joined the Ray cluster at %s", cfg.run.address)
-        return False
-    # More logical CPUs than cores on small machines: Ray Data's file listing needs a whole CPU
-    # and Ray Train takes its workers' CPUs out of Ray Data's budget, so with num_cpus = 2 cores a
-    # 1-2 worker run deadlocks ("Cluster resources are not enough"; ../shared/RAY_NOTES.md).
-    # The work itself is still bounded by the real cores; only the scheduler's count grows.
-    num_cpus = max(4, os.cpu_count() or 1)
-    context = ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=cfg.run.dashboard,
-        dashboard_host=cfg.run.dashboard_host,
-        configure_logging=False,
-    )
-    if cfg.run.dashboard:
-        logger.info("Ray dashboard: http://%s (token: run `ray get-auth-token`)", context.dashboard_url)
-    return True
+    return start_ray(cfg.run.address, dashboard=cfg.run.dashboard, dashboard_host=cfg.run.dashboard_host)
 
 
 def build_trainer(

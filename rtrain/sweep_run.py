@@ -38,7 +38,7 @@ CPU sizing: a trial needs W x cpus_per_worker for its workers plus data.num_acto
 data.cpus_per_actor for its decode tasks (at least one: 0 = auto), and Ray Data's read step
 needs one whole free CPU, so max_concurrent defaults to floor((cluster CPUs - 1) / that) (at
 least 1). A sweep that starts its own Ray gets max(4, cores) logical CPUs
-(rtrain.runner._start_ray), as rtrain.fit does.
+(rtrain.ray_session.start_ray), as rtrain.fit does.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ import yaml
 
 from rtrain import run_dir as run_files
 from rtrain.config import TrainConfig, config_from_dict, config_to_dict, dump_config
+from rtrain.ray_session import start_ray
 from rtrain.runner import FitError, check_data, check_storage
 from rtrain.sweep import METRIC, TIME_ATTR, SweepError, SweepSpec, apply_params, effective_lr
 from rtrain.sweep_report import (
@@ -351,13 +352,6 @@ def resolve_sweep_dir(spec: SweepSpec | None, storage: Path, name: str | None, r
     return path
 
 
-def _start_ray(address: str | None, dashboard: bool) -> bool:
-    from rtrain.config import Config, RunConfig
-    from rtrain.runner import _start_ray as start
-
-    return start(Config(run=RunConfig(address=address or "", dashboard=dashboard)))
-
-
 def run_sweep(
     spec: SweepSpec | None,
     *,
@@ -399,7 +393,7 @@ def run_sweep(
         logger.warning("eval.interval is %d: ASHA compares the last evaluated mAP; 1 is best for sweeps",
                        spec.base["eval"]["interval"])
 
-    started = _start_ray(address, dashboard)
+    started = start_ray(address, dashboard=dashboard)
     try:
         context = {"base": base, "classes": classes, "num_images": num_images,
                    "settings": dataclasses.asdict(spec.tune), "sweep_dir": str(sweep_dir)}
