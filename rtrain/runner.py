@@ -197,7 +197,7 @@ def check_resume(cfg: Config, out_dir: Path, class_names: list[str]) -> Path | N
     """
     from rtrain.checkpoint import CheckpointError, checkpoint_dirs, find_latest_complete, load_checkpoint
     from rtrain.checkpoint import check_compatible as _check_compatible
-    from rtrain.train_loop import build_detector, load_model_weights
+    from rtrain.loading import build_detector, load_model_weights
 
     latest, skipped = find_latest_complete(checkpoint_dirs(out_dir))
     for path, reason in skipped:
@@ -484,7 +484,7 @@ def make_plots(out_dir: Path, cfg: Config, class_names: list[str], weights: Path
     from rtrain.checkpoint import load_weights
     from rtrain.data import batch_to_targets, iter_batches_local
     from rtrain.engine import predict_batches
-    from rtrain.train_loop import build_detector
+    from rtrain.loading import build_detector
 
     plots_dir = out_dir / run_dir.PLOTS_DIR
     paths = [run_dir.plot_curves(run_dir.read_metrics(out_dir), plots_dir / "curves.png")]

@@ -478,8 +478,8 @@ def trial_record(trial_id: str, params: dict, spec: SweepSpec, out_dir: Path, nu
     """Table row of one trial: its config, model size/cost, and what its metrics.jsonl says."""
     import torch
 
+    from rtrain.loading import build_detector
     from rtrain.models.flops import count_gflops, count_params
-    from rtrain.train_loop import build_detector
 
     cfg_dict = apply_params(spec.base, params)
     params_m = gflops = width = depth = None

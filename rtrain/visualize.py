@@ -15,6 +15,7 @@ import sys
 
 from rtrain.checkpoint import CheckpointError
 from rtrain.cli import OneLineParser
+from rtrain.config import ConfigError
 from rtrain.feature_maps import VisualizeError, load_detector, visualize
 
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         det = load_detector(args.weights)
         pictures, overlay = visualize(det, args.source, args.out, args.layers, args.channels, args.size)
-    except (VisualizeError, CheckpointError) as exc:
+    except (VisualizeError, CheckpointError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for pic in pictures:
