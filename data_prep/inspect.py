@@ -13,7 +13,6 @@ shard is a one-line error.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -27,27 +26,15 @@ from PIL import Image
 
 from data_prep.draw import contact_sheet, draw_boxes
 from data_prep.records import DatasetError
+from data_prep.shard_format import read_manifest
 
 COLUMNS = ["image_id", "file_name", "jpeg", "width", "height", "boxes", "labels"]
 
 
 def load_manifest(folder: str | os.PathLike) -> dict:
-    """The folder's manifest.json; DatasetError (one line, naming the file) when missing or unusable."""
-    path = Path(folder) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: no such file (is {folder} a data_prep.shard output folder?)") from None
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: cannot read: {e}") from None
-    if not isinstance(manifest, dict):
-        raise DatasetError(f"{path}: not a shard manifest (no classes/counts/shards)")
-    missing = [k for k in ("classes", "counts", "shards") if k not in manifest]
-    if missing:
-        raise DatasetError(f"{path}: not a shard manifest (missing {', '.join(missing)})")
-    return manifest
+    """The folder's manifest.json with classes, counts and shards; DatasetError (one line, naming the
+    file) when missing or unusable."""
+    return read_manifest(folder, require=("classes", "counts", "shards"))
 
 
 def summarize(manifest: dict) -> str:

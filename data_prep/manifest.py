@@ -27,7 +27,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from data_prep.records import ClassInfo, DatasetError, Issue
+from data_prep.records import ClassInfo, Issue
+from data_prep.shard_format import read_manifest_file
 
 BOXES_FORMAT = (
     "xyxy float32 in stored-image pixels; original pixels = x * orig_width / width, y * orig_height / height"
@@ -129,17 +130,6 @@ def build_manifest(
 
 
 def load_classes(manifest_path: str | os.PathLike) -> list[ClassInfo]:
-    """The class list of another output's manifest.json (for --classes-from)."""
-    path = Path(manifest_path)
-    try:
-        data = json.loads(path.read_text())
-        classes = [ClassInfo(int(c["index"]), str(c["name"]), int(c["category_id"])) for c in data["classes"]]
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
-    except (KeyError, TypeError, ValueError) as e:
-        raise DatasetError(f"{path}: not a shard manifest (classes: {e})") from None
-    if [c.index for c in classes] != list(range(len(classes))) or not classes:
-        raise DatasetError(f"{path}: class indices are not 0..C-1")
-    return classes
+    """The class list of another output's manifest.json (for --classes-from); DatasetError if unusable."""
+    data = read_manifest_file(manifest_path)
+    return [ClassInfo(int(c["index"]), str(c["name"]), int(c["category_id"])) for c in data["classes"]]

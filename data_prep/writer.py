@@ -34,21 +34,10 @@ import pyarrow.parquet as pq
 from data_prep import imaging
 from data_prep.manifest import build_manifest, shard_stats, write_json_atomic
 from data_prep.records import ClassInfo, DatasetError, Issue, SourceImage
+from data_prep.shard_format import SCHEMA
 
 log = logging.getLogger(__name__)
 
-SCHEMA = pa.schema([
-    ("image_id", pa.int64()),
-    ("file_name", pa.string()),
-    ("jpeg", pa.binary()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("orig_width", pa.int32()),
-    ("orig_height", pa.int32()),
-    ("boxes", pa.list_(pa.float32())),
-    ("labels", pa.list_(pa.int32())),
-    ("iscrowd", pa.list_(pa.bool_())),
-])
 _COMPRESSION = {n: ("NONE" if n == "jpeg" else "snappy") for n in SCHEMA.names}
 CONFIG_NAME = "_shard_config.json"
 STATS_DIR = "_stats"  # pyarrow and Ray Data skip names starting with "_" or "."

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from data_prep.shard_format import ShardError, read_manifest
 from rtrain.run_dir import CONFIG_YAML, METRICS_JSONL, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -129,9 +130,8 @@ def _train_images(config: Mapping) -> int | None:
     if not train:
         return None
     try:
-        manifest = json.loads((Path(train) / "manifest.json").read_text(encoding="utf-8"))
-        return int(manifest["counts"]["images"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(read_manifest(train, require=("counts",))["counts"]["images"])
+    except (ShardError, KeyError, TypeError, ValueError):
         return None
 
 

@@ -109,7 +109,7 @@ def test_cli_writes_png_and_prints_counts(tmp_path):
 
 
 def test_missing_or_corrupt_manifest_and_shard_fail_cleanly(tmp_path):
-    with pytest.raises(DatasetError, match="manifest.json: no such file"):
+    with pytest.raises(DatasetError, match="manifest.json: manifest not found"):
         load_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(DatasetError, match=r"manifest\.json:1:2: malformed JSON"):
