@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from data_prep.shard_format import ShardError, read_manifest
-from rtrain.run_dir import CONFIG_YAML, METRICS_JSONL, atomic_write_bytes
+from rtrain.run_dir import CONFIG_YAML, METRICS_JSONL, atomic_write_bytes, read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -98,22 +98,7 @@ def read_run(path: str | os.PathLike) -> RunData:
             run.config = loaded if isinstance(loaded, dict) else {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             logger.warning("%s: config not readable (%s); legend falls back to the dir name", cfg_path, exc)
-    metrics = p / METRICS_JSONL
-    if not metrics.is_file():
-        return run
-    text = metrics.read_bytes().decode("utf-8", errors="replace")
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            run.skipped["line not JSON (truncated or garbled)"] += 1
-            continue
-        if not isinstance(row, dict):
-            run.skipped["row not a JSON object"] += 1
-            continue
-        run.rows.append(row)
+    run.rows = read_metrics(p, strict=False, skipped=run.skipped)
     return run
 
 
