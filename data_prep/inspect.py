@@ -17,13 +17,13 @@ import math
 import os
 import random
 import sys
-import tempfile
 from io import BytesIO
 from pathlib import Path
 
 import pyarrow.parquet as pq
 from PIL import Image
 
+from data_prep.atomic import atomic_file
 from data_prep.draw import contact_sheet, draw_boxes
 from data_prep.records import DatasetError
 from data_prep.shard_format import read_manifest
@@ -128,14 +128,8 @@ def contact_sheet_for(folder: str | os.PathLike, n: int = 16, seed: int = 0, cel
 
 def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        image.save(f, format="PNG")
 
 
 def main(argv: list[str] | None = None) -> int:

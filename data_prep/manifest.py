@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
+from data_prep.atomic import atomic_file
 from data_prep.records import ClassInfo, Issue
 from data_prep.shard_format import read_manifest_file
 
@@ -37,18 +37,8 @@ BOXES_FORMAT = (
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON to a temp file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the manifest from other users
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w") as f:  # a plain open()'s mode, not mkstemp's 0600
+        json.dump(obj, f, indent=1)
 
 
 def shard_stats(rows: list[dict], issues: list[Issue], num_classes: int) -> dict:

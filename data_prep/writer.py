@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep import imaging
+from data_prep.atomic import atomic_file
 from data_prep.manifest import build_manifest, shard_stats, write_json_atomic
 from data_prep.records import ClassInfo, DatasetError, Issue, SourceImage
 from data_prep.shard_format import SCHEMA
@@ -175,18 +176,10 @@ def _column(field: pa.Field, values: list) -> pa.Array:
 
 def _write_parquet_atomic(path: Path, rows: list[dict]) -> None:
     table = pa.Table.from_arrays([_column(f, [r[f.name] for r in rows]) for f in SCHEMA], schema=SCHEMA)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            # JPEG bytes are compressed already: snappy and dictionary tries on them only cost time.
-            pq.write_table(table, f, row_group_size=256, compression=_COMPRESSION,
-                           use_dictionary=[n for n in SCHEMA.names if n != "jpeg"])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        # JPEG bytes are compressed already: snappy and dictionary tries on them only cost time.
+        pq.write_table(table, f, row_group_size=256, compression=_COMPRESSION,
+                       use_dictionary=[n for n in SCHEMA.names if n != "jpeg"])
 
 
 class _ShardSink:

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_prep.atomic import write_bytes_atomic
+
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.pt"
@@ -77,15 +79,6 @@ def _check_plain(obj, where: str) -> None:
             f"{where}: {type(obj).__name__} cannot be saved in a weights_only file; "
             "convert it to a tensor, number, string, list or dict"
         )
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _serialize(obj) -> bytes:
@@ -192,7 +185,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, state: Mapping) -> Path:
     marker = d / MARKER_FILE
     marker.unlink(missing_ok=True)  # overwriting: the dir is incomplete until the new marker lands
     data = _serialize(dict(state))
-    _atomic_write(d / STATE_FILE, data)
+    write_bytes_atomic(d / STATE_FILE, data)
     info = {
         "format": CHECKPOINT_FORMAT,
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -200,7 +193,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, state: Mapping) -> Path:
         "epoch": int(state["epoch"]),
         "step": int(state["step"]),
     }
-    _atomic_write(marker, json.dumps(info).encode())
+    write_bytes_atomic(marker, json.dumps(info).encode())
     return d
 
 
@@ -300,7 +293,7 @@ def save_weights(
     _check_plain(obj, "weights")
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(p, _serialize(obj))
+    write_bytes_atomic(p, _serialize(obj))
     return p
 
 

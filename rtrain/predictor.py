@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from data_prep.atomic import atomic_file
 from rtrain.augment import Sample, letterbox
 from rtrain.inference import read_image
 from rtrain.ray_session import start_ray  # noqa: F401  (rtrain.predictor.start_ray: re-exported)
@@ -105,14 +105,8 @@ def _save_picture(image: Image.Image, path: Path) -> None:
     """Atomic write (temp name + rename); the format follows the final suffix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP"}[path.suffix.lower()]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, durable=False) as fh:  # one per image: no fsync, as before
+        image.save(fh, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
 
 
 def _read_file(path: str) -> tuple[Image.Image, tuple[int, int]]:
@@ -352,15 +346,8 @@ def _ray_rows(weights: str, source: Source, settings: PredictSettings, out_dir: 
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w") as fh:
+        json.dump(obj, fh)
 
 
 def collect(batches, class_names: list[str], category_ids: list[int]) -> dict:
