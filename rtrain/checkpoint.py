@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from data_prep.atomic import write_bytes_atomic
+from rtrain.errors import RtrainError
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ REQUIRED_WEIGHTS_KEYS = ("model", "config", "class_names")
 _SAFE_LEAVES = (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.Size)
 
 
-class CheckpointError(Exception):
+class CheckpointError(RtrainError):
     """A checkpoint or weights file cannot be used: one line naming the file and the fault."""
 
 

@@ -1,10 +1,28 @@
-"""What every rtrain CLI shares: argument errors as one line and exit status 2; a readable terminal."""
+"""What every rtrain CLI shares: one parser, one error rule, a readable terminal.
+
+    from rtrain.cli import OneLineParser, run_cli
+
+    @run_cli("rtrain.evaluate")
+    def main(argv=None) -> int:
+        args = OneLineParser(prog="python -m rtrain.evaluate").parse_args(argv)
+        ...
+
+A bad argument (argparse) and an RtrainError or data_prep DatasetError (rtrain.errors) are each
+one line `PROG: error: MESSAGE` on stderr; the exit status is 2 for bad input, or the error's
+`exit_code` (1 for a run that started and failed).
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
+import sys
+from collections.abc import Callable
+
+from data_prep.records import DatasetError
+from rtrain.errors import BAD_INPUT, RtrainError
 
 # Lines Ray forwards from its processes that say nothing to someone watching a training run:
 # Ray Train's placement-group cleaner retrying the State API (served only with a dashboard),
@@ -30,6 +48,33 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def error_exit(prog: str, exc: BaseException) -> int:
+    """Print `prog: error: <first line of exc>` on stderr; the exit status the CLI returns."""
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    print(f"{prog}: error: {line}", file=sys.stderr)
+    return int(getattr(exc, "exit_code", BAD_INPUT))
+
+
+def run_cli(prog: str, *, also: tuple[type[BaseException], ...] = ()):
+    """Decorate a CLI's `main(argv) -> int`: RtrainError / DatasetError (and the `also` types,
+    for plain exceptions a CLI has always reported as bad input) become `error_exit`'s line and
+    status instead of a traceback."""
+    caught = (RtrainError, DatasetError, *also)
+
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(*args, **kwargs) -> int:
+            try:
+                return main(*args, **kwargs)
+            except caught as exc:
+                return error_exit(prog, exc)
+
+        return run
+
+    return wrap
 
 
 def quiet_ray_terminal() -> None:

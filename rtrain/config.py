@@ -23,9 +23,10 @@ from typing import Any, Literal
 import yaml
 
 from data_prep.atomic import write_text_atomic
+from rtrain.errors import RtrainError
 
 
-class ConfigError(ValueError):
+class ConfigError(RtrainError, ValueError):
     """A config problem, as one line naming the key (and file) at fault."""
 
 

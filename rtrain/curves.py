@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from data_prep.shard_format import ShardError, read_manifest
+from rtrain.errors import RtrainError
 from rtrain.run_dir import CONFIG_YAML, METRICS_JSONL, atomic_write_bytes, read_metrics
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ _EVAL_PREFIXES = ("mAP", "AP", "AR", "best_mAP")
 _LOWER_IS_BETTER = ("loss", "data_wait", "epoch_time", "epoch_wall", "grad_norm", "nonfinite")
 
 
-class CompareError(ValueError):
+class CompareError(RtrainError, ValueError):
     """Nothing to compare (no run with the metric): one line."""
 
 

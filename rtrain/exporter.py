@@ -29,6 +29,7 @@ import torch
 
 from data_prep.atomic import atomic_path, write_text_atomic
 from rtrain import inference
+from rtrain.errors import RtrainError
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ SCORE_ATOL = 1e-4
 PARITY_IMAGES = 4
 
 
-class ExportError(RuntimeError):
+class ExportError(RtrainError, RuntimeError):
     """Export impossible or parity check failed: one line."""
 
 

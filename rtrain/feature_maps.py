@@ -31,6 +31,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 
 from rtrain.augment import Sample, letterbox
+from rtrain.errors import RtrainError
 from rtrain.loading import LoadedDetector
 from rtrain.models.summary import capture_layers
 from rtrain.run_dir import atomic_write_bytes
@@ -45,7 +46,7 @@ MIN_WIDTH = 360  # so the header text fits even for a one-tile grid
 BACKGROUND = (255, 255, 255)
 
 
-class VisualizeError(ValueError):
+class VisualizeError(RtrainError, ValueError):
     """Bad input for the pictures (unknown layer, unreadable image/weights): one line."""
 
 

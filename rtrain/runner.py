@@ -38,12 +38,20 @@ import pyarrow.parquet as pq
 
 from rtrain import run_dir
 from rtrain.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
+from rtrain.errors import BAD_INPUT, FAILED, RtrainError
 
 logger = logging.getLogger(__name__)
 
 
-class FitError(RuntimeError):
-    """Training could not start or did not finish: one line saying why."""
+class FitError(RtrainError, RuntimeError):
+    """Training could not start or did not finish: one line saying why.
+
+    Exit code 2 when the input was refused before anything ran, 1 when training (or Ray) failed
+    (those are raised `from` the underlying exception)."""
+
+    @property
+    def exit_code(self) -> int:
+        return FAILED if self.__cause__ is not None else BAD_INPUT
 
 
 @dataclass

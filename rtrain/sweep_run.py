@@ -57,6 +57,7 @@ import yaml
 
 from rtrain import run_dir as run_files
 from rtrain.config import TrainConfig, config_from_dict, config_to_dict, dump_config
+from rtrain.errors import FAILED, RtrainError
 from rtrain.ray_session import start_ray
 from rtrain.runner import FitError, check_data, check_storage
 from rtrain.sweep import METRIC, TIME_ATTR, SweepError, SweepSpec, apply_params, effective_lr
@@ -81,8 +82,10 @@ PG_NOTE = ".placement_groups"  # hex ids of the trial's Train worker placement g
 TRIAL_CPU = 0.05  # the Tune trial actor only waits on its TorchTrainer
 
 
-class TrialFailed(RuntimeError):
+class TrialFailed(RtrainError, RuntimeError):
     """A trial could not train; the message is the one-line reason the table shows."""
+
+    exit_code = FAILED
 
 
 @dataclass
