@@ -25,7 +25,7 @@ page shows the CLI as one driver job; the Train page lists one Train run per tri
 trial) because the sweep sets RAY_TRAIN_ENABLE_STATE_TRACKING=1; the Placement Groups tab shows one
 group per running trial's workers (see below).
 
-Ray 2.60 bug worked around here (../shared/RAY_NOTES.md): when ASHA stops a trial, its Train
+Ray 2.60 bug worked around here (README.md, "Search"): when ASHA stops a trial, its Train
 worker placement group is freed only by a helper that needs the State API (served by the
 dashboard). Without a dashboard the group leaks and the next trial waits for resources forever
 (WorkerGroupStartupTimeoutError). So (1) a sweep that starts its own Ray keeps the dashboard on,

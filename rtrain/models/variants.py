@@ -9,9 +9,9 @@
 | compact_s | compact (project default)        | 1.0   | 1.0   | 96   | 2          | 8,16,32            |
 | compact_m | compact                          | 1.25  | 1.5   | 128  | 2          | 8,16,32            |
 
-compact_s was sized with benchmarks/model_speed.py: at 320 px it has ~0.6 of SSDLite-MobileNetV3's
-GFLOPs and trains > 2x faster per image on CPU (process CPU time, 2.2x measured); width 0.75 / neck 80
-was 2.6x but with only 0.36M parameters, too thin for COCO-like data.
+compact_s was sized with benchmarks/model_speed.py against SSDLite-MobileNetV3 at 320 px (the
+README's Figures table has the current numbers); a thinner width 0.75 / neck 80 was faster still
+but too thin (0.36M parameters) for COCO-like data.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def compact_s(
     head_convs: int | None = None,
     reg_max: int = 7,
 ) -> Detector:
-    """The project default: trains > 1.5x faster than SSDLite-MobileNetV3 at fewer GFLOPs (320 px)."""
+    """The project default: faster to train than SSDLite-MobileNetV3 at fewer GFLOPs (README, Figures)."""
     return _make("compact_s", num_classes, reg_max, width, depth, neck_channels, head_convs)
 
 
