@@ -68,85 +68,36 @@ def _make(variant, num_classes, reg_max, width, depth, neck_channels, head_convs
     return assemble(spec)
 
 
-@register_variant("seed")
-def seed(
-    *,
-    num_classes: int,
-    width: float | None = None,
-    depth: float | None = None,
-    neck_channels: int | None = None,
-    head_convs: int | None = None,
-    reg_max: int = 7,
-) -> Detector:
-    """The research trunk exactly (at width = depth = 1); its extras feed the stride 64/128 levels."""
-    return _make("seed", num_classes, reg_max, width, depth, neck_channels, head_convs)
+# variant: its one-line description (the builder's docstring).
+DESCRIPTIONS = {
+    "seed": "The research trunk exactly (at width = depth = 1); its extras feed the stride 64/128 levels.",
+    "mv2_s": "MobileNetV2 x0.5 trunk.",
+    "mv2_m": "MobileNetV2 x1.0 trunk.",
+    "compact_n": "Smallest compact model (edge devices, quick experiments).",
+    "compact_s": "The project default: faster to train than SSDLite-MobileNetV3 at fewer GFLOPs "
+                 "(README, Figures).",
+    "compact_m": "Larger compact model, for GPUs.",
+}
 
 
-@register_variant("mv2_s")
-def mv2_s(
-    *,
-    num_classes: int,
-    width: float | None = None,
-    depth: float | None = None,
-    neck_channels: int | None = None,
-    head_convs: int | None = None,
-    reg_max: int = 7,
-) -> Detector:
-    """MobileNetV2 x0.5 trunk."""
-    return _make("mv2_s", num_classes, reg_max, width, depth, neck_channels, head_convs)
+def _builder(variant: str):
+    """The registry's keyword-only builder for `variant` (see rtrain.models.registry)."""
+
+    def build(
+        *,
+        num_classes: int,
+        width: float | None = None,
+        depth: float | None = None,
+        neck_channels: int | None = None,
+        head_convs: int | None = None,
+        reg_max: int = 7,
+    ) -> Detector:
+        return _make(variant, num_classes, reg_max, width, depth, neck_channels, head_convs)
+
+    build.__name__ = build.__qualname__ = variant
+    build.__doc__ = DESCRIPTIONS[variant]
+    return build
 
 
-@register_variant("mv2_m")
-def mv2_m(
-    *,
-    num_classes: int,
-    width: float | None = None,
-    depth: float | None = None,
-    neck_channels: int | None = None,
-    head_convs: int | None = None,
-    reg_max: int = 7,
-) -> Detector:
-    """MobileNetV2 x1.0 trunk."""
-    return _make("mv2_m", num_classes, reg_max, width, depth, neck_channels, head_convs)
-
-
-@register_variant("compact_n")
-def compact_n(
-    *,
-    num_classes: int,
-    width: float | None = None,
-    depth: float | None = None,
-    neck_channels: int | None = None,
-    head_convs: int | None = None,
-    reg_max: int = 7,
-) -> Detector:
-    """Smallest compact model (edge devices, quick experiments)."""
-    return _make("compact_n", num_classes, reg_max, width, depth, neck_channels, head_convs)
-
-
-@register_variant("compact_s")
-def compact_s(
-    *,
-    num_classes: int,
-    width: float | None = None,
-    depth: float | None = None,
-    neck_channels: int | None = None,
-    head_convs: int | None = None,
-    reg_max: int = 7,
-) -> Detector:
-    """The project default: faster to train than SSDLite-MobileNetV3 at fewer GFLOPs (README, Figures)."""
-    return _make("compact_s", num_classes, reg_max, width, depth, neck_channels, head_convs)
-
-
-@register_variant("compact_m")
-def compact_m(
-    *,
-    num_classes: int,
-    width: float | None = None,
-    depth: float | None = None,
-    neck_channels: int | None = None,
-    head_convs: int | None = None,
-    reg_max: int = 7,
-) -> Detector:
-    """Larger compact model, for GPUs."""
-    return _make("compact_m", num_classes, reg_max, width, depth, neck_channels, head_convs)
+for _name in DEFAULTS:  # one registered builder per row of DEFAULTS
+    register_variant(_name)(_builder(_name))
