@@ -17,13 +17,9 @@ from PIL import Image
 from data_prep.draw import class_color
 from data_prep.inspect import contact_sheet_for, load_manifest, render_row, sample_rows, summarize
 from data_prep.records import DatasetError
+from data_prep.shard_format import SCHEMA
 
 NAMES = ["apple", "pear"]
-SCHEMA = pa.schema([  # docs/design.md's shard schema (data_prep.shard_format.SCHEMA)
-    ("image_id", pa.int64()), ("file_name", pa.string()), ("jpeg", pa.binary()),
-    ("width", pa.int32()), ("height", pa.int32()), ("orig_width", pa.int32()), ("orig_height", pa.int32()),
-    ("boxes", pa.list_(pa.float32())), ("labels", pa.list_(pa.int32())), ("iscrowd", pa.list_(pa.bool_())),
-])
 
 
 def _jpeg(w: int, h: int) -> bytes:
