@@ -44,3 +44,12 @@ def ray_session():
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: small tensors on a shared 2-core machine run faster and
+    far steadier without threads contending."""
+    from inference_fixtures import one_thread as single
+
+    yield from single()
