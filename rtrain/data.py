@@ -345,24 +345,14 @@ def build_dataset(
     ds = ds.repartition(target_num_rows_per_block=batch_rows)
     kwargs = {"train": train, "img_size": img_size, "aug": aug, "seed": seed, "epoch": epoch}
     if pool == "actors":
-        return ds.map_batches(
-            DecodeAugment,
-            fn_constructor_kwargs=kwargs,
-            batch_size=batch_rows,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
-            num_cpus=cpus_per_actor,
-        )
-    if pool != "tasks":
+        fn, how = DecodeAugment, {"fn_constructor_kwargs": kwargs,
+                                  "compute": ray.data.ActorPoolStrategy(size=num_actors)}
+    elif pool == "tasks":
+        fn, how = decode_augment_batch, {"fn_kwargs": kwargs,
+                                         "compute": ray.data.TaskPoolStrategy(size=num_actors)}
+    else:
         raise ValueError(f"pool must be 'tasks' or 'actors', got {pool!r}")
-    return ds.map_batches(
-        decode_augment_batch,
-        fn_kwargs=kwargs,
-        batch_size=batch_rows,
-        batch_format="numpy",
-        compute=ray.data.TaskPoolStrategy(size=num_actors),
-        num_cpus=cpus_per_actor,
-    )
+    return ds.map_batches(fn, batch_size=batch_rows, batch_format="numpy", num_cpus=cpus_per_actor, **how)
 
 
 _FN_CACHE: dict[tuple, DecodeAugment] = {}
