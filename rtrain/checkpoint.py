@@ -228,17 +228,22 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike) -> dict:
     return info
 
 
+def _load_dict(path: Path, map_location, required, what: str, missing_msg: str) -> dict:
+    """`_safe_load`, then CheckpointError unless it is a dict with every key of `required`."""
+    obj = _safe_load(path, map_location)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected {what}")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path}: " + missing_msg.format(missing))
+    return obj
+
+
 def load_checkpoint(ckpt_dir: str | os.PathLike, map_location="cpu") -> dict:
     """Verify and load `ckpt_dir`/state.pt (weights_only). Raises CheckpointError with one line."""
     verify_checkpoint(ckpt_dir)
     path = Path(ckpt_dir) / STATE_FILE
-    state = _safe_load(path, map_location)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: holds a {type(state).__name__}, expected a dict")
-    missing = [k for k in REQUIRED_STATE_KEYS if k not in state]
-    if missing:
-        raise CheckpointError(f"{path}: missing keys {missing}")
-    return state
+    return _load_dict(path, map_location, REQUIRED_STATE_KEYS, "a dict", "missing keys {}")
 
 
 def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
@@ -321,12 +326,8 @@ def load_weights(path: str | os.PathLike, map_location="cpu") -> dict:
                 "step": state["step"],
             },
         }
-    obj = _safe_load(p, map_location)
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{p}: holds a {type(obj).__name__}, expected a weights dict")
-    missing = [k for k in REQUIRED_WEIGHTS_KEYS if k not in obj]
-    if missing:
-        raise CheckpointError(f"{p}: not an rtrain weights file (missing keys {missing})")
+    obj = _load_dict(p, map_location, REQUIRED_WEIGHTS_KEYS, "a weights dict",
+                     "not an rtrain weights file (missing keys {})")
     if not isinstance(obj["model"], dict) or not all(
         isinstance(v, torch.Tensor) for v in obj["model"].values()
     ):
