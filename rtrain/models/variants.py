@@ -51,7 +51,8 @@ DEFAULTS: dict[str, tuple[str, float, float, int, int]] = {
 }
 
 
-def _make(variant, num_classes, reg_max, width, depth, neck_channels, head_convs) -> Detector:
+def _make(variant, num_classes, reg_max, *, width=None, depth=None, neck_channels=None,
+          head_convs=None) -> Detector:
     """The variant's defaults, overridden by every argument that is not None."""
     family, d_width, d_depth, d_neck, d_head = DEFAULTS[variant]
     pick = lambda value, default: default if value is None else value  # noqa: E731
@@ -83,16 +84,9 @@ DESCRIPTIONS = {
 def _builder(variant: str):
     """The registry's keyword-only builder for `variant` (see rtrain.models.registry)."""
 
-    def build(
-        *,
-        num_classes: int,
-        width: float | None = None,
-        depth: float | None = None,
-        neck_channels: int | None = None,
-        head_convs: int | None = None,
-        reg_max: int = 7,
-    ) -> Detector:
-        return _make(variant, num_classes, reg_max, width, depth, neck_channels, head_convs)
+    def build(*, num_classes: int, reg_max: int = 7, **sizes: float | int | None) -> Detector:
+        # sizes: width, depth, neck_channels, head_convs (None = the variant's default)
+        return _make(variant, num_classes, reg_max, **sizes)
 
     build.__name__ = build.__qualname__ = variant
     build.__doc__ = DESCRIPTIONS[variant]
