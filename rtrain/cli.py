@@ -2,9 +2,10 @@
 
     from rtrain.cli import OneLineParser, run_cli
 
-    @run_cli("rtrain.evaluate")
-    def main(argv=None) -> int:
-        args = OneLineParser(prog="python -m rtrain.evaluate").parse_args(argv)
+    def build_parser() -> OneLineParser: ...
+
+    @run_cli("rtrain.evaluate", parser=build_parser)
+    def main(args) -> int:          # called as main(argv): parses, sets up logging, runs
         ...
 
 A bad argument (argparse) and an RtrainError or data_prep DatasetError (rtrain.errors) are each
@@ -58,21 +59,36 @@ def error_exit(prog: str, exc: BaseException) -> int:
     return int(getattr(exc, "exit_code", BAD_INPUT))
 
 
-def run_cli(prog: str, *, also: tuple[type[BaseException], ...] = ()):
-    """Decorate a CLI's `main(argv) -> int`: RtrainError / DatasetError (and the `also` types,
-    for plain exceptions a CLI has always reported as bad input) become `error_exit`'s line and
-    status instead of a traceback."""
+def run_cli(prog: str, *, also: tuple[type[BaseException], ...] = (),
+            parser: Callable[[], argparse.ArgumentParser] | None = None, log_level: int = logging.WARNING):
+    """Decorate a CLI's main: RtrainError / DatasetError (and the `also` types, for plain exceptions
+    a CLI has always reported as bad input) become `error_exit`'s line and status instead of a
+    traceback.
+
+    Without `parser` the decorated function is `main(argv) -> int` itself. With `parser` (a
+    build_parser function) it is `body(args) -> int` and the result is `main(argv)`, which parses
+    argv and sets up logging (`log_level`, bare messages) before calling it.
+    """
     caught = (RtrainError, DatasetError, *also)
 
-    def wrap(main: Callable[..., int]) -> Callable[..., int]:
-        @functools.wraps(main)
-        def run(*args, **kwargs) -> int:
+    def wrap(body: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(body)
+        def guarded(*args, **kwargs) -> int:
             try:
-                return main(*args, **kwargs)
+                return body(*args, **kwargs)
             except caught as exc:
                 return error_exit(prog, exc)
 
-        return run
+        if parser is None:
+            return guarded
+
+        @functools.wraps(body)
+        def main(argv: list[str] | None = None) -> int:
+            args = parser().parse_args(argv)
+            logging.basicConfig(level=log_level, format="%(message)s")
+            return guarded(args)
+
+        return main
 
     return wrap
 

@@ -10,7 +10,6 @@ Runs with partly written metrics still plot what is there; what was skipped is p
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from rtrain.cli import OneLineParser, run_cli
@@ -27,10 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@run_cli("rtrain.compare")
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+@run_cli("rtrain.compare", parser=build_parser)
+def main(args: argparse.Namespace) -> int:
     result = compare_runs(args.runs, metric=args.metric, x=args.x, smooth=args.smooth, out=args.out)
     for path, reason in result.skipped_runs:
         print(f"left out {path}: {reason}")

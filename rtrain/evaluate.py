@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 from rtrain.cli import OneLineParser, run_cli
@@ -32,10 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@run_cli("rtrain.evaluate", also=(FileNotFoundError, ValueError))
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+@run_cli("rtrain.evaluate", also=(FileNotFoundError, ValueError), parser=build_parser)
+def main(args: argparse.Namespace) -> int:
     from rtrain.evaluator import evaluate_weights, format_metrics
     from rtrain.run_dir import atomic_write_bytes
 

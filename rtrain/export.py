@@ -15,7 +15,6 @@ Exit status: 0 done, 1 parity check failed, 2 bad input (one line on stderr).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from rtrain.cli import OneLineParser, run_cli
@@ -36,10 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@run_cli("rtrain.export", also=(OSError,))
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+@run_cli("rtrain.export", also=(OSError,), parser=build_parser)
+def main(args: argparse.Namespace) -> int:
     from rtrain.exporter import export_weights, format_report
 
     report = export_weights(args.weights, args.format, size=args.size, dynamic_batch=args.dynamic_batch,

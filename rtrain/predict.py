@@ -22,7 +22,6 @@ Exit status: 0 done, 2 bad input (one line on stderr).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from rtrain.cli import OneLineParser, run_cli
@@ -48,10 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@run_cli("rtrain.predict", also=(ValueError,))
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+@run_cli("rtrain.predict", also=(ValueError,), parser=build_parser)
+def main(args: argparse.Namespace) -> int:
     from rtrain.predictor import predict, start_ray, wants_ray
     from rtrain.sources import resolve_source
 

@@ -29,10 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@run_cli("rtrain.visualize")
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+@run_cli("rtrain.visualize", parser=build_parser, log_level=logging.INFO)
+def main(args: argparse.Namespace) -> int:
     det = load_detector(args.weights)
     pictures, overlay = visualize(det, args.source, args.out, args.layers, args.channels, args.size)
     for pic in pictures:
