@@ -27,7 +27,16 @@ from typing import IO
 
 
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask; read from /proc where it can be (os.umask alone must set it to read it,
+    which briefly changes it for every thread)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
