@@ -13,41 +13,28 @@ shard is a one-line error.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
 import sys
-import tempfile
 from io import BytesIO
 from pathlib import Path
 
 import pyarrow.parquet as pq
 from PIL import Image
 
+from data_prep.atomic import atomic_file
 from data_prep.draw import contact_sheet, draw_boxes
 from data_prep.records import DatasetError
+from data_prep.shard_format import read_manifest
 
 COLUMNS = ["image_id", "file_name", "jpeg", "width", "height", "boxes", "labels"]
 
 
 def load_manifest(folder: str | os.PathLike) -> dict:
-    """The folder's manifest.json; DatasetError (one line, naming the file) when missing or unusable."""
-    path = Path(folder) / "manifest.json"
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: no such file (is {folder} a data_prep.shard output folder?)") from None
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: cannot read: {e}") from None
-    if not isinstance(manifest, dict):
-        raise DatasetError(f"{path}: not a shard manifest (no classes/counts/shards)")
-    missing = [k for k in ("classes", "counts", "shards") if k not in manifest]
-    if missing:
-        raise DatasetError(f"{path}: not a shard manifest (missing {', '.join(missing)})")
-    return manifest
+    """The folder's manifest.json with classes, counts and shards; DatasetError (one line, naming the
+    file) when missing or unusable."""
+    return read_manifest(folder, require=("classes", "counts", "shards"))
 
 
 def summarize(manifest: dict) -> str:
@@ -141,14 +128,8 @@ def contact_sheet_for(folder: str | os.PathLike, n: int = 16, seed: int = 0, cel
 
 def save_png_atomic(image: Image.Image, path: str | os.PathLike) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        image.save(f, format="PNG")
 
 
 def main(argv: list[str] | None = None) -> int:

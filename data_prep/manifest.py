@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 
-from data_prep.records import ClassInfo, DatasetError, Issue
+from data_prep.atomic import atomic_file
+from data_prep.records import ClassInfo, Issue
+from data_prep.shard_format import read_manifest_file
 
 BOXES_FORMAT = (
     "xyxy float32 in stored-image pixels; original pixels = x * orig_width / width, y * orig_height / height"
@@ -36,18 +37,8 @@ BOXES_FORMAT = (
 
 def write_json_atomic(path: Path, obj) -> None:
     """Write JSON to a temp file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the manifest from other users
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w") as f:  # a plain open()'s mode, not mkstemp's 0600
+        json.dump(obj, f, indent=1)
 
 
 def shard_stats(rows: list[dict], issues: list[Issue], num_classes: int) -> dict:
@@ -129,17 +120,6 @@ def build_manifest(
 
 
 def load_classes(manifest_path: str | os.PathLike) -> list[ClassInfo]:
-    """The class list of another output's manifest.json (for --classes-from)."""
-    path = Path(manifest_path)
-    try:
-        data = json.loads(path.read_text())
-        classes = [ClassInfo(int(c["index"]), str(c["name"]), int(c["category_id"])) for c in data["classes"]]
-    except FileNotFoundError:
-        raise DatasetError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
-    except (KeyError, TypeError, ValueError) as e:
-        raise DatasetError(f"{path}: not a shard manifest (classes: {e})") from None
-    if [c.index for c in classes] != list(range(len(classes))) or not classes:
-        raise DatasetError(f"{path}: class indices are not 0..C-1")
-    return classes
+    """The class list of another output's manifest.json (for --classes-from); DatasetError if unusable."""
+    data = read_manifest_file(manifest_path)
+    return [ClassInfo(int(c["index"]), str(c["name"]), int(c["category_id"])) for c in data["classes"]]

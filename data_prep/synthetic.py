@@ -32,13 +32,13 @@ import argparse
 import json
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from data_prep.atomic import atomic_file
 
 log = logging.getLogger(__name__)
 
@@ -222,10 +222,8 @@ def render_image(seed: int, index: int, size: int = 320) -> SyntheticImage:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_file(path, "w") as f:
         json.dump(payload, f)
-    os.replace(tmp, path)
 
 
 def _coco(images: list[dict], annotations: list[dict]) -> dict:
@@ -254,9 +252,8 @@ def make_synthetic(
     for i in range(images):
         sample = render_image(seed, i, size)
         file_name = f"{i + 1:06d}.jpg"
-        tmp = image_dir / f".{file_name}.tmp"
-        sample.image.save(tmp, format="JPEG", quality=92)
-        os.replace(tmp, image_dir / file_name)
+        with atomic_file(image_dir / file_name, durable=False) as fh:
+            sample.image.save(fh, format="JPEG", quality=92)
         coco_images.append({"id": i + 1, "file_name": file_name, "width": size, "height": size})
         for obj in sample.objects:
             x1, y1, x2, y2 = obj.box

@@ -32,23 +32,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data_prep import imaging
+from data_prep.atomic import atomic_file
 from data_prep.manifest import build_manifest, shard_stats, write_json_atomic
 from data_prep.records import ClassInfo, DatasetError, Issue, SourceImage
+from data_prep.shard_format import SCHEMA
 
 log = logging.getLogger(__name__)
 
-SCHEMA = pa.schema([
-    ("image_id", pa.int64()),
-    ("file_name", pa.string()),
-    ("jpeg", pa.binary()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("orig_width", pa.int32()),
-    ("orig_height", pa.int32()),
-    ("boxes", pa.list_(pa.float32())),
-    ("labels", pa.list_(pa.int32())),
-    ("iscrowd", pa.list_(pa.bool_())),
-])
 _COMPRESSION = {n: ("NONE" if n == "jpeg" else "snappy") for n in SCHEMA.names}
 CONFIG_NAME = "_shard_config.json"
 STATS_DIR = "_stats"  # pyarrow and Ray Data skip names starting with "_" or "."
@@ -186,18 +176,10 @@ def _column(field: pa.Field, values: list) -> pa.Array:
 
 def _write_parquet_atomic(path: Path, rows: list[dict]) -> None:
     table = pa.Table.from_arrays([_column(f, [r[f.name] for r in rows]) for f in SCHEMA], schema=SCHEMA)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            # JPEG bytes are compressed already: snappy and dictionary tries on them only cost time.
-            pq.write_table(table, f, row_group_size=256, compression=_COMPRESSION,
-                           use_dictionary=[n for n in SCHEMA.names if n != "jpeg"])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        # JPEG bytes are compressed already: snappy and dictionary tries on them only cost time.
+        pq.write_table(table, f, row_group_size=256, compression=_COMPRESSION,
+                       use_dictionary=[n for n in SCHEMA.names if n != "jpeg"])
 
 
 class _ShardSink:

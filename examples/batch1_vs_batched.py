@@ -20,31 +20,12 @@ import logging
 import time
 from pathlib import Path
 
-from data_prep.shard import build_parser as shard_parser
-from data_prep.shard import shard
+from train_bccd import shard_split  # the sibling example (this folder is on sys.path when run)
+
 from rtrain.curves import CompareError, compare_runs, skipped_lines
 from rtrain.runner import FitError, fit
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def shard_split(bccd: Path, split: str, out: Path, size: int, limit: int | None,
-                classes_from: Path | None) -> Path:
-    """Shard one VOC split (its first `limit` ids when given) unless its manifest already exists."""
-    if (out / "manifest.json").is_file():
-        return out
-    split_file = bccd / "ImageSets" / "Main" / f"{split}.txt"
-    if limit is not None:  # a smaller split file of the first ids, beside the shards
-        ids = [line for line in split_file.read_text().splitlines() if line.strip()][:limit]
-        split_file = out.parent / f"{split}_{limit}.txt"
-        split_file.parent.mkdir(parents=True, exist_ok=True)
-        split_file.write_text("\n".join(ids) + "\n")
-    argv = ["--format", "voc", "--root", str(bccd), "--split-file", str(split_file), "--out", str(out),
-            "--size", str(size), "--workers", "2"]
-    if classes_from is not None:
-        argv += ["--classes-from", str(classes_from / "manifest.json")]
-    shard(shard_parser().parse_args(argv))
-    return out
 
 
 def main() -> None:
@@ -61,8 +42,9 @@ def main() -> None:
     smoke = args.smoke_test
     size, minutes = (128, 1.0) if smoke else (416, args.minutes)
     data = args.out / ("shards_smoke" if smoke else "shards")
-    train = shard_split(args.bccd, "train", data / "train", size, 24 if smoke else None, None)
-    val = shard_split(args.bccd, "val", data / "val", size, 8 if smoke else None, train)
+    train = shard_split(args.bccd, "train", data / "train", size, None, limit=24 if smoke else None,
+                        workers=2)
+    val = shard_split(args.bccd, "val", data / "val", size, train, limit=8 if smoke else None, workers=2)
 
     common = [f"data.train={train}", f"data.val={val}", f"data.img_size={size}",
               f"train.time_limit_min={minutes}", "train.epochs=100000",  # the clock ends the runs

@@ -17,13 +17,21 @@ from rtrain.runner import fit
 REPO = Path(__file__).resolve().parents[1]
 
 
-def shard_split(bccd: Path, split: str, out: Path, size: int, classes_from: Path | None) -> Path:
-    """Shard one VOC split unless its manifest already exists."""
+def shard_split(bccd: Path, split: str, out: Path, size: int, classes_from: Path | None, *,
+                limit: int | None = None, workers: int | None = None) -> Path:
+    """Shard one VOC split (its first `limit` ids when given) unless its manifest already exists."""
     if (out / "manifest.json").is_file():
         return out
     split_file = bccd / "ImageSets" / "Main" / f"{split}.txt"
+    if limit is not None:  # a smaller split file of the first ids, beside the shards
+        ids = [line for line in split_file.read_text().splitlines() if line.strip()][:limit]
+        split_file = out.parent / f"{split}_{limit}.txt"
+        split_file.parent.mkdir(parents=True, exist_ok=True)
+        split_file.write_text("\n".join(ids) + "\n")
     argv = ["--format", "voc", "--root", str(bccd), "--split-file", str(split_file),
             "--out", str(out), "--size", str(size)]
+    if workers is not None:
+        argv += ["--workers", str(workers)]
     if classes_from is not None:
         argv += ["--classes-from", str(classes_from / "manifest.json")]
     shard(shard_parser().parse_args(argv))

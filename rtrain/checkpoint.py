@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_prep.atomic import write_bytes_atomic
+from rtrain.errors import RtrainError
 from rtrain.run_dir import full_storage
 
 logger = logging.getLogger(__name__)
@@ -53,7 +55,7 @@ REQUIRED_WEIGHTS_KEYS = ("model", "config", "class_names")
 _SAFE_LEAVES = (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.Size)
 
 
-class CheckpointError(Exception):
+class CheckpointError(RtrainError):
     """A checkpoint or weights file cannot be used: one line naming the file and the fault."""
 
 
@@ -84,20 +86,11 @@ def _check_plain(obj, where: str) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to a temp file beside `path`, fsync, rename; the old `path` stays if that fails.
-
-    A full disk (ENOSPC/EDQUOT) raises `rtrain.run_dir.StorageFullError` naming `path`; the
-    temp file is removed on every failure, so it neither fills the disk nor looks like a file.
-    """
-    tmp = path.with_name(path.name + ".tmp")
+    """`data_prep.atomic.write_bytes_atomic`; a full disk (ENOSPC/EDQUOT) raises
+    `rtrain.run_dir.StorageFullError` naming `path` (the temp file is removed on every failure)."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        write_bytes_atomic(path, data)
+    except OSError as exc:
         full = full_storage(exc, path)
         if full is not None:
             raise full from None
@@ -257,17 +250,22 @@ def verify_checkpoint(ckpt_dir: str | os.PathLike) -> dict:
     return info
 
 
+def _load_dict(path: Path, map_location, required, what: str, missing_msg: str) -> dict:
+    """`_safe_load`, then CheckpointError unless it is a dict with every key of `required`."""
+    obj = _safe_load(path, map_location)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected {what}")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path}: " + missing_msg.format(missing))
+    return obj
+
+
 def load_checkpoint(ckpt_dir: str | os.PathLike, map_location="cpu") -> dict:
     """Verify and load `ckpt_dir`/state.pt (weights_only). Raises CheckpointError with one line."""
     verify_checkpoint(ckpt_dir)
     path = Path(ckpt_dir) / STATE_FILE
-    state = _safe_load(path, map_location)
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: holds a {type(state).__name__}, expected a dict")
-    missing = [k for k in REQUIRED_STATE_KEYS if k not in state]
-    if missing:
-        raise CheckpointError(f"{path}: missing keys {missing}")
-    return state
+    return _load_dict(path, map_location, REQUIRED_STATE_KEYS, "a dict", "missing keys {}")
 
 
 def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
@@ -350,12 +348,8 @@ def load_weights(path: str | os.PathLike, map_location="cpu") -> dict:
                 "step": state["step"],
             },
         }
-    obj = _safe_load(p, map_location)
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{p}: holds a {type(obj).__name__}, expected a weights dict")
-    missing = [k for k in REQUIRED_WEIGHTS_KEYS if k not in obj]
-    if missing:
-        raise CheckpointError(f"{p}: not an rtrain weights file (missing keys {missing})")
+    obj = _load_dict(p, map_location, REQUIRED_WEIGHTS_KEYS, "a weights dict",
+                     "not an rtrain weights file (missing keys {})")
     if not isinstance(obj["model"], dict) or not all(
         isinstance(v, torch.Tensor) for v in obj["model"].values()
     ):

@@ -10,11 +10,10 @@ Runs with partly written metrics still plot what is there; what was skipped is p
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from rtrain.cli import OneLineParser
-from rtrain.curves import X_AXES, CompareError, compare_runs, skipped_lines
+from rtrain.cli import OneLineParser, run_cli
+from rtrain.curves import X_AXES, compare_runs, skipped_lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,14 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    try:
-        result = compare_runs(args.runs, metric=args.metric, x=args.x, smooth=args.smooth, out=args.out)
-    except CompareError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+@run_cli("rtrain.compare", parser=build_parser)
+def main(args: argparse.Namespace) -> int:
+    result = compare_runs(args.runs, metric=args.metric, x=args.x, smooth=args.smooth, out=args.out)
     for path, reason in result.skipped_runs:
         print(f"left out {path}: {reason}")
     for line in skipped_lines(result.series):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,8 +22,11 @@ from typing import Any, Literal
 
 import yaml
 
+from data_prep.atomic import write_text_atomic
+from rtrain.errors import RtrainError
 
-class ConfigError(ValueError):
+
+class ConfigError(RtrainError, ValueError):
     """A config problem, as one line naming the key (and file) at fault."""
 
 
@@ -316,16 +318,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 def dump_config(cfg: Config, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML atomically (temp file + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     return path
 
 

@@ -33,7 +33,9 @@ from pathlib import Path
 
 import yaml
 
-from rtrain.run_dir import CONFIG_YAML, METRICS_JSONL, atomic_write_bytes
+from data_prep.shard_format import ShardError, read_manifest
+from rtrain.errors import RtrainError
+from rtrain.run_dir import CONFIG_YAML, METRICS_JSONL, atomic_write_bytes, read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ _EVAL_PREFIXES = ("mAP", "AP", "AR", "best_mAP")
 _LOWER_IS_BETTER = ("loss", "data_wait", "epoch_time", "epoch_wall", "grad_norm", "nonfinite")
 
 
-class CompareError(ValueError):
+class CompareError(RtrainError, ValueError):
     """Nothing to compare (no run with the metric): one line."""
 
 
@@ -97,22 +99,7 @@ def read_run(path: str | os.PathLike) -> RunData:
             run.config = loaded if isinstance(loaded, dict) else {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             logger.warning("%s: config not readable (%s); legend falls back to the dir name", cfg_path, exc)
-    metrics = p / METRICS_JSONL
-    if not metrics.is_file():
-        return run
-    text = metrics.read_bytes().decode("utf-8", errors="replace")
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            run.skipped["line not JSON (truncated or garbled)"] += 1
-            continue
-        if not isinstance(row, dict):
-            run.skipped["row not a JSON object"] += 1
-            continue
-        run.rows.append(row)
+    run.rows = read_metrics(p, strict=False, skipped=run.skipped)
     return run
 
 
@@ -129,9 +116,8 @@ def _train_images(config: Mapping) -> int | None:
     if not train:
         return None
     try:
-        manifest = json.loads((Path(train) / "manifest.json").read_text(encoding="utf-8"))
-        return int(manifest["counts"]["images"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(read_manifest(train, require=("counts",))["counts"]["images"])
+    except (ShardError, KeyError, TypeError, ValueError):
         return None
 
 

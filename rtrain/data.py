@@ -40,7 +40,6 @@ outside 0..C-1 is dropped at decode (`rtrain.target_checks`); each row counts it
 from __future__ import annotations
 
 import io
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,78 +51,22 @@ import torch
 from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+# The shard format (schema, manifest reader, ShardError) lives in data_prep.shard_format, shared with
+# the writer; re-exported here under the names rtrain has always used.
+from data_prep.shard_format import (  # noqa: F401
+    MANIFEST,
+    SCHEMA,
+    SHARD_GLOB,
+    ShardError,
+    check_schema,
+    read_manifest,
+)
 from rtrain.augment import Augmenter, AugmentParams, Sample
 from rtrain.target_checks import clean_targets
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-SHARD_GLOB = "*.parquet"
-
-
-class ShardError(ValueError):
-    """Shards or manifest unusable: one line naming the file and the fault."""
-
-
 # ---------------------------------------------------------------- shards and manifest
-
-
-def _is_int(t: pa.DataType) -> bool:
-    return pa.types.is_int32(t) or pa.types.is_int64(t)
-
-
-def _list_of(pred):
-    return lambda t: (pa.types.is_list(t) or pa.types.is_large_list(t)) and pred(t.value_type)
-
-
-# column -> (check, what it should be), DESIGN.md's shard schema
-SCHEMA = {
-    "image_id": (pa.types.is_int64, "int64"),
-    "file_name": (lambda t: pa.types.is_string(t) or pa.types.is_large_string(t), "string"),
-    "jpeg": (lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t), "binary"),
-    "width": (_is_int, "int32/int64"),
-    "height": (_is_int, "int32/int64"),
-    "orig_width": (_is_int, "int32/int64"),
-    "orig_height": (_is_int, "int32/int64"),
-    "boxes": (_list_of(pa.types.is_float32), "list<float32>"),
-    "labels": (_list_of(pa.types.is_int32), "list<int32>"),
-    "iscrowd": (_list_of(pa.types.is_boolean), "list<bool>"),
-}
-
-
-def check_schema(schema: pa.Schema, path: str) -> None:
-    """Raise ShardError naming `path` if a column of DESIGN.md's shard schema is missing or mistyped."""
-    missing = [name for name in SCHEMA if schema.get_field_index(name) < 0]
-    if missing:
-        raise ShardError(f"{path}: not a shard: missing column(s) {', '.join(missing)}")
-    for name, (ok, want) in SCHEMA.items():
-        got = schema.field(name).type
-        if not ok(got):
-            raise ShardError(f"{path}: column {name!r} is {got}, expected {want}")
-
-
-def read_manifest(shard_dir: str | Path) -> dict:
-    """The shards' manifest.json as a dict; checks `classes` is [{index, name, category_id}] with
-    indices 0..C-1 in order. One-line ShardError naming the file otherwise."""
-    shard_dir = Path(shard_dir)
-    if not shard_dir.is_dir():
-        raise ShardError(f"{shard_dir}: shard directory not found")
-    path = shard_dir / MANIFEST
-    if not path.is_file():
-        raise ShardError(f"{path}: manifest not found (write shards with python -m data_prep.shard)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ShardError(f"{path}: unreadable manifest: {str(e).splitlines()[0]}") from None
-    classes = manifest.get("classes") if isinstance(manifest, dict) else None
-    if not isinstance(classes, list) or not classes:
-        raise ShardError(f"{path}: manifest has no 'classes' list")
-    for i, c in enumerate(classes):
-        if not isinstance(c, dict) or not {"index", "name", "category_id"} <= c.keys():
-            raise ShardError(f"{path}: classes[{i}] needs index, name and category_id")
-        if c["index"] != i:
-            raise ShardError(f"{path}: classes[{i}] has index {c['index']}, expected {i} (contiguous 0..C-1)")
-    return manifest
 
 
 def list_shards(shard_dir: str | Path) -> list[str]:
@@ -355,7 +298,7 @@ def boxes_to_original(boxes: torch.Tensor, scale, pad, stored_size, orig_size) -
 # ---------------------------------------------------------------- datasets
 
 
-READ_COLUMNS = list(SCHEMA)
+READ_COLUMNS = list(SCHEMA.names)
 
 
 def build_dataset(
@@ -402,24 +345,14 @@ def build_dataset(
     ds = ds.repartition(target_num_rows_per_block=batch_rows)
     kwargs = {"train": train, "img_size": img_size, "aug": aug, "seed": seed, "epoch": epoch}
     if pool == "actors":
-        return ds.map_batches(
-            DecodeAugment,
-            fn_constructor_kwargs=kwargs,
-            batch_size=batch_rows,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=num_actors),
-            num_cpus=cpus_per_actor,
-        )
-    if pool != "tasks":
+        fn, how = DecodeAugment, {"fn_constructor_kwargs": kwargs,
+                                  "compute": ray.data.ActorPoolStrategy(size=num_actors)}
+    elif pool == "tasks":
+        fn, how = decode_augment_batch, {"fn_kwargs": kwargs,
+                                         "compute": ray.data.TaskPoolStrategy(size=num_actors)}
+    else:
         raise ValueError(f"pool must be 'tasks' or 'actors', got {pool!r}")
-    return ds.map_batches(
-        decode_augment_batch,
-        fn_kwargs=kwargs,
-        batch_size=batch_rows,
-        batch_format="numpy",
-        compute=ray.data.TaskPoolStrategy(size=num_actors),
-        num_cpus=cpus_per_actor,
-    )
+    return ds.map_batches(fn, batch_size=batch_rows, batch_format="numpy", num_cpus=cpus_per_actor, **how)
 
 
 _FN_CACHE: dict[tuple, DecodeAugment] = {}

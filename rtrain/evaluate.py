@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
-from rtrain.cli import OneLineParser
+from rtrain.cli import OneLineParser, run_cli
 from rtrain.config import add_config_arguments
 
 
@@ -32,22 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from rtrain.checkpoint import CheckpointError
-    from rtrain.config import ConfigError
-    from rtrain.data import ShardError
+@run_cli("rtrain.evaluate", also=(FileNotFoundError, ValueError), parser=build_parser)
+def main(args: argparse.Namespace) -> int:
     from rtrain.evaluator import evaluate_weights, format_metrics
     from rtrain.run_dir import atomic_write_bytes
 
-    try:
-        metrics = evaluate_weights(args.weights, args.shards, batch_size=args.batch_size,
-                                   overrides=args.overrides, config_file=args.config, device=args.device,
-                                   pr_curves=args.pr_curves)
-    except (CheckpointError, ConfigError, ShardError, FileNotFoundError, ValueError) as exc:
-        print(f"rtrain.evaluate: error: {exc}", file=sys.stderr)
-        return 2
+    metrics = evaluate_weights(args.weights, args.shards, batch_size=args.batch_size,
+                               overrides=args.overrides, config_file=args.config, device=args.device,
+                               pr_curves=args.pr_curves)
     print(format_metrics(metrics))
     if args.out:
         from pathlib import Path

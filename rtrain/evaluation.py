@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -26,6 +25,8 @@ import pyarrow.parquet as pq
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from data_prep.shard_format import read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -72,28 +73,6 @@ def _discard(*args, **kwargs) -> None:
     return None
 
 
-def _read_manifest_classes(shard_dir: Path) -> list[dict]:
-    path = shard_dir / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: manifest.json not found beside the shards")
-    try:
-        classes = json.loads(path.read_text())["classes"]
-        classes = sorted(
-            (
-                {"index": int(c["index"]), "name": str(c["name"]), "category_id": int(c["category_id"])}
-                for c in classes
-            ),
-            key=lambda c: c["index"],
-        )
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(
-            f"{path}: malformed manifest, no valid 'classes' list ({type(e).__name__}: {e})"
-        ) from None
-    if [c["index"] for c in classes] != list(range(len(classes))):
-        raise ValueError(f"{path}: class indices are not contiguous 0..{len(classes) - 1}")
-    return classes
-
-
 def coco_gt_from_shards(shard_dir: str | os.PathLike) -> COCO:
     """Ground truth of the shards in `shard_dir` (*.parquet + manifest.json) as an in-memory COCO.
 
@@ -101,7 +80,7 @@ def coco_gt_from_shards(shard_dir: str | os.PathLike) -> COCO:
     (xywh), `category_id` is the source id from the manifest, `area` = w * h.
     """
     d = Path(shard_dir)
-    classes = _read_manifest_classes(d)
+    classes = read_manifest(d)["classes"]
     files = sorted(d.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"{d}: no *.parquet shards found")

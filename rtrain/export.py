@@ -15,10 +15,9 @@ Exit status: 0 done, 1 parity check failed, 2 bad input (one line on stderr).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from rtrain.cli import OneLineParser
+from rtrain.cli import OneLineParser, run_cli
 from rtrain.config import add_config_arguments
 
 
@@ -36,21 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from rtrain.checkpoint import CheckpointError
-    from rtrain.config import ConfigError
-    from rtrain.exporter import ExportError, export_weights, format_report
-    from rtrain.sources import SourceError
+@run_cli("rtrain.export", also=(OSError,), parser=build_parser)
+def main(args: argparse.Namespace) -> int:
+    from rtrain.exporter import export_weights, format_report
 
-    try:
-        report = export_weights(args.weights, args.format, size=args.size, dynamic_batch=args.dynamic_batch,
-                                out=args.out, check_images=args.check_images, overrides=args.overrides,
-                                config_file=args.config, check=not args.no_check)
-    except (CheckpointError, ConfigError, ExportError, SourceError, OSError) as exc:
-        print(f"rtrain.export: error: {exc}", file=sys.stderr)
-        return 2
+    report = export_weights(args.weights, args.format, size=args.size, dynamic_batch=args.dynamic_batch,
+                            out=args.out, check_images=args.check_images, overrides=args.overrides,
+                            config_file=args.config, check=not args.no_check)
     print(format_report(report))
     parity = report.get("parity")
     if parity and not parity["detections_match"]:

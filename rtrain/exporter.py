@@ -21,14 +21,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from data_prep.atomic import atomic_path, write_text_atomic
 from rtrain import inference
+from rtrain.errors import RtrainError
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ SCORE_ATOL = 1e-4
 PARITY_IMAGES = 4
 
 
-class ExportError(RuntimeError):
+class ExportError(RtrainError, RuntimeError):
     """Export impossible or parity check failed: one line."""
 
 
@@ -55,35 +56,23 @@ class RawDetector(torch.nn.Module):
         return self.detector.forward_raw(images)
 
 
-def _tmp_path(final: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def export_model(model: torch.nn.Module, fmt: str, size: int, dynamic_batch: bool, out: Path) -> None:
-    """Write the exported graph to `out` atomically (temp name in the same folder, then rename)."""
+    """Write the exported graph to `out` atomically (data_prep.atomic: hidden temp name, fsync, rename)."""
     raw = RawDetector(model).eval()
     example = torch.rand(1, 3, size, size)
-    tmp = _tmp_path(out)
-    try:
-        with warnings.catch_warnings():
-            # torch 2.14 warns that both the TorchScript-based ONNX exporter and jit.trace are
-            # deprecated; the dynamo exporter needs onnxscript, which is not a dependency.
-            warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
-            with torch.no_grad():
-                if fmt == "onnx":
-                    axes = {"images": {0: "batch"}, "cls_logits": {0: "batch"}, "box_dist": {0: "batch"}}
-                    torch.onnx.export(raw, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
-                                      input_names=["images"], output_names=["cls_logits", "box_dist"],
-                                      dynamic_axes=axes if dynamic_batch else None, do_constant_folding=True)
-                else:
-                    traced = torch.jit.trace(raw, (example,), check_trace=False)
-                    torch.jit.save(traced, str(tmp))
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(out) as tmp, warnings.catch_warnings():
+        # torch 2.14 warns that both the TorchScript-based ONNX exporter and jit.trace are
+        # deprecated; the dynamo exporter needs onnxscript, which is not a dependency.
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
+        with torch.no_grad():
+            if fmt == "onnx":
+                axes = {"images": {0: "batch"}, "cls_logits": {0: "batch"}, "box_dist": {0: "batch"}}
+                torch.onnx.export(raw, (example,), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
+                                  input_names=["images"], output_names=["cls_logits", "box_dist"],
+                                  dynamic_axes=axes if dynamic_batch else None, do_constant_folding=True)
+            else:
+                traced = torch.jit.trace(raw, (example,), check_trace=False)
+                torch.jit.save(traced, str(tmp))
 
 
 def sidecar(loaded, fmt: str, size: int, dynamic_batch: bool, out: Path) -> dict:
@@ -250,9 +239,8 @@ def export_weights(
     export_model(loaded.model, fmt, size, dynamic_batch, out_path)
     meta = sidecar(loaded, fmt, size, dynamic_batch, out_path)
     meta_path = inference.sidecar_path(out_path)
-    from rtrain.run_dir import atomic_write_bytes
 
-    atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
+    write_text_atomic(meta_path, json.dumps(meta, indent=2))
     report = {"file": str(out_path), "sidecar": str(meta_path), "format": fmt, "img_size": size,
               "bytes": out_path.stat().st_size}
     if check:

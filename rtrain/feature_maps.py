@@ -31,6 +31,8 @@ import torch
 from PIL import Image, ImageDraw, ImageOps, PngImagePlugin
 
 from rtrain.augment import Sample, letterbox
+from rtrain.errors import RtrainError
+from rtrain.loading import LoadedDetector
 from rtrain.models.summary import capture_layers
 from rtrain.run_dir import atomic_write_bytes
 
@@ -44,18 +46,8 @@ MIN_WIDTH = 360  # so the header text fits even for a one-tile grid
 BACKGROUND = (255, 255, 255)
 
 
-class VisualizeError(ValueError):
+class VisualizeError(RtrainError, ValueError):
     """Bad input for the pictures (unknown layer, unreadable image/weights): one line."""
-
-
-@dataclass
-class LoadedDetector:
-    """A detector in eval mode with what is needed to feed it: `img_size` (square input side)."""
-
-    model: torch.nn.Module
-    class_names: list[str]
-    img_size: int
-    variant: str
 
 
 @dataclass
@@ -72,14 +64,12 @@ class LayerPicture:
 
 
 def load_detector(weights: str | os.PathLike, map_location: str = "cpu") -> LoadedDetector:
-    """Build the model named in a weights file's config and load its state dict.
+    """`rtrain.loading.load_detector`, also accepting a run dir holding best.pt (else last.pt).
 
-    `weights` is a weights file (best.pt/last.pt), a checkpoint dir, or a run dir holding best.pt
-    (else last.pt). Raises VisualizeError / CheckpointError with one line.
+    `weights` is a weights file (best.pt/last.pt), a checkpoint dir, or a run dir. Raises
+    VisualizeError / CheckpointError / ConfigError with one line.
     """
-    from rtrain.checkpoint import load_weights
-    from rtrain.config import ConfigError, config_from_dict
-    from rtrain.train_loop import build_detector
+    from rtrain.loading import load_detector as load
 
     path = Path(weights)
     if path.is_dir() and not (path / "state.pt").exists():
@@ -87,19 +77,7 @@ def load_detector(weights: str | os.PathLike, map_location: str = "cpu") -> Load
         if not found:
             raise VisualizeError(f"{path}: a directory without best.pt, last.pt or a checkpoint state.pt")
         path = found[0]
-    loaded = load_weights(path, map_location=map_location)
-    try:
-        cfg = config_from_dict(loaded["config"])
-    except ConfigError as exc:
-        raise VisualizeError(f"{path}: its saved config is not valid ({exc})") from None
-    model = build_detector(cfg, len(loaded["class_names"]))
-    try:
-        model.load_state_dict(loaded["model"])
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise VisualizeError(f"{path}: weights do not fit model {cfg.model.name!r} ({first})") from None
-    model.eval()
-    return LoadedDetector(model, list(loaded["class_names"]), int(cfg.data.img_size), cfg.model.name)
+    return load(path, device=map_location)
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:

@@ -15,8 +15,8 @@ import logging
 import sys
 import time
 
-from rtrain.cli import OneLineParser, quiet_ray_terminal
-from rtrain.config import ConfigError, add_config_arguments
+from rtrain.cli import OneLineParser, quiet_ray_terminal, run_cli
+from rtrain.config import add_config_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,12 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@run_cli("rtrain.fit")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_ray_terminal(verbose=args.verbose)
-    from rtrain.checkpoint import CheckpointError
-    from rtrain.runner import FitError, fit
+    from rtrain.runner import fit
 
     config = args.config
     try:
@@ -65,12 +65,6 @@ def main(argv: list[str] | None = None) -> int:
             storage=args.storage, resume=args.resume, dashboard=args.dashboard,
             dashboard_host=args.dashboard_host, plots=not args.no_plots,
         )
-    except (ConfigError, CheckpointError) as exc:
-        print(f"rtrain.fit: error: {exc}", file=sys.stderr)
-        return 2
-    except FitError as exc:
-        print(f"rtrain.fit: error: {exc}", file=sys.stderr)
-        return 1 if exc.__cause__ is not None else 2
     except KeyboardInterrupt:
         print("rtrain.fit: interrupted; `python -m rtrain.fit --resume` continues from the last checkpoint",
               file=sys.stderr)

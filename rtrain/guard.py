@@ -26,11 +26,15 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from rtrain.errors import FAILED, RtrainError
+
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RtrainError, RuntimeError):
     """The loss was non-finite too often: the run cannot continue."""
+
+    exit_code = FAILED
 
 
 def _as_float(value) -> float:

@@ -5,9 +5,11 @@
     loaded.config           # rtrain.config.Config: the saved config <- --config file <- --set overrides
     loaded.class_names      # [C] names, index = label
 
-Used by evaluate, predict and export. Every fault is one line: CheckpointError for a missing,
-corrupt or foreign file (including weights of another architecture than their config names),
-ConfigError for bad overrides.
+Used by evaluate, predict, export and the feature-map pictures. It is also the one place that
+turns a config into a model (`build_detector`, used by training too) and weights into a model
+(`load_model_weights`: the one "weights do not fit" message). Every fault is one line:
+CheckpointError for a missing, corrupt or foreign file (including weights of another
+architecture than their config names), ConfigError for bad overrides.
 """
 
 from __future__ import annotations
@@ -33,6 +35,15 @@ class LoadedDetector:
     class_names: list[str]
     path: Path
     extra: dict
+
+    @property
+    def img_size(self) -> int:
+        """The square input side the weights were trained at (`data.img_size`)."""
+        return int(self.config.data.img_size)
+
+    @property
+    def variant(self) -> str:
+        return self.config.model.name
 
 
 def resolve_config(saved: dict, config_file: str | os.PathLike | None = None,
@@ -64,14 +75,45 @@ def _mismatch(model_sd: dict, saved_sd: dict) -> str | None:
     return "; ".join(parts) or None
 
 
-def build_from_config(cfg: Config, num_classes: int, path: Path | str = "weights") -> torch.nn.Module:
-    """The Detector the config's model section describes; CheckpointError if the variant is unknown."""
+def build_detector(cfg: Config, num_classes: int) -> torch.nn.Module:
+    """The Detector the config's model section describes (ValueError if the variant is unknown)."""
     m = cfg.model
+    return build_model(m.name, num_classes, width=m.width, depth=m.depth, neck_channels=m.neck_channels,
+                       head_convs=m.head_convs, reg_max=m.reg_max)
+
+
+def build_from_config(cfg: Config, num_classes: int, path: Path | str = "weights") -> torch.nn.Module:
+    """`build_detector`, with CheckpointError naming `path` if the variant is unknown."""
     try:
-        return build_model(m.name, num_classes, width=m.width, depth=m.depth, neck_channels=m.neck_channels,
-                           head_convs=m.head_convs, reg_max=m.reg_max)
+        return build_detector(cfg, num_classes)
     except ValueError as exc:
         raise CheckpointError(f"{path}: cannot build its model: {exc}") from None
+
+
+def _num_classes(model: torch.nn.Module) -> int | str:
+    return getattr(model, "num_classes", "?")
+
+
+def load_model_weights(model: torch.nn.Module, state_dict: dict, source: str | os.PathLike,
+                       cfg: Config | None = None) -> None:
+    """load_state_dict strictly, with a one-line IncompatibleCheckpointError when the architecture
+    differs: which tensors are missing, unexpected or of another shape (and, given `cfg`, the
+    model options the weights were checked against)."""
+    why = _mismatch(model.state_dict(), state_dict)
+    if why is None:
+        try:
+            model.load_state_dict(state_dict, strict=True)
+            return
+        except RuntimeError as exc:  # same keys and shapes, still refused (e.g. a non-tensor value)
+            why = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))[:160]
+    if cfg is not None:
+        m = cfg.model
+        what = (f"the model their config names ({m.name}, width={m.width}, depth={m.depth}, "
+                f"neck_channels={m.neck_channels}, head_convs={m.head_convs}, reg_max={m.reg_max}, "
+                f"{_num_classes(model)} classes)")
+    else:
+        what = "the model built now (the model variant or its options changed)"
+    raise IncompatibleCheckpointError(f"{source}: weights do not fit {what}: {why}")
 
 
 def load_detector(
@@ -93,16 +135,7 @@ def load_detector(
     if not names:
         raise CheckpointError(f"{p}: the weights name no classes")
     model = build_from_config(cfg, len(names), p)
-    saved_sd = obj["model"]
-    why = _mismatch(model.state_dict(), saved_sd)
-    if why:
-        m = cfg.model
-        raise IncompatibleCheckpointError(
-            f"{p}: weights do not fit the model their config names ({m.name}, width={m.width}, "
-            f"depth={m.depth}, neck_channels={m.neck_channels}, head_convs={m.head_convs}, "
-            f"reg_max={m.reg_max}, {len(names)} classes): {why}"
-        )
-    model.load_state_dict(saved_sd, strict=True)
+    load_model_weights(model, obj["model"], p, cfg)
     model.to(device).eval()
     logger.info("loaded %s: %s, %d classes", p, cfg.model.name, len(names))
     extra = dict(obj.get("extra", {}))

@@ -22,10 +22,9 @@ Exit status: 0 done, 2 bad input (one line on stderr).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from rtrain.cli import OneLineParser
+from rtrain.cli import OneLineParser, run_cli
 from rtrain.config import add_config_arguments
 
 
@@ -48,13 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from rtrain.checkpoint import CheckpointError
-    from rtrain.config import ConfigError
+@run_cli("rtrain.predict", also=(ValueError,), parser=build_parser)
+def main(args: argparse.Namespace) -> int:
     from rtrain.predictor import predict, start_ray, wants_ray
-    from rtrain.sources import SourceError, resolve_source
+    from rtrain.sources import resolve_source
 
     if not 0.0 <= args.conf <= 1.0 or not 0.0 <= args.iou <= 1.0:
         print("rtrain.predict: error: --conf and --iou must be in [0, 1]", file=sys.stderr)
@@ -70,9 +66,6 @@ def main(argv: list[str] | None = None) -> int:
                          workers=args.workers, gpus=args.gpus, draw=not args.no_draw,
                          overrides=args.overrides, config_file=args.config, device=args.device,
                          address=args.address, use_ray=use_ray)
-    except (SourceError, CheckpointError, ConfigError, ValueError) as exc:
-        print(f"rtrain.predict: error: {exc}", file=sys.stderr)
-        return 2
     finally:
         if started:
             import ray

@@ -28,7 +28,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -38,8 +37,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from data_prep.atomic import atomic_file
 from rtrain.augment import Sample, letterbox
 from rtrain.inference import read_image
+from rtrain.ray_session import start_ray  # noqa: F401  (rtrain.predictor.start_ray: re-exported)
 from rtrain.sources import Source, resolve_source
 
 logger = logging.getLogger(__name__)
@@ -104,14 +105,8 @@ def _save_picture(image: Image.Image, path: Path) -> None:
     """Atomic write (temp name + rename); the format follows the final suffix."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".bmp": "BMP"}[path.suffix.lower()]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, durable=False) as fh:  # one per image: no fsync, as before
+        image.save(fh, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
 
 
 def _read_file(path: str) -> tuple[Image.Image, tuple[int, int]]:
@@ -319,22 +314,6 @@ def wants_ray(num_images: int, workers: int | None, gpus: int | None, threshold:
     return num_images > threshold or bool(workers) or bool(gpus)
 
 
-def start_ray(address: str | None = None) -> bool:
-    """Join `address`, reuse a running Ray, or start a local one as `rtrain.fit` does (dashboard off,
-    at least 4 logical CPUs: Ray Data's listing step needs a whole CPU). True if this started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    if address:
-        ray.init(address=address, configure_logging=False)
-        return False
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, dashboard_host="127.0.0.1",
-             configure_logging=False)
-    return True
-
-
 def _ray_rows(weights: str, source: Source, settings: PredictSettings, out_dir: Path | None,
               workers: int, gpus: int, overrides, config_file) -> Iterator[dict[str, np.ndarray]]:
     import ray
@@ -367,15 +346,8 @@ def _ray_rows(weights: str, source: Source, settings: PredictSettings, out_dir: 
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w") as fh:
+        json.dump(obj, fh)
 
 
 def collect(batches, class_names: list[str], category_ids: list[int]) -> dict:

@@ -21,13 +21,14 @@ VAL_FRACTION = 0.2
 IMAGE_SIZE = 320
 SEED = 0
 
-# Aim: mAP >= 0.3 on the synthetic val split in ~5 minutes on 2 cores (figures: README).
+# Aim: mAP >= 0.3 on the synthetic val split in ~5 minutes on 2 cores (what it reaches: the
+# README's Figures table, "quick start").
 QUICKSTART: dict = {
     "model": {"name": "compact_n"},
     "data": {
         "train": f"{DEFAULT_ROOT}/shards/train",
         "val": f"{DEFAULT_ROOT}/shards/val",
-        "img_size": 256,  # the data is stored at 320; 256 trains ~1.6x faster per image
+        "img_size": 256,  # the data is stored at 320; 256 trains faster per image
         "scale": 0.3,
         "translate": 0.1,
         "mosaic": 0.0,

@@ -24,9 +24,11 @@ import json
 import math
 import os
 import re
-import tempfile
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from data_prep.atomic import write_bytes_atomic
 
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
@@ -93,17 +95,13 @@ def storage_full_line(exc: BaseException) -> str | None:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (data_prep.atomic: hidden temp name, fsync, rename).
+
+    A full disk (ENOSPC/EDQUOT) raises StorageFullError naming `path`; the temp file is removed.
+    """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        write_bytes_atomic(path, data)
     except OSError as exc:
-        raise full_storage(exc, path) or exc from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
         full = full_storage(exc, path)
         if full is not None:
             raise full from None
@@ -119,19 +117,36 @@ def _plain(value):
     return value
 
 
-def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
-    """The rows of RUN/metrics.jsonl (empty list when absent); a malformed line raises naming it."""
+def read_metrics(run_dir: str | os.PathLike, *, strict: bool = True,
+                 skipped: Counter | None = None) -> list[dict]:
+    """The rows of RUN/metrics.jsonl (empty list when absent).
+
+    strict (what training and resuming use): a malformed line raises ValueError naming it.
+    strict=False (what comparing runs uses): undecodable bytes are replaced, and lines that are
+    not JSON or not a JSON object are skipped and counted by reason in `skipped`, e.g.
+    "line not JSON (truncated or garbled)" or "row not a JSON object".
+    """
     path = Path(run_dir) / METRICS_JSONL
     if not path.is_file():
         return []
+    text = path.read_bytes().decode("utf-8", errors="strict" if strict else "replace")
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n}: not a JSON line ({exc.msg})") from None
+            if strict:
+                raise ValueError(f"{path}:{n}: not a JSON line ({exc.msg})") from None
+            reason = "line not JSON (truncated or garbled)"
+        else:
+            if isinstance(row, dict) or strict:
+                rows.append(row)
+                continue
+            reason = "row not a JSON object"
+        if skipped is not None:
+            skipped[reason] += 1
     return rows
 
 

@@ -43,12 +43,20 @@ import pyarrow.parquet as pq
 
 from rtrain import run_dir, run_lock
 from rtrain.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
+from rtrain.errors import BAD_INPUT, FAILED, RtrainError
 
 logger = logging.getLogger(__name__)
 
 
-class FitError(RuntimeError):
-    """Training could not start or did not finish: one line saying why."""
+class FitError(RtrainError, RuntimeError):
+    """Training could not start or did not finish: one line saying why.
+
+    Exit code 2 when the input was refused before anything ran, 1 when training (or Ray) failed
+    (those are raised `from` the underlying exception)."""
+
+    @property
+    def exit_code(self) -> int:
+        return FAILED if self.__cause__ is not None else BAD_INPUT
 
 
 @dataclass
@@ -202,7 +210,7 @@ def check_resume(cfg: Config, out_dir: Path, class_names: list[str]) -> Path | N
     """
     from rtrain.checkpoint import CheckpointError, checkpoint_dirs, find_latest_complete, load_checkpoint
     from rtrain.checkpoint import check_compatible as _check_compatible
-    from rtrain.train_loop import build_detector, load_model_weights
+    from rtrain.loading import build_detector, load_model_weights
 
     latest, skipped = find_latest_complete(checkpoint_dirs(out_dir))
     for path, reason in skipped:
@@ -223,31 +231,9 @@ def check_resume(cfg: Config, out_dir: Path, class_names: list[str]) -> Path | N
 
 def _start_ray(cfg: Config) -> bool:
     """Join `cfg.run.address`, reuse an initialised Ray, or start a local one. True if we started it."""
-    import ray
+    from rtrain.ray_session import start_ray
 
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    if cfg.run.dashboard:
-        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # the dashboard's Train view
-    if cfg.run.address:
-        ray.init(address=cfg.run.address, configure_logging=False)
-        logger.info("joined the Ray cluster at %s", cfg.run.address)
-        return False
-    # More logical CPUs than cores on small machines: Ray Data's file listing needs a whole CPU
-    # and Ray Train takes its workers' CPUs out of Ray Data's budget, so with num_cpus = 2 cores a
-    # 1-2 worker run deadlocks ("Cluster resources are not enough"; ../shared/RAY_NOTES.md).
-    # The work itself is still bounded by the real cores; only the scheduler's count grows.
-    num_cpus = max(4, os.cpu_count() or 1)
-    context = ray.init(
-        num_cpus=num_cpus,
-        include_dashboard=cfg.run.dashboard,
-        dashboard_host=cfg.run.dashboard_host,
-        configure_logging=False,
-    )
-    if cfg.run.dashboard:
-        logger.info("Ray dashboard: http://%s (token: run `ray get-auth-token`)", context.dashboard_url)
-    return True
+    return start_ray(cfg.run.address, dashboard=cfg.run.dashboard, dashboard_host=cfg.run.dashboard_host)
 
 
 def build_trainer(
@@ -557,7 +543,7 @@ def make_plots(out_dir: Path, cfg: Config, class_names: list[str], weights: Path
     from rtrain.checkpoint import load_weights
     from rtrain.data import batch_to_targets, iter_batches_local
     from rtrain.engine import predict_batches
-    from rtrain.train_loop import build_detector
+    from rtrain.loading import build_detector
 
     plots_dir = out_dir / run_dir.PLOTS_DIR
     paths = [run_dir.plot_curves(run_dir.read_metrics(out_dir), plots_dir / "curves.png")]

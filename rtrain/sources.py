@@ -14,11 +14,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rtrain.errors import RtrainError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 MANIFEST = "manifest.json"
 
 
-class SourceError(ValueError):
+class SourceError(RtrainError, ValueError):
     """Nothing usable at --source: one line naming the path."""
 
 

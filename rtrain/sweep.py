@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from rtrain.config import Config, ConfigError, config_from_dict, merge, parse_overrides, read_yaml
+from rtrain.errors import RtrainError
 from rtrain.schedule import scale_lr
 
 SPACE_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -51,7 +52,7 @@ TIME_ATTR = "epochs_done"  # epochs finished (= loop's 0-based `epoch` + 1), add
 NOT_SEARCHABLE = {"train.nominal_batch_size", "data.train", "data.val"}
 
 
-class SweepError(ValueError):
+class SweepError(RtrainError, ValueError):
     """A sweep spec problem, as one line naming the file and the key."""
 
 

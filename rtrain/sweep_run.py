@@ -26,7 +26,7 @@ page shows the CLI as one driver job; the Train page lists one Train run per tri
 trial) because the sweep sets RAY_TRAIN_ENABLE_STATE_TRACKING=1; the Placement Groups tab shows one
 group per running trial's workers (see below).
 
-Ray 2.60 bug worked around here (../shared/RAY_NOTES.md): when ASHA stops a trial, its Train
+Ray 2.60 bug worked around here (README.md, "Search"): when ASHA stops a trial, its Train
 worker placement group is freed only by a helper that needs the State API (served by the
 dashboard). Without a dashboard the group leaks and the next trial waits for resources forever
 (WorkerGroupStartupTimeoutError). So (1) a sweep that starts its own Ray keeps the dashboard on,
@@ -39,7 +39,7 @@ CPU sizing: a trial needs W x cpus_per_worker for its workers plus data.num_acto
 data.cpus_per_actor for its decode tasks (at least one: 0 = auto), and Ray Data's read step
 needs one whole free CPU, so max_concurrent defaults to floor((cluster CPUs - 1) / that) (at
 least 1). A sweep that starts its own Ray gets max(4, cores) logical CPUs
-(rtrain.runner._start_ray), as rtrain.fit does.
+(rtrain.ray_session.start_ray), as rtrain.fit does.
 """
 
 from __future__ import annotations
@@ -59,6 +59,8 @@ import yaml
 from rtrain import run_dir as run_files
 from rtrain import run_lock
 from rtrain.config import TrainConfig, config_from_dict, config_to_dict, dump_config
+from rtrain.errors import FAILED, RtrainError
+from rtrain.ray_session import start_ray
 from rtrain.runner import FitError, check_data, check_storage
 from rtrain.sweep import METRIC, TIME_ATTR, SweepError, SweepSpec, apply_params, effective_lr
 from rtrain.sweep_report import (
@@ -82,8 +84,10 @@ PG_NOTE = ".placement_groups"  # hex ids of the trial's Train worker placement g
 TRIAL_CPU = 0.05  # the Tune trial actor only waits on its TorchTrainer
 
 
-class TrialFailed(RuntimeError):
+class TrialFailed(RtrainError, RuntimeError):
     """A trial could not train; the message is the one-line reason the table shows."""
+
+    exit_code = FAILED
 
 
 @dataclass
@@ -356,13 +360,6 @@ def resolve_sweep_dir(spec: SweepSpec | None, storage: Path, name: str | None, r
     return path
 
 
-def _start_ray(address: str | None, dashboard: bool) -> bool:
-    from rtrain.config import Config, RunConfig
-    from rtrain.runner import _start_ray as start
-
-    return start(Config(run=RunConfig(address=address or "", dashboard=dashboard)))
-
-
 def run_sweep(
     spec: SweepSpec | None,
     *,
@@ -415,7 +412,7 @@ def _run_sweep_locked(spec: SweepSpec | None, sweep_dir: Path, storage_path: Pat
         logger.warning("eval.interval is %d: ASHA compares the last evaluated mAP; 1 is best for sweeps",
                        spec.base["eval"]["interval"])
 
-    started = _start_ray(address, dashboard)
+    started = start_ray(address, dashboard=dashboard)
     try:
         context = {"base": base, "classes": classes, "num_images": num_images,
                    "settings": dataclasses.asdict(spec.tune), "sweep_dir": str(sweep_dir)}
@@ -500,8 +497,8 @@ def trial_record(trial_id: str, params: dict, spec: SweepSpec, out_dir: Path, nu
     """Table row of one trial: its config, model size/cost, and what its metrics.jsonl says."""
     import torch
 
+    from rtrain.loading import build_detector
     from rtrain.models.flops import count_gflops, count_params
-    from rtrain.train_loop import build_detector
 
     cfg_dict = apply_params(spec.base, params)
     params_m = gflops = width = depth = None

@@ -30,7 +30,6 @@ from rtrain.augment import rescale_batch
 from rtrain.autobatch import resolve_batch_size
 from rtrain.checkpoint import (
     CheckpointError,
-    IncompatibleCheckpointError,
     capture_rng_state,
     check_compatible,
     checkpoint_dirs,
@@ -44,7 +43,7 @@ from rtrain.checkpoint import (
 from rtrain.config import Config, config_from_dict, config_to_dict
 from rtrain.ema import ModelEMA, unwrap_model
 from rtrain.guard import NonFiniteGuard
-from rtrain.models import build_model
+from rtrain.loading import build_detector, load_model_weights  # noqa: F401  (re-exported)
 from rtrain.optim import build_optimizer
 from rtrain.progress import GUARD_EVERY, ProgressReporter, read_every
 from rtrain.schedule import LRSchedule, scale_lr
@@ -53,24 +52,6 @@ from rtrain.sharded_eval import validate_sharded
 logger = logging.getLogger(__name__)
 
 SCORE_METRIC = "mAP"  # CheckpointConfig.checkpoint_score_attribute: every checkpointed report has it
-
-
-def build_detector(cfg: Config, num_classes: int) -> torch.nn.Module:
-    m = cfg.model
-    return build_model(m.name, num_classes, width=m.width, depth=m.depth, neck_channels=m.neck_channels,
-                       head_convs=m.head_convs, reg_max=m.reg_max)
-
-
-def load_model_weights(model: torch.nn.Module, state_dict: dict, source: str) -> None:
-    """load_state_dict, with a one-line IncompatibleCheckpointError when the architecture differs."""
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))
-        raise IncompatibleCheckpointError(
-            f"{source}: its weights do not fit the model built now ({detail[:160]}); "
-            "the model variant or its options changed"
-        ) from None
 
 
 def steps_per_epoch(num_images: int, batch_size: int, world_size: int) -> int:

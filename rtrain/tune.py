@@ -25,7 +25,7 @@ import argparse
 import logging
 import sys
 
-from rtrain.cli import OneLineParser, quiet_ray_terminal
+from rtrain.cli import OneLineParser, quiet_ray_terminal, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,12 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@run_cli("rtrain.tune")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_ray_terminal(verbose=args.verbose)
-    from rtrain.config import ConfigError
-    from rtrain.runner import FitError
     from rtrain.sweep import SweepError, load_sweep
     from rtrain.sweep_run import run_sweep
 
@@ -69,12 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_sweep(args.config, args.overrides, flags) if args.config else None
         result = run_sweep(spec, name=args.name, storage=args.storage, resume=args.resume,
                            address=args.address, dashboard=not args.no_dashboard)
-    except (SweepError, ConfigError) as exc:
-        print(f"rtrain.tune: error: {exc}", file=sys.stderr)
-        return 2
-    except FitError as exc:
-        print(f"rtrain.tune: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("rtrain.tune: interrupted; `python -m rtrain.tune --resume` continues the sweep",
               file=sys.stderr)

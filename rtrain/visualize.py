@@ -13,9 +13,8 @@ import argparse
 import logging
 import sys
 
-from rtrain.checkpoint import CheckpointError
-from rtrain.cli import OneLineParser
-from rtrain.feature_maps import VisualizeError, load_detector, visualize
+from rtrain.cli import OneLineParser, run_cli
+from rtrain.feature_maps import load_detector, visualize
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,15 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        det = load_detector(args.weights)
-        pictures, overlay = visualize(det, args.source, args.out, args.layers, args.channels, args.size)
-    except (VisualizeError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+@run_cli("rtrain.visualize", parser=build_parser, log_level=logging.INFO)
+def main(args: argparse.Namespace) -> int:
+    det = load_detector(args.weights)
+    pictures, overlay = visualize(det, args.source, args.out, args.layers, args.channels, args.size)
     for pic in pictures:
         print(f"{pic.path}  {pic.layer} {list(pic.shape)} channels {pic.channels}")
     print(f"{overlay}  max class score map")

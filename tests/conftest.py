@@ -27,7 +27,7 @@ def ray_session():
     other Ray test runs against a cluster it joined, as on a real one. 2 logical CPUs
     per node, 4 in all on a 2-core machine: Ray Data's file listing needs a whole CPU
     and Train removes its workers' CPUs from Ray Data's budget, so with 2 logical CPUs
-    in all a 2-worker run deadlocks (../shared/RAY_NOTES.md).
+    in all a 2-worker run deadlocks (rtrain.ray_session.local_num_cpus).
     Tests that need the address use `ray.get_runtime_context().gcs_address`.
     """
     import ray
@@ -44,3 +44,12 @@ def ray_session():
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: small tensors on a shared 2-core machine run faster and
+    far steadier without threads contending."""
+    from inference_fixtures import one_thread as single
+
+    yield from single()

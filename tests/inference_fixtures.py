@@ -13,6 +13,7 @@ import math
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from rtrain.checkpoint import save_weights
@@ -96,3 +97,23 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def cli_error(capsys, main, argv) -> str:
+    """Run a CLI's main(argv) expecting exit 2 and one line on stderr; that line."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    return err
+
+
+@pytest.fixture(scope="module", autouse=True, name="one_thread_module")
+def one_thread_module_fixture():
+    """Import into a test module: torch on one thread for the whole module (see one_thread)."""
+    yield from one_thread()
+
+
+@pytest.fixture(scope="module", name="weights")
+def weights_128_fixture(tmp_path_factory):
+    """Import into a test module: `weights`, random compact weights at 128 px (make_weights)."""
+    return make_weights(tmp_path_factory.mktemp("w") / "best.pt", img_size=128)

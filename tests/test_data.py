@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from data_prep.shard_format import SCHEMA
 from rtrain.augment import AugmentParams
 from rtrain.data import (
     DetectionCollate,
@@ -27,20 +28,6 @@ from rtrain.data import (
 )
 
 CLASSES = ["RBC", "WBC", "Platelets"]
-SCHEMA = pa.schema(
-    [
-        ("image_id", pa.int64()),
-        ("file_name", pa.string()),
-        ("jpeg", pa.binary()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("orig_width", pa.int32()),
-        ("orig_height", pa.int32()),
-        ("boxes", pa.list_(pa.float32())),
-        ("labels", pa.list_(pa.int32())),
-        ("iscrowd", pa.list_(pa.bool_())),
-    ]
-)
 N_IMAGES, PER_SHARD, SIZE = 10, 4, 128
 
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from inference_fixtures import BCCD_CLASSES, make_bccd_shards, make_weights, one_thread
+from inference_fixtures import BCCD_CLASSES, cli_error, make_bccd_shards, make_weights, one_thread
 from pycocotools.cocoeval import COCOeval
 
 from rtrain import engine
@@ -88,10 +88,7 @@ def test_overrides_change_the_settings(shards, weights, tmp_path):
 
 
 def _error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0, err
-    return err
+    return cli_error(capsys, main, argv)
 
 
 def test_bad_inputs_are_one_line_errors(shards, weights, tmp_path, capsys):

@@ -207,7 +207,7 @@ def test_mapping_clips_to_the_stored_image_and_drops_boxes_in_the_padding():
 
 
 def test_bad_shards_give_one_line_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="manifest.json not found"):
+    with pytest.raises(FileNotFoundError, match="manifest.json: manifest not found"):
         coco_gt_from_shards(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"classes": CLASSES}))
     with pytest.raises(FileNotFoundError, match="no \\*.parquet"):

@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from inference_fixtures import BCCD_CLASSES, copy_images, make_weights, one_thread
+from inference_fixtures import BCCD_CLASSES, cli_error, copy_images, make_weights, one_thread
 
 from rtrain.export import main
 from rtrain.exporter import FORMATS, export_weights
@@ -82,10 +82,7 @@ def test_torchscript_cli_with_fixed_batch_and_default_output(images, tmp_path, c
 
 
 def _error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0, err
-    return err
+    return cli_error(capsys, main, argv)
 
 
 def test_bad_inputs(tmp_path, capsys):

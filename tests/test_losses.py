@@ -121,13 +121,6 @@ def test_shape_mismatch_is_a_clear_error():
         DetectionLoss(NUM_CLASSES, REG_MAX)(cls_logits, box_dist, points, strides, some_targets()[:1])
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny tensors on a shared 2-core machine: threads only add contention.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_optimising_raw_outputs_fits_the_boxes_and_classes(one_thread):

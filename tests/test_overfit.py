@@ -81,13 +81,6 @@ def coco_map(targets: list[dict], detections: list[dict], size: int) -> tuple[fl
     return float(ev.stats[1]), float(ev.stats[0])
 
 
-@pytest.fixture
-def one_thread():
-    # Small convs on a shared 2-core machine run faster (and far steadier) on one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow

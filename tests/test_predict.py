@@ -6,22 +6,20 @@ import json
 
 import numpy as np
 import pytest
-from inference_fixtures import BCCD_IDS, copy_images, make_bccd_shards, make_weights, one_thread
+from inference_fixtures import (  # noqa: F401  (the *_fixture names are module fixtures)
+    BCCD_IDS,
+    cli_error,
+    copy_images,
+    make_bccd_shards,
+    make_weights,
+    one_thread_module_fixture,
+    weights_128_fixture,
+)
 from PIL import Image
 
 from rtrain.inference import read_image
 from rtrain.predict import main
 from rtrain.predictor import predict, wants_ray
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return make_weights(tmp_path_factory.mktemp("w") / "best.pt", img_size=128)
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +94,7 @@ def test_single_image_glob_and_shards(weights, folder, shared_data, tmp_path):
 
 
 def _error(capsys, argv) -> str:
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0, err
-    return err
+    return cli_error(capsys, main, argv)
 
 
 def test_bad_inputs(weights, folder, tmp_path, capsys):

@@ -14,7 +14,10 @@ import json
 
 import numpy as np
 import pytest
-from inference_fixtures import make_weights, one_thread
+from inference_fixtures import (  # noqa: F401  (the *_fixture names are module fixtures)
+    one_thread_module_fixture,
+    weights_128_fixture,
+)
 from PIL import Image
 
 from rtrain.predict import main
@@ -24,16 +27,6 @@ HUGE = 10_000
 TOO_LARGE = "image over PIL's pixel limit"
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_thread()
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return make_weights(tmp_path_factory.mktemp("w") / "best.pt", img_size=128)
 
 
 def declared_jpeg(path, w: int, h: int):

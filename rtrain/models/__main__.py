@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+from rtrain.cli import OneLineParser, run_cli
+from rtrain.errors import RtrainError
 
 from .registry import build_model, list_variants
 from .summary import (
@@ -16,8 +18,9 @@ from .summary import (
 )
 
 
+@run_cli("rtrain.models")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rtrain.models", description=__doc__)
+    parser = OneLineParser(prog="python -m rtrain.models", description=__doc__)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--layers", metavar="VARIANT", help="named layers with their output shapes")
     group.add_argument(
@@ -28,8 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     name = args.layers or args.trunk
     if name is not None and name not in list_variants():
-        print(f"error: unknown variant {name!r}; known: {', '.join(list_variants())}", file=sys.stderr)
-        return 2
+        raise RtrainError(f"unknown variant {name!r}; known: {', '.join(list_variants())}")
     if args.layers:
         print(f"{name} layers at {args.size}x{args.size}, output shapes [B, C, H, W]:")
         print(format_layers(layer_table(build_model(name, args.num_classes), args.size)))

@@ -9,9 +9,9 @@
 | compact_s | compact (project default)        | 1.0   | 1.0   | 96   | 2          | 8,16,32            |
 | compact_m | compact                          | 1.25  | 1.5   | 128  | 2          | 8,16,32            |
 
-compact_s was sized with benchmarks/model_speed.py: at 320 px it has ~0.6 of SSDLite-MobileNetV3's
-GFLOPs and trains > 2x faster per image on CPU (process CPU time, 2.2x measured); width 0.75 / neck 80
-was 2.6x but with only 0.36M parameters, too thin for COCO-like data.
+compact_s was sized with benchmarks/model_speed.py against SSDLite-MobileNetV3 at 320 px (the
+README's Figures table has the current numbers); a thinner width 0.75 / neck 80 was faster still
+but too thin (0.36M parameters) for COCO-like data.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ DEFAULTS: dict[str, tuple[str, float, float, int, int]] = {
 }
 
 
-def _make(variant, num_classes, reg_max, width, depth, neck_channels, head_convs) -> Detector:
+def _make(variant, num_classes, reg_max, *, width=None, depth=None, neck_channels=None,
+          head_convs=None) -> Detector:
     """The variant's defaults, overridden by every argument that is not None."""
     family, d_width, d_depth, d_neck, d_head = DEFAULTS[variant]
     pick = lambda value, default: default if value is None else value  # noqa: E731
@@ -68,85 +69,29 @@ def _make(variant, num_classes, reg_max, width, depth, neck_channels, head_convs
     return assemble(spec)
 
 
-@register_variant("seed")
-def seed(
-    *,
-    num_classes: int,
-    width: float | None = None,
-    depth: float | None = None,
-    neck_channels: int | None = None,
-    head_convs: int | None = None,
-    reg_max: int = 7,
-) -> Detector:
-    """The research trunk exactly (at width = depth = 1); its extras feed the stride 64/128 levels."""
-    return _make("seed", num_classes, reg_max, width, depth, neck_channels, head_convs)
+# variant: its one-line description (the builder's docstring).
+DESCRIPTIONS = {
+    "seed": "The research trunk exactly (at width = depth = 1); its extras feed the stride 64/128 levels.",
+    "mv2_s": "MobileNetV2 x0.5 trunk.",
+    "mv2_m": "MobileNetV2 x1.0 trunk.",
+    "compact_n": "Smallest compact model (edge devices, quick experiments).",
+    "compact_s": "The project default: faster to train than SSDLite-MobileNetV3 at fewer GFLOPs "
+                 "(README, Figures).",
+    "compact_m": "Larger compact model, for GPUs.",
+}
 
 
-@register_variant("mv2_s")
-def mv2_s(
-    *,
-    num_classes: int,
-    width: float | None = None,
-    depth: float | None = None,
-    neck_channels: int | None = None,
-    head_convs: int | None = None,
-    reg_max: int = 7,
-) -> Detector:
-    """MobileNetV2 x0.5 trunk."""
-    return _make("mv2_s", num_classes, reg_max, width, depth, neck_channels, head_convs)
+def _builder(variant: str):
+    """The registry's keyword-only builder for `variant` (see rtrain.models.registry)."""
+
+    def build(*, num_classes: int, reg_max: int = 7, **sizes: float | int | None) -> Detector:
+        # sizes: width, depth, neck_channels, head_convs (None = the variant's default)
+        return _make(variant, num_classes, reg_max, **sizes)
+
+    build.__name__ = build.__qualname__ = variant
+    build.__doc__ = DESCRIPTIONS[variant]
+    return build
 
 
-@register_variant("mv2_m")
-def mv2_m(
-    *,
-    num_classes: int,
-    width: float | None = None,
-    depth: float | None = None,
-    neck_channels: int | None = None,
-    head_convs: int | None = None,
-    reg_max: int = 7,
-) -> Detector:
-    """MobileNetV2 x1.0 trunk."""
-    return _make("mv2_m", num_classes, reg_max, width, depth, neck_channels, head_convs)
-
-
-@register_variant("compact_n")
-def compact_n(
-    *,
-    num_classes: int,
-    width: float | None = None,
-    depth: float | None = None,
-    neck_channels: int | None = None,
-    head_convs: int | None = None,
-    reg_max: int = 7,
-) -> Detector:
-    """Smallest compact model (edge devices, quick experiments)."""
-    return _make("compact_n", num_classes, reg_max, width, depth, neck_channels, head_convs)
-
-
-@register_variant("compact_s")
-def compact_s(
-    *,
-    num_classes: int,
-    width: float | None = None,
-    depth: float | None = None,
-    neck_channels: int | None = None,
-    head_convs: int | None = None,
-    reg_max: int = 7,
-) -> Detector:
-    """The project default: trains > 1.5x faster than SSDLite-MobileNetV3 at fewer GFLOPs (320 px)."""
-    return _make("compact_s", num_classes, reg_max, width, depth, neck_channels, head_convs)
-
-
-@register_variant("compact_m")
-def compact_m(
-    *,
-    num_classes: int,
-    width: float | None = None,
-    depth: float | None = None,
-    neck_channels: int | None = None,
-    head_convs: int | None = None,
-    reg_max: int = 7,
-) -> Detector:
-    """Larger compact model, for GPUs."""
-    return _make("compact_m", num_classes, reg_max, width, depth, neck_channels, head_convs)
+for _name in DEFAULTS:  # one registered builder per row of DEFAULTS
+    register_variant(_name)(_builder(_name))

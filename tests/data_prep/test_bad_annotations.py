@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from coco_subset import coco_subset
 
 from data_prep import shard
 
@@ -98,14 +99,8 @@ COCO_IDS = [30, 86, 143, 149]  # images of the in-repo coco128 fixture
 
 @pytest.fixture
 def coco(shared_data, tmp_path) -> tuple[Path, Path, dict]:
-    src = shared_data / "coco128"
-    data = json.loads((src / "annotations" / "instances_train2017.json").read_text())
-    data["images"] = [i for i in data["images"] if i["id"] in COCO_IDS]
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in COCO_IDS]
     images = tmp_path / "train2017"
-    images.mkdir()
-    for im in data["images"]:
-        shutil.copy(src / "train2017" / im["file_name"], images)
+    data = coco_subset(shared_data, COCO_IDS, images)
     return tmp_path / "instances.json", images, data
 
 

@@ -17,13 +17,9 @@ from PIL import Image
 from data_prep.draw import class_color
 from data_prep.inspect import contact_sheet_for, load_manifest, render_row, sample_rows, summarize
 from data_prep.records import DatasetError
+from data_prep.shard_format import SCHEMA
 
 NAMES = ["apple", "pear"]
-SCHEMA = pa.schema([  # DESIGN.md's shard schema
-    ("image_id", pa.int64()), ("file_name", pa.string()), ("jpeg", pa.binary()),
-    ("width", pa.int32()), ("height", pa.int32()), ("orig_width", pa.int32()), ("orig_height", pa.int32()),
-    ("boxes", pa.list_(pa.float32())), ("labels", pa.list_(pa.int32())), ("iscrowd", pa.list_(pa.bool_())),
-])
 
 
 def _jpeg(w: int, h: int) -> bytes:
@@ -109,7 +105,7 @@ def test_cli_writes_png_and_prints_counts(tmp_path):
 
 
 def test_missing_or_corrupt_manifest_and_shard_fail_cleanly(tmp_path):
-    with pytest.raises(DatasetError, match="manifest.json: no such file"):
+    with pytest.raises(DatasetError, match="manifest.json: manifest not found"):
         load_manifest(tmp_path)
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(DatasetError, match=r"manifest\.json:1:2: malformed JSON"):

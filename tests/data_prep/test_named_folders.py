@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from coco_subset import coco_subset
 
 from data_prep import shard
 
@@ -161,15 +162,9 @@ def test_yolo_missing_data_file_names_the_flag(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------- COCO
 
 def test_coco_any_json_name_and_image_folder(shared_data, tmp_path):
-    src = shared_data / "coco128"
-    data = json.loads((src / "annotations" / "instances_train2017.json").read_text())
     ids = [30, 86, 143]  # images of the in-repo coco128 fixture
-    data["images"] = [i for i in data["images"] if i["id"] in ids]
-    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
     pics = tmp_path / "my pictures"
-    pics.mkdir()
-    for im in data["images"]:
-        shutil.copy(src / "train2017" / im["file_name"], pics)
+    data = coco_subset(shared_data, ids, pics)
     ann = tmp_path / "labels" / "boxes_v3.json"
     ann.parent.mkdir()
     ann.write_text(json.dumps(data))

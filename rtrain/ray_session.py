@@ -1,0 +1,62 @@
+"""The one place that starts or joins Ray for rtrain's drivers (fit, tune, predict).
+
+    from rtrain.ray_session import start_ray
+    started = start_ray(address, dashboard=False)
+    try:
+        ...
+    finally:
+        if started:
+            ray.shutdown()
+
+`start_ray` reuses an already initialised Ray as is, joins `address` ("auto" or host:port) when
+one is given, and otherwise starts a local Ray. It returns True only when it started one, so the
+caller shuts down only what it started. See docs/design.md ("The flow") for why the drivers own
+Ray's lifetime.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger(__name__)
+
+
+def local_num_cpus() -> int:
+    """Logical CPUs for a local Ray: at least 4, whatever the core count.
+
+    Ray Data's file listing needs a whole CPU and Ray Train takes its workers' CPUs out of Ray
+    Data's budget, so with num_cpus = 2 cores a 1-2 worker run deadlocks ("Cluster resources are
+    not enough"). The work itself is still bounded by the real cores; only the scheduler's count
+    grows.
+    """
+    return max(4, os.cpu_count() or 1)
+
+
+def start_ray(address: str | None = None, *, dashboard: bool = False,
+              dashboard_host: str = "127.0.0.1") -> bool:
+    """Join `address`, reuse an initialised Ray, or start a local one. True if this started it.
+
+    dashboard: start the local Ray's dashboard on `dashboard_host` (and turn on Ray Train's state
+    tracking, which the dashboard's Train view reads).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    if dashboard:
+        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # the dashboard's Train view
+    if address:
+        ray.init(address=address, configure_logging=False)
+        logger.info("joined the Ray cluster at %s", address)
+        return False
+    context = ray.init(
+        num_cpus=local_num_cpus(),
+        include_dashboard=dashboard,
+        dashboard_host=dashboard_host,
+        configure_logging=False,
+    )
+    if dashboard:
+        logger.info("Ray dashboard: http://%s (token: run `ray get-auth-token`)", context.dashboard_url)
+    return True
