@@ -73,7 +73,7 @@ def test_sweep_end_to_end(ray_session, tiny_shards, tmp_path):
     for r in result.records:
         assert 1 <= r.epochs_run <= 3 and (r.epochs_run == 3) == (r.status == "done")
         assert 0.0 <= r.best_map <= 1.0 and r.params_m > 0 and r.gflops > 0 and r.images_per_s > 0
-        assert r.lr == pytest.approx(0.002 * r.batch_size / 16)  # linear scaling from the nominal 16
+        assert r.lr == pytest.approx(0.002 * (r.batch_size / 16) ** 0.5)  # AdamW: sqrt scaling from 16
         assert (Path(r.run_dir) / "metrics.jsonl").is_file() and list(Path(r.run_dir).glob("checkpoint_*"))
 
     with open(out / RESULTS_CSV, newline="") as fh:
