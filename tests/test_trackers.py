@@ -187,6 +187,46 @@ def test_a_sweep_is_one_experiment_with_one_run_per_trial(tmp_path):
     assert sorted(r.info.run_name for r in runs) == ["run_trial_a_00000", "run_trial_a_00001"]
 
 
+def test_the_sweep_driver_closes_each_trial_that_ran_with_its_artifacts(tmp_path):
+    """After Tune ends (rtrain.sweep_run.finish_trial_trackers): done and ASHA-stopped trials are
+    FINISHED, a failed one FAILED, each with its curves, weights and config; an interrupted one is
+    left RUNNING for --resume."""
+    from rtrain.sweep_report import TrialRecord
+    from rtrain.sweep_run import finish_trial_trackers, trial_tracking_spec
+
+    sweep = tmp_path / "sweeps" / "arch"
+    cfg = load_config(None, ["run.loggers=[tensorboard, mlflow]", "model.name=compact_n"])
+    records = []
+    for i, status in enumerate(("done", "stopped", "error", "unfinished")):
+        trial = f"run_trial_b_{i:05d}"
+        out = sweep / trial / "run"
+        dump_config(cfg, out / run_dir.CONFIG_YAML)
+        group = trackers.open_for_loop(trial_tracking_spec(cfg, sweep, trial), out, config_to_dict(cfg))
+        _epochs(group, out, [_row(0, 2.0), _row(1, 1.5)][: 1 if status == "stopped" else 2])
+        if status != "error":
+            save_weights(out / run_dir.BEST_WEIGHTS, torch.nn.Linear(3, 2).state_dict(), config_to_dict(cfg),
+                         CLASSES)
+        records.append(TrialRecord(trial_id=trial, variant="compact_n", width=None, depth=None, img_size=320,
+                                   batch_size=16, lr=0.01, params_m=None, gflops=None, images_per_s=None,
+                                   best_map=None, map50=None, epochs_run=2, status=status, run_dir=str(out)))
+    finish_trial_trackers(records, sweep)
+
+    client = _mlflow(f"file:{tmp_path / 'sweeps' / 'mlruns'}")
+    for record in records:
+        out = Path(record.run_dir)
+        run = client.get_run(json.loads((out / trackers.MLFLOW_RUN_JSON).read_text())["run_id"])
+        want = {"done": "FINISHED", "stopped": "FINISHED", "error": "FAILED", "unfinished": "RUNNING"}
+        assert run.info.status == want[record.status], record.status
+        assert run.info.run_name == out.parent.name
+        artifacts = _artifacts(client, run.info.run_id)
+        if record.status == "unfinished":
+            assert artifacts == set() and not (out / "plots").exists()
+        else:
+            assert {"config.yaml", "plots/curves.png"} <= artifacts
+            assert ("best.pt" in artifacts) == (record.status != "error")
+    assert len(client.search_runs([client.get_experiment_by_name("arch").experiment_id])) == 4
+
+
 def test_a_tracker_that_fails_is_one_warning_and_the_others_go_on(tmp_path, caplog):
     out, cfg = _run(tmp_path)
     blocker = tmp_path / "not-a-dir"
