@@ -90,6 +90,11 @@ class FitResult:
             f"metrics:      {self.run_dir / run_dir.METRICS_JSONL}",
         ]
         lines += [f"plot:         {p}" for p in self.plots]
+        spec = trackers.spec_for_run(self.config, self.name)
+        if "tensorboard" in spec["loggers"]:
+            lines.append(f"tensorboard:  tensorboard --logdir {self.run_dir / trackers.TENSORBOARD_DIR}")
+        if "mlflow" in spec["loggers"]:
+            lines.append(f"mlflow:       {spec['mlflow_uri']} (experiment {spec['experiment']})")
         return "\n".join(lines)
 
 

@@ -312,3 +312,5 @@ def test_fit_logs_every_epoch_to_tensorboard_and_mlflow(ray_session, tmp_path):
     assert run.data.params["train.epochs"] == "2" and run.data.params["model.name"] == "compact_n"
     artifacts = _artifacts(client, run_id)
     assert {"best.pt", "config.yaml", "plots/curves.png", "plots/val_predictions.png"} <= artifacts
+    assert f"tensorboard --logdir {result.run_dir / 'tensorboard'}" in result.summary()
+    assert f"mlflow:       file:{storage.resolve() / 'mlruns'} (experiment tracked)" in result.summary()
