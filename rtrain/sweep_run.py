@@ -17,6 +17,8 @@ Layout of SWEEP = <storage>/<name>:
     SWEEP/<trial dir>/run/           the rtrain run of that trial (see rtrain.run_dir)
     SWEEP/results.csv, results.md, pareto.png, best.yaml     (rtrain.sweep_report)
     SWEEP/.lock                      the driver that runs the sweep (rtrain.run_lock): one at a time
+    SWEEP/../mlruns/                 run.loggers: mlflow with the default store: one experiment named
+                                     after the sweep, one run per trial (rtrain.trackers)
 
 In the Ray dashboard (on by default when the sweep starts its own Ray: 127.0.0.1:8265, token
 from `ray get-auth-token`) a sweep shows as: one `ImplicitFunc` actor per running trial (Tune's
