@@ -299,8 +299,9 @@ def make_trackers(spec: Mapping | None) -> list:
 
 
 class Trackers:
-    """Several trackers called as one; an error in one is a warning and drops it from the rest of
-    that stage's calls only for that tracker (training never stops for a tracker)."""
+    """Several trackers called as one. An error in one is a warning (once per tracker and stage) and
+    the others go on; a tracker whose start failed is left out of the later calls. Training never
+    stops for a tracker."""
 
     def __init__(self, trackers: list) -> None:
         self.trackers = list(trackers)
