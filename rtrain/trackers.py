@@ -41,7 +41,10 @@ config value that differs on resume (e.g. `train.epochs`) is recorded as the tag
 
 Failures: a missing package is found before Ray starts (`check_available`: one line naming the
 extra to install, `TrackerError`). After that a tracker never stops training: an error while
-logging is a warning (once per tracker and stage) and the run goes on.
+logging is a warning (once per tracker and stage) and the run goes on; a tracker that cannot
+start, or fails 3 epochs in a row, is left out for the rest of that process (`Trackers`). An
+HTTP tracking server that does not answer costs rank 0 seconds, not minutes: MLflow's retries
+and timeout are lowered unless the user set them (MLFLOW_HTTP_REQUEST_MAX_RETRIES=2, _TIMEOUT=15).
 
 Contract of a Tracker: `start(run_dir, cfg_dict, name)` opens (or reopens) the tracker's run
 for RUN = run_dir, with the resolved config as a plain dict; `log_epoch(metrics, step)` logs one
@@ -211,6 +214,10 @@ class MLflowTracker:
 
         if self.tracking_uri.startswith("file:"):
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        # A server that does not answer costs seconds, not MLflow's default minutes of retries, in
+        # the rank-0 worker that trains (values the user set win).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
         self.run_dir = Path(run_dir)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         note = self.run_dir / MLFLOW_RUN_JSON
@@ -298,15 +305,20 @@ def make_trackers(spec: Mapping | None) -> list:
     return trackers
 
 
+MAX_FAILED_EPOCHS = 3  # consecutive epochs a tracker may fail to log before it is left out
+
+
 class Trackers:
     """Several trackers called as one. An error in one is a warning (once per tracker and stage) and
-    the others go on; a tracker whose start failed is left out of the later calls. Training never
-    stops for a tracker."""
+    the others go on; a tracker whose start failed, or that failed MAX_FAILED_EPOCHS epochs in a row
+    (a tracking server that is gone: each call costs MLflow's retries), is left out of the later
+    calls, with one more warning. Training never stops for a tracker."""
 
     def __init__(self, trackers: list) -> None:
         self.trackers = list(trackers)
         self._warned: set[tuple[str, str]] = set()
         self._broken: set[str] = set()
+        self._failed_epochs: dict[str, int] = {}
 
     def _call(self, stage: str, *args: Any) -> None:
         for tracker in self.trackers:
@@ -315,13 +327,19 @@ class Trackers:
             try:
                 getattr(tracker, stage)(*args)
             except Exception as exc:
-                if stage == "start":  # nothing to log into: leave it out of this session
-                    self._broken.add(tracker.name)
+                failed = self._failed_epochs[tracker.name] = self._failed_epochs.get(tracker.name, 0) + 1
                 if (tracker.name, stage) not in self._warned:
                     self._warned.add((tracker.name, stage))
                     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
                     logger.warning("%s logger: %s failed (%s: %s); training goes on", tracker.name, stage,
                                    type(exc).__name__, first)
+                if stage == "start" or (stage == "log_epoch" and failed >= MAX_FAILED_EPOCHS):
+                    self._broken.add(tracker.name)
+                    if stage == "log_epoch":
+                        logger.warning("%s logger: %d epochs in a row not logged; left out for the rest of "
+                                       "this run", tracker.name, failed)
+            else:
+                self._failed_epochs[tracker.name] = 0
 
     def start(self, run_dir, cfg_dict: Mapping, name: str) -> Trackers:
         self._call("start", run_dir, cfg_dict, name)

@@ -242,6 +242,21 @@ def test_a_tracker_that_fails_is_one_warning_and_the_others_go_on(tmp_path, capl
     assert _scalars(out / "tensorboard")["loss"] == [(5, 2.0), (10, 1.5)]
 
 
+def test_a_tracker_that_keeps_failing_is_left_out_and_training_goes_on(tmp_path, caplog):
+    import shutil
+
+    out, cfg = _run(tmp_path)
+    spec = trackers.tracking_spec(["mlflow", "tensorboard"], "", tmp_path / "runs", "r1", "r1")
+    group = trackers.open_for_loop(spec, out, cfg)
+    _epochs(group, out, [_row(0, 2.0)])
+    shutil.rmtree(tmp_path / "runs" / "mlruns")  # the store is gone mid-run
+    _epochs(group, out, [_row(e, 1.0) for e in range(1, 6)])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and warnings[0].startswith("mlflow logger: log_epoch failed")
+    assert warnings[1] == "mlflow logger: 3 epochs in a row not logged; left out for the rest of this run"
+    assert [s for s, _ in _scalars(out / "tensorboard")["loss"]] == [5, 10, 15, 20, 25, 30]
+
+
 def test_unknown_logger_is_refused_by_the_config():
     with pytest.raises(ConfigError,
                        match=r"^run.loggers: expected one of 'tensorboard' \| 'mlflow', got 'wandb'$"):
