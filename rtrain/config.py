@@ -151,6 +151,11 @@ class RunConfig:
     # Ray Train's placement of the workers: PACK fills a node first; SPREAD / STRICT_SPREAD put
     # them on different nodes (STRICT_SPREAD fails to start if there are too few nodes).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    # Experiment trackers fed every epoch's metrics row, the config and, at the end, the best
+    # weights and plots (rtrain.trackers): TensorBoard event files in RUN/tensorboard/, MLflow to
+    # `mlflow_uri` ("" = file:<storage>/mlruns, beside the run; a sweep's beside the sweep).
+    loggers: list[Literal["tensorboard", "mlflow"]] = field(default_factory=list)
+    mlflow_uri: str = ""
 
 
 @dataclass
@@ -183,6 +188,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, list):
+            return [_coerce(v, item, key) for v in value]
+        raise ConfigError(f"{key}: expected a list of {_type_name(item)}, got {value!r}")
     if origin is Literal:
         if value in typing.get_args(tp):
             return value

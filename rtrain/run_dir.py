@@ -9,6 +9,8 @@ Layout of RUN = <storage>/<name> (Ray Train writes its `checkpoint_*` dirs there
     RUN/plots/curves.png     loss parts, LR and mAP against epoch
     RUN/plots/val_predictions.png   val images: predicted boxes (solid) and true boxes (dashed)
     RUN/checkpoint_*/        Ray Train checkpoints (state.pt + COMPLETE), the last K and the best
+    RUN/tensorboard/         TensorBoard event files (run.loggers: tensorboard; rtrain.trackers)
+    RUN/mlflow_run.json      the MLflow run this run logs to (run.loggers: mlflow; rtrain.trackers)
 
 Every file is written to a temp name and renamed, so a crash never leaves half a file. A write
 that finds the disk full (ENOSPC, or EDQUOT: over quota) removes its temp file, leaves the old

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from rtrain import run_dir, run_lock
+from rtrain import run_dir, run_lock, trackers
 from rtrain.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
 from rtrain.errors import BAD_INPUT, FAILED, RtrainError
 
@@ -90,6 +90,11 @@ class FitResult:
             f"metrics:      {self.run_dir / run_dir.METRICS_JSONL}",
         ]
         lines += [f"plot:         {p}" for p in self.plots]
+        spec = trackers.spec_for_run(self.config, self.name)
+        if "tensorboard" in spec["loggers"]:
+            lines.append(f"tensorboard:  tensorboard --logdir {self.run_dir / trackers.TENSORBOARD_DIR}")
+        if "mlflow" in spec["loggers"]:
+            lines.append(f"mlflow:       {spec['mlflow_uri']} (experiment {spec['experiment']})")
         return "\n".join(lines)
 
 
@@ -446,6 +451,10 @@ def fit(
 def _fit_locked(cfg: Config, name: str, storage_path: Path, out_dir: Path, resume: bool,
                 plots: bool) -> FitResult:
     """The rest of `fit`, while this process holds RUN/.lock (rtrain.run_lock)."""
+    try:  # run.loggers: a missing package is one line before Ray
+        trackers.check_available(cfg.run.loggers)
+    except trackers.TrackerError as exc:
+        raise FitError(str(exc)) from None
     classes, num_images = check_data(cfg)
     if resume:
         latest = check_resume(cfg, out_dir, [c["name"] for c in classes])
@@ -470,7 +479,8 @@ def _fit_locked(cfg: Config, name: str, storage_path: Path, out_dir: Path, resum
     detach_bar = progress.attach_bar()  # a tqdm bar of the workers' progress lines, on a terminal
     try:
         trainer, clock = build_trainer(cfg, name, storage_path, out_dir, classes, num_images,
-                                       loop_extra={"progress_s": progress.interval_for()})
+                                       loop_extra={"progress_s": progress.interval_for(),
+                                                   "tracking": trackers.spec_for_run(cfg, name)})
         try:
             result = trainer.fit()
         except Exception as exc:  # ray.train.TrainingFailedError and friends: keep the cause visible
@@ -528,6 +538,8 @@ def _finish(
             result.plots = make_plots(out_dir, cfg, class_names, result.best_weights or result.last_weights)
         except Exception as exc:  # a plot must never cost the user a finished run
             logger.warning("plots not written: %s", exc)
+    trackers.finish_run(trackers.spec_for_run(cfg, name), out_dir, config_to_dict(cfg),
+                        result.best_weights or result.last_weights, result.plots)
     logger.info("run %s finished: %d epochs, best mAP %s", name, result.epochs_done,
                 f"{best['mAP']:.4f}" if best else "-")
     return result

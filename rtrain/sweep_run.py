@@ -17,6 +17,8 @@ Layout of SWEEP = <storage>/<name>:
     SWEEP/<trial dir>/run/           the rtrain run of that trial (see rtrain.run_dir)
     SWEEP/results.csv, results.md, pareto.png, best.yaml     (rtrain.sweep_report)
     SWEEP/.lock                      the driver that runs the sweep (rtrain.run_lock): one at a time
+    SWEEP/../mlruns/                 run.loggers: mlflow with the default store: one experiment named
+                                     after the sweep, one run per trial (rtrain.trackers)
 
 In the Ray dashboard (on by default when the sweep starts its own Ray: 127.0.0.1:8265, token
 from `ray get-auth-token`) a sweep shows as: one `ImplicitFunc` actor per running trial (Tune's
@@ -57,7 +59,7 @@ from pathlib import Path
 import yaml
 
 from rtrain import run_dir as run_files
-from rtrain import run_lock
+from rtrain import run_lock, trackers
 from rtrain.config import TrainConfig, config_from_dict, config_to_dict, dump_config
 from rtrain.errors import FAILED, RtrainError
 from rtrain.ray_session import start_ray
@@ -218,7 +220,8 @@ def run_trial(params: dict, context: dict) -> None:
         trainer, clock = build_trainer(
             cfg, TRIAL_RUN, trial_dir, out_dir, context["classes"], context["num_images"],
             train_fn=train_loop_noting_group, callbacks=[_report_callback()],
-            loop_extra={"placement_group_note": str(out_dir / PG_NOTE)},
+            loop_extra={"placement_group_note": str(out_dir / PG_NOTE),
+                        "tracking": trial_tracking_spec(cfg, Path(context["sweep_dir"]), trial_dir.name)},
             num_workers=workers, gpus_per_worker=gpus / workers,
         )
         trainer.fit()
@@ -412,6 +415,11 @@ def _run_sweep_locked(spec: SweepSpec | None, sweep_dir: Path, storage_path: Pat
         logger.warning("eval.interval is %d: ASHA compares the last evaluated mAP; 1 is best for sweeps",
                        spec.base["eval"]["interval"])
 
+    try:  # run.loggers: a missing package is one line before Ray
+        trackers.check_available(base["run"]["loggers"])
+    except trackers.TrackerError as exc:
+        raise SweepError(str(exc)) from None
+
     started = start_ray(address, dashboard=dashboard)
     try:
         context = {"base": base, "classes": classes, "num_images": num_images,
@@ -446,7 +454,46 @@ def _run_sweep_locked(spec: SweepSpec | None, sweep_dir: Path, storage_path: Pat
         if started:
             ray.shutdown()
     records = collect_records(grid, spec, len(classes))
+    finish_trial_trackers(records, sweep_dir)
     return write_report(records, spec, sweep_dir)
+
+
+def trial_tracking_spec(cfg, sweep_dir: Path, trial_name: str) -> dict:
+    """A trial's trackers (rtrain.trackers): MLflow experiment = the sweep's name, run = the trial's
+    directory name; the default MLflow store beside the sweep (file:<sweep storage>/mlruns)."""
+    return trackers.tracking_spec(cfg.run.loggers, cfg.run.mlflow_uri, sweep_dir.parent, sweep_dir.name,
+                                  trial_name)
+
+
+def finish_trial_trackers(records: list[TrialRecord], sweep_dir: Path) -> None:
+    """After Tune ends: each trial that ran (done, ASHA-stopped or failed; not an interrupted one,
+    which --resume continues) gets its artifacts logged and its MLflow run closed, FAILED for an
+    error. A trial has no plots of its own, so its curves are drawn first (RUN/plots/curves.png)."""
+    from rtrain.config import read_yaml
+
+    for record in records:
+        out_dir = Path(record.run_dir)
+        saved = out_dir / run_files.CONFIG_YAML
+        if record.status not in ("done", "stopped", "error") or not saved.is_file():
+            continue
+        try:
+            cfg = config_from_dict(read_yaml(saved))
+        except RtrainError as exc:  # the report must still come out
+            logger.warning("trial %s: trackers not finished: %s", record.trial_id, exc)
+            continue
+        rows = run_files.read_metrics(out_dir, strict=False)
+        if not cfg.run.loggers or not rows:
+            continue
+        plots = []
+        try:
+            plots.append(run_files.plot_curves(rows, out_dir / run_files.PLOTS_DIR / "curves.png"))
+        except Exception as exc:  # a plot must never cost the user a finished sweep
+            logger.warning("trial %s: curves not drawn: %s", record.trial_id, exc)
+        best = next((p for p in (out_dir / run_files.BEST_WEIGHTS, out_dir / run_files.LAST_WEIGHTS)
+                     if p.is_file()), None)
+        status = "FAILED" if record.status == "error" else "FINISHED"
+        trackers.finish_run(trial_tracking_spec(cfg, sweep_dir, out_dir.parent.name), out_dir,
+                            config_to_dict(cfg), best, plots, status)
 
 
 def saved_trial_status(sweep_dir: Path) -> dict[str, str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rtrain import engine, run_dir
+from rtrain import engine, run_dir, trackers
 from rtrain.augment import rescale_batch
 from rtrain.autobatch import resolve_batch_size
 from rtrain.checkpoint import (
@@ -267,6 +267,7 @@ def train_loop(loop_config: dict) -> None:
         from rtrain.evaluation import coco_gt_from_shards
 
         run_dir.truncate_metrics(out_dir, start_epoch)
+        tracking = trackers.open_for_loop(loop_config.get("tracking"), out_dir, cfg_dict)  # run.loggers
         val_gt = coco_gt_from_shards(cfg.data.val)
         try:
             gauges = _Gauges()
@@ -330,6 +331,7 @@ def train_loop(loop_config: dict) -> None:
             _write_outputs(ckpt_tmp.name, out_dir, cfg_dict, class_names, model, ema, optimizer, schedule,
                            scaler, guard, epoch, step, metrics,
                            {"best_map": best_map, "last_map": last_map, "run_starts": run_starts})
+            tracking.log_epoch(metrics, step)
             ckpt = Checkpoint.from_directory(ckpt_tmp.name)
             if gauges is not None:
                 gauges.set(metrics)
