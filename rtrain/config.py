@@ -44,6 +44,10 @@ class ModelConfig:
     neck_channels: int | None = field(default=None, metadata=_range(8, 1024))
     head_convs: int | None = field(default=None, metadata=_range(0, 6))
     reg_max: int = field(default=7, metadata=_range(1, 32))
+    # Fine-tuning: a best.pt/last.pt (or checkpoint dir) of any rtrain run; every tensor whose name
+    # and shape fit is loaded before training, the class logits re-initialised when the classes
+    # differ (rtrain.loading.init_from_weights). "" = from scratch. A resumed run ignores it.
+    init: str = ""
 
 
 @dataclass

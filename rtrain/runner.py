@@ -226,6 +226,18 @@ def check_resume(cfg: Config, out_dir: Path, class_names: list[str]) -> Path | N
     return latest
 
 
+def check_init(cfg: Config, class_names: list[str]) -> None:
+    """Before Ray starts: `model.init` must be weights this model can start from (FitError otherwise;
+    the workers load them again, `rtrain.loading.init_from_weights`)."""
+    from rtrain.checkpoint import CheckpointError
+    from rtrain.loading import build_detector, init_from_weights
+
+    try:
+        init_from_weights(build_detector(cfg, len(class_names)), cfg.model.init, class_names)
+    except CheckpointError as exc:
+        raise FitError(f"model.init: {exc}") from None
+
+
 # --------------------------------------------------------------------------- Ray
 
 
@@ -433,7 +445,8 @@ def fit(
         raise FitError(str(exc)) from None
     # Absolute shard paths: Ray workers (and a later --resume) may run from another directory.
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-        cfg.data, train=_absolute(cfg.data.train), val=_absolute(cfg.data.val)))
+        cfg.data, train=_absolute(cfg.data.train), val=_absolute(cfg.data.val)),
+        model=dataclasses.replace(cfg.model, init=_absolute(cfg.model.init)))
     out_dir = storage_path / name
     try:  # one writer per run name, checked before anything is written and before Ray
         lock = run_lock.acquire(out_dir, what="run")
@@ -447,9 +460,12 @@ def _fit_locked(cfg: Config, name: str, storage_path: Path, out_dir: Path, resum
                 plots: bool) -> FitResult:
     """The rest of `fit`, while this process holds RUN/.lock (rtrain.run_lock)."""
     classes, num_images = check_data(cfg)
+    latest = None
     if resume:
         latest = check_resume(cfg, out_dir, [c["name"] for c in classes])
         logger.info("resuming %s from %s", name, latest or "its start (no complete checkpoint yet)")
+    if cfg.model.init and latest is None:
+        check_init(cfg, [c["name"] for c in classes])
     try:
         dump_config(cfg, out_dir / run_dir.CONFIG_YAML)
     except OSError as exc:

@@ -6,6 +6,10 @@
     {"config": config_to_dict(cfg), "run_dir": "/abs/RUN", "classes": manifest classes
      [{index, name, category_id}], "num_train_images": int, "epoch_clock": EpochClock handle}
 
+Weights: the model is built from the config; a fresh run with `model.init` then loads the
+tensors of that weights file that fit (`rtrain.loading.init_from_weights`) and the EMA starts
+from them; a resumed run loads its checkpoint instead and ignores `model.init`.
+
 Every epoch every worker calls `ray.train.report` exactly once (it is a barrier): rank 0
 with the metrics and a checkpoint directory (state.pt + COMPLETE, `rtrain.checkpoint`),
 the others with the same metrics and no checkpoint. Rank 0 alone evaluates (the EMA
@@ -43,7 +47,7 @@ from rtrain.checkpoint import (
 from rtrain.config import Config, config_from_dict, config_to_dict
 from rtrain.ema import ModelEMA, unwrap_model
 from rtrain.guard import NonFiniteGuard
-from rtrain.loading import build_detector, load_model_weights  # noqa: F401  (re-exported)
+from rtrain.loading import build_detector, init_from_weights, load_model_weights  # noqa: F401 (re-exported)
 from rtrain.optim import build_optimizer
 from rtrain.progress import GUARD_EVERY, ProgressReporter, read_every
 from rtrain.schedule import LRSchedule, scale_lr
@@ -211,7 +215,11 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed + rank)
     np.random.seed(cfg.train.seed + rank)
 
-    model = build_detector(cfg, len(class_names)).to(device)
+    state, source = _resume_state(ray.train.get_checkpoint(), out_dir, device)
+    model = build_detector(cfg, len(class_names))
+    if cfg.model.init and state is None:  # fine-tuning; a resumed run's checkpoint holds every weight
+        init_from_weights(model, cfg.model.init, class_names, log=rank == 0)
+    model = model.to(device)
     batch_size = resolve_batch_size(cfg, model, device,  # autobatch: "auto" -> int, min over ranks
                                     max_batch=int(loop_config["num_train_images"]) // world)
     global_batch = batch_size * world
@@ -235,7 +243,6 @@ def train_loop(loop_config: dict) -> None:
     guard = NonFiniteGuard(max_consecutive=cfg.train.max_nonfinite)
 
     start_epoch, step, best_map, last_map, run_starts = 0, 0, -1.0, 0.0, 1
-    state, source = _resume_state(ray.train.get_checkpoint(), out_dir, device)
     if state is not None:
         check_compatible(state, cfg_dict, class_names)
         load_model_weights(model, state["model"], source)
