@@ -274,6 +274,7 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from rtrain.augment import AugmentParams
+    from rtrain.close_mosaic import CloseMosaic
     from rtrain.data import decode_augment_batch, make_epoch_clock
     from rtrain.epoch_stream import StreamPlan, build_train_stream
     from rtrain.storage_guard import StopWhenStorageFull
@@ -293,7 +294,8 @@ def build_trainer(
     decode = decode_mode(cfg)
     tasks = decode_tasks(cfg, num_workers) if decode == "cpu" else 0
     kwargs = {"train": True, "img_size": cfg.data.img_size, "aug": AugmentParams.from_obj(cfg.data),
-              "seed": cfg.train.seed, "num_classes": len(classes)}
+              "seed": cfg.train.seed, "num_classes": len(classes),
+              "no_mosaic_from": CloseMosaic.from_config(cfg).decode_source(clock)}  # rtrain.close_mosaic
     ds_train = build_train_stream(
         plan, epochs=stream_epochs(cfg), clock=clock,
         decode_fn=decode_augment_batch if decode == "cpu" else None, decode_kwargs=kwargs,
