@@ -2,7 +2,7 @@
 
     python benchmarks/finetune.py                    # 6 min pretraining, 8 min BCCD each
     python benchmarks/finetune.py --pretrain-min 10 --budget-min 12
-    python benchmarks/finetune.py --smoke            # about 2 minutes: tiny data, seconds of training
+    python benchmarks/finetune.py --smoke            # about 3 minutes on 2 cores: tiny data, 15 s runs
 
 1. Pretrain: the synthetic shapes (`rtrain.quickstart.prepare_synthetic`, its recipe, the model
    variant `--model`) for `--pretrain-min` minutes; its last.pt (EMA weights) is the init.
@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     p.add_argument("--bccd", help="BCCD root (VOC layout; default: ../shared/data/bccd)")
     p.add_argument("--work", help="keep shards and runs here (default: a temp dir, removed)")
     p.add_argument("--smoke", action="store_true",
-                   help="about 2 minutes: 120 synthetic / 32 BCCD train / 16 test images, seconds each")
+                   help="about 3 minutes: 120 synthetic / 32 BCCD train / 16 test images, 15 s each")
     args = p.parse_args(argv)
     if args.smoke:
         args.pretrain_min, args.budget_min = min(args.pretrain_min, 0.25), min(args.budget_min, 0.25)
