@@ -381,6 +381,14 @@ def _first_difference(a, b, prefix: str) -> tuple[str, object, object] | None:
     return None if a == b else (prefix, a, b)
 
 
+# Config keys that are not part of the architecture: a run may resume whatever they say.
+NOT_ARCHITECTURE = frozenset({"model.init"})
+
+
+def _without(section: str, values: Mapping) -> dict:
+    return {k: v for k, v in dict(values).items() if f"{section}.{k}" not in NOT_ARCHITECTURE}
+
+
 def check_compatible(
     saved: Mapping,
     config: Mapping,
@@ -392,7 +400,7 @@ def check_compatible(
 
     saved: a loaded checkpoint state or weights dict (has "config" and "class_names").
     config: the current full config as a plain dict; `sections` are its top-level keys that
-        must match exactly (default: the model architecture).
+        must match exactly (default: the model architecture), but for `NOT_ARCHITECTURE` keys.
     Raises IncompatibleCheckpointError with a one-line reason.
     """
     old_names = list(saved["class_names"])
@@ -408,7 +416,10 @@ def check_compatible(
         )
     old_cfg = saved["config"]
     for section in sections:
-        diff = _first_difference(old_cfg.get(section, {}), config.get(section, {}), section)
+        old_values, new_values = old_cfg.get(section, {}), config.get(section, {})
+        if isinstance(old_values, Mapping) and isinstance(new_values, Mapping):
+            old_values, new_values = _without(section, old_values), _without(section, new_values)
+        diff = _first_difference(old_values, new_values, section)
         if diff:
             key, old, new = diff
             raise IncompatibleCheckpointError(

@@ -44,6 +44,10 @@ class ModelConfig:
     neck_channels: int | None = field(default=None, metadata=_range(8, 1024))
     head_convs: int | None = field(default=None, metadata=_range(0, 6))
     reg_max: int = field(default=7, metadata=_range(1, 32))
+    # Fine-tuning: a best.pt/last.pt (or checkpoint dir) of any rtrain run; every tensor whose name
+    # and shape fit is loaded before training, the class logits re-initialised when the classes
+    # differ (rtrain.loading.init_from_weights). "" = from scratch. A resumed run ignores it.
+    init: str = ""
 
 
 @dataclass
@@ -61,6 +65,11 @@ class DataConfig:
     scale: float = field(default=0.5, metadata=_range(0.0, 0.9))  # random affine zoom +-
     translate: float = field(default=0.1, metadata=_range(0.0, 0.5))
     mosaic: float = field(default=0.0, metadata=_range(0.0, 1.0))  # probability
+    # Close mosaic for the end of the run (rtrain.close_mosaic), so the model ends on the image
+    # statistics it is tested on: the last `close_mosaic` epochs of train.epochs, or, for a
+    # time-limited run, the last `close_mosaic_frac` of train.time_limit_min. 0 = mosaic to the end.
+    close_mosaic: int = field(default=0, metadata=_range(0, 100_000))
+    close_mosaic_frac: float = field(default=0.0, metadata=_range(0.0, 1.0))
     # Where JPEGs are decoded and augmented: "cpu" in Ray Data tasks (PIL), "gpu" in the train
     # worker on its device (torchvision.io + batched tensor ops; Ray Data streams compact rows),
     # "auto" = gpu when the workers have GPUs.
@@ -253,7 +262,20 @@ def config_from_dict(data: dict | None) -> Config:
     built = {}
     for name, factory in sections.items():
         built[name] = _build_section(type(factory()), data.get(name) or {}, name)
-    return Config(**built)
+    cfg = Config(**built)
+    _check_together(cfg)
+    return cfg
+
+
+def _check_together(cfg: Config) -> None:
+    """Keys that only make sense with others."""
+    timed = cfg.train.time_limit_min > 0
+    if cfg.data.close_mosaic and timed:
+        raise ConfigError("data.close_mosaic counts epochs, but train.time_limit_min ends the run on its "
+                          "budget: use data.close_mosaic_frac (the last fraction of the budget)")
+    if cfg.data.close_mosaic_frac and not timed:
+        raise ConfigError("data.close_mosaic_frac is a fraction of train.time_limit_min, which is 0: "
+                          "use data.close_mosaic (the last N epochs)")
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import io
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,7 @@ from data_prep.shard_format import (  # noqa: F401
     read_manifest,
 )
 from rtrain.augment import Augmenter, AugmentParams, Sample
+from rtrain.close_mosaic import mosaic_on
 from rtrain.target_checks import clean_targets
 
 log = logging.getLogger(__name__)
@@ -97,23 +99,50 @@ def num_classes(shard_dir: str | Path) -> int:
 # ---------------------------------------------------------------- decode + augment
 
 
+class EpochClock:
+    """State of the tiny actor the train loop and the decode tasks share (`make_epoch_clock`).
+
+    `set`/`get`: the epoch (the stream's start epoch, or build_dataset's current epoch).
+    `no_mosaic_from` / `close_mosaic` / `restore_mosaic`: the first mosaic-free epoch F of a
+    time-limited run (`rtrain.close_mosaic`). Calls to one actor run one at a time, so F, once
+    decided, is later than every epoch a decode task was already answered for.
+    """
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.first_free: int | None = None
+        self.answered = -1  # newest epoch a decode task asked about
+
+    def set(self, epoch: int) -> int:
+        self.epoch = int(epoch)
+        return self.epoch
+
+    def get(self) -> int:
+        return self.epoch
+
+    def no_mosaic_from(self, epoch: int) -> int | None:
+        """A decode task about to augment rows of epochs <= `epoch`: F, or None (undecided)."""
+        self.answered = max(self.answered, int(epoch))
+        return self.first_free
+
+    def close_mosaic(self, epoch: int) -> int:
+        """Decide F (the first caller decides; later calls get the same F): `epoch`, or the epoch
+        after the newest one decode tasks were answered for, whichever is later."""
+        if self.first_free is None:
+            self.first_free = max(int(epoch), self.answered + 1)
+        return self.first_free
+
+    def restore_mosaic(self, first_free: int | None) -> None:
+        """Before a (re)started stream: F as the checkpoint recorded it; nothing decoded yet."""
+        self.first_free = None if first_free is None else int(first_free)
+        self.answered = -1
+
+
 def make_epoch_clock():
-    """A tiny actor holding the current epoch, shared by the train loop and the decode actors."""
+    """A tiny actor (`EpochClock`) shared by the train loop and the decode tasks."""
     import ray
 
-    @ray.remote(num_cpus=0)
-    class EpochClock:
-        def __init__(self) -> None:
-            self.epoch = 0
-
-        def set(self, epoch: int) -> int:
-            self.epoch = int(epoch)
-            return self.epoch
-
-        def get(self) -> int:
-            return self.epoch
-
-    return EpochClock.remote()
+    return ray.remote(num_cpus=0)(EpochClock).remote()
 
 
 def set_epoch(clock, epoch: int) -> None:
@@ -134,13 +163,18 @@ class DecodeAugment:
 
     `epoch`: an int, or an EpochClock actor handle read once per batch. A row whose JPEG fails to
     decode is dropped with a warning (counted in `self.skipped`).
+    `no_mosaic_from`: rows of epochs >= this one are augmented without mosaic (`rtrain.close_mosaic`);
+    None = never, an int, or an EpochClock handle asked once per batch (time-limited runs).
     """
 
     def __init__(
         self, *, train: bool, img_size: int, aug: AugmentParams | None = None, seed: int = 0, epoch=0,
-        num_classes: int | None = None,
+        num_classes: int | None = None, no_mosaic_from=None,
     ) -> None:
-        self.augmenter = Augmenter(img_size=img_size, train=train, params=aug or AugmentParams(), seed=seed)
+        params = aug or AugmentParams()
+        self.augmenter = Augmenter(img_size=img_size, train=train, params=params, seed=seed)
+        self.plain = Augmenter(img_size=img_size, train=train, params=replace(params, mosaic=0.0), seed=seed)
+        self.no_mosaic_from = no_mosaic_from
         self.epoch = epoch
         self.num_classes = num_classes
         self.skipped = 0
@@ -152,6 +186,14 @@ class DecodeAugment:
         import ray
 
         return int(ray.get(self.epoch.get.remote()))
+
+    def _first_free(self, newest_epoch: int) -> int | None:
+        source = self.no_mosaic_from
+        if source is None or isinstance(source, int | np.integer):
+            return source
+        import ray
+
+        return ray.get(source.no_mosaic_from.remote(int(newest_epoch)))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         epoch = 0 if "epoch" in batch else self._current_epoch()
@@ -183,9 +225,11 @@ class DecodeAugment:
         ids = [int(batch["image_id"][i]) for i in rows]
         if "epoch" in batch:  # rows of the train stream carry their epoch (rtrain.epoch_stream)
             epochs = [int(batch["epoch"][i]) for i in rows]
-            out = [self.augmenter.one(samples, k, ids[k], epochs[k]) for k in range(len(samples))]
         else:
-            out = self.augmenter(samples, ids, epoch)
+            epochs = [epoch] * len(rows)
+        first_free = self._first_free(max(epochs)) if epochs and self.no_mosaic_from is not None else None
+        out = [(self.augmenter if mosaic_on(epochs[k], first_free) else self.plain).one(
+            samples, k, ids[k], epochs[k]) for k in range(len(samples))]
         size = self.augmenter.img_size
         n = len(out)
         return {

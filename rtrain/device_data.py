@@ -25,6 +25,7 @@ file_name; the batch goes on. Ray is optional: without it `RawCollate` is a plai
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 from rtrain.augment import AugmentParams
 from rtrain.augment_tensor import TensorAugmenter, to_device_async
+from rtrain.close_mosaic import mosaic_on
 from rtrain.target_checks import clean_targets
 
 log = logging.getLogger(__name__)
@@ -151,12 +153,18 @@ class DeviceDecodeAugment:
 
     `epoch` given to the call wins; None takes the rows' `epoch` column (which must agree).
     `skipped` counts the rows dropped for undecodable JPEGs over the instance's life.
+    `no_mosaic_from`: batches of epochs >= this one are augmented without mosaic
+    (`rtrain.close_mosaic`): None = never, an int, or the train loop's `CloseMosaic`, read per batch.
     """
 
     def __init__(
-        self, img_size: int, train: bool, params: AugmentParams | None = None, seed: int = 0
+        self, img_size: int, train: bool, params: AugmentParams | None = None, seed: int = 0,
+        no_mosaic_from=None,
     ) -> None:
-        self.augmenter = TensorAugmenter(img_size, train, params or AugmentParams(), seed)
+        params = params or AugmentParams()
+        self.augmenter = TensorAugmenter(img_size, train, params, seed)
+        self.plain = TensorAugmenter(img_size, train, replace(params, mosaic=0.0), seed)
+        self.no_mosaic_from = no_mosaic_from
         self.skipped = 0
 
     @staticmethod
@@ -184,7 +192,8 @@ class DeviceDecodeAugment:
                 )
         pick = torch.tensor(kept, dtype=torch.int64)
         image_ids = raw["image_id"][pick]
-        out = self.augmenter(
+        augmenter = self.augmenter if mosaic_on(epoch, self.no_mosaic_from) else self.plain
+        out = augmenter(
             images,
             [raw["boxes"][i] for i in kept],
             [raw["labels"][i] for i in kept],

@@ -10,13 +10,19 @@ turns a config into a model (`build_detector`, used by training too) and weights
 (`load_model_weights`: the one "weights do not fit" message). Every fault is one line:
 CheckpointError for a missing, corrupt or foreign file (including weights of another
 architecture than their config names), ConfigError for bad overrides.
+
+Fine-tuning (`model.init`): `init_from_weights(model, path, class_names)` copies every tensor of
+a weights file whose name and shape fit the model, except the class logits when the classes
+differ (number, names or order): those keep the model's fresh initialisation. It refuses
+(IncompatibleCheckpointError naming the file) weights of another architecture: fewer than
+`MIN_BACKBONE_FIT` of the model's backbone tensors fit.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -140,6 +146,88 @@ def load_detector(
     logger.info("loaded %s: %s, %d classes", p, cfg.model.name, len(names))
     extra = dict(obj.get("extra", {}))
     return LoadedDetector(model=model, config=cfg, class_names=names, path=p, extra=extra)
+
+
+# The class-logit layer of the Detector head (rtrain.models.head): re-initialised when classes differ.
+CLASS_LOGITS_PREFIX = "head.cls_out."
+BACKBONE_PREFIX = "backbone."
+MIN_BACKBONE_FIT = 0.5  # below this fraction of backbone tensors fitting, the weights are foreign
+
+
+@dataclass
+class InitReport:
+    """What `init_from_weights` did: model tensors loaded and left at their fresh initialisation."""
+
+    path: Path
+    loaded: list[str]
+    left: list[str]  # model tensors not loaded (absent, other shape, or re-initialised logits)
+    unused: list[str]  # tensors of the file the model has no place for
+    classes_differ: bool
+    backbone_fit: float  # fraction of the model's backbone tensors that were loaded
+    source_classes: list[str] = field(default_factory=list)
+
+    def summary(self, names: int = 4) -> str:
+        """One line: counts, and the first few names left out."""
+        total = len(self.loaded) + len(self.left)
+        line = f"init from {self.path}: loaded {len(self.loaded)}/{total} tensors"
+        if self.classes_differ:
+            line += (f"; class logits re-initialised ({len(self.source_classes)} classes in the file, "
+                     "other than the data's)")
+        if self.left:
+            shown = ", ".join(self.left[:names]) + (", ..." if len(self.left) > names else "")
+            line += f"; left {len(self.left)}: {shown}"
+        if self.unused:
+            line += f"; {len(self.unused)} of the file's tensors unused"
+        return line
+
+
+def _weight_tensors(sd: dict) -> list[str]:
+    """Names of real parameters/buffers (BatchNorm's 0-d step counters fit anything: not evidence)."""
+    return [k for k, v in sd.items() if v.ndim > 0]
+
+
+def init_from_weights(model: torch.nn.Module, path: str | os.PathLike, class_names: list[str],
+                      log: bool = True) -> InitReport:
+    """Load into `model` every tensor of the weights file `path` whose name and shape fit.
+
+    `path`: a best.pt/last.pt of any rtrain run, or a checkpoint directory (its EMA weights),
+    loaded with weights_only=True (`rtrain.checkpoint.load_weights`). When the file's classes
+    differ from `class_names` (count, names or order) the class logits (`CLASS_LOGITS_PREFIX`)
+    are not copied, so they keep the model's fresh initialisation. Raises CheckpointError for a
+    missing, corrupt or unsafe file and IncompatibleCheckpointError when fewer than
+    `MIN_BACKBONE_FIT` of the backbone tensors fit (another architecture). Logs `summary()`
+    (unless `log` is False).
+    """
+    p = Path(path)
+    obj = load_weights(p)
+    saved = obj["model"]
+    source_classes = list(obj["class_names"])
+    classes_differ = source_classes != list(class_names)
+    target = model.state_dict()
+    take, left = {}, []
+    for name, tensor in target.items():
+        src = saved.get(name)
+        fits = (src is not None and tuple(src.shape) == tuple(tensor.shape)
+                and src.dtype.is_floating_point == tensor.dtype.is_floating_point)
+        if fits and not (classes_differ and name.startswith(CLASS_LOGITS_PREFIX)):
+            take[name] = src
+        else:
+            left.append(name)
+    weights = _weight_tensors(target)
+    backbone = [k for k in weights if k.startswith(BACKBONE_PREFIX)] or weights
+    fit = sum(k in take for k in backbone) / max(1, len(backbone))
+    if fit < MIN_BACKBONE_FIT:
+        variant = obj["config"].get("model", {}).get("name", "?") if isinstance(obj["config"], dict) else "?"
+        raise IncompatibleCheckpointError(
+            f"{p}: cannot initialise from these weights: another architecture ({variant}); only "
+            f"{sum(k in take for k in backbone)} of the model's {len(backbone)} backbone tensors fit "
+            f"(at least {MIN_BACKBONE_FIT:.0%} needed)")
+    model.load_state_dict(take, strict=False)
+    report = InitReport(path=p, loaded=sorted(take), left=left, unused=sorted(set(saved) - set(target)),
+                        classes_differ=classes_differ, backbone_fit=fit, source_classes=source_classes)
+    if log:
+        logger.info("%s", report.summary())
+    return report
 
 
 def pick_device(device: str | None = None) -> torch.device:

@@ -231,6 +231,18 @@ def check_resume(cfg: Config, out_dir: Path, class_names: list[str]) -> Path | N
     return latest
 
 
+def check_init(cfg: Config, class_names: list[str]) -> None:
+    """Before Ray starts: `model.init` must be weights this model can start from (FitError otherwise;
+    the workers load them again, `rtrain.loading.init_from_weights`)."""
+    from rtrain.checkpoint import CheckpointError
+    from rtrain.loading import build_detector, init_from_weights
+
+    try:
+        init_from_weights(build_detector(cfg, len(class_names)), cfg.model.init, class_names)
+    except CheckpointError as exc:
+        raise FitError(f"model.init: {exc}") from None
+
+
 # --------------------------------------------------------------------------- Ray
 
 
@@ -267,6 +279,7 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from rtrain.augment import AugmentParams
+    from rtrain.close_mosaic import CloseMosaic
     from rtrain.data import decode_augment_batch, make_epoch_clock
     from rtrain.epoch_stream import StreamPlan, build_train_stream
     from rtrain.storage_guard import StopWhenStorageFull
@@ -286,7 +299,8 @@ def build_trainer(
     decode = decode_mode(cfg)
     tasks = decode_tasks(cfg, num_workers) if decode == "cpu" else 0
     kwargs = {"train": True, "img_size": cfg.data.img_size, "aug": AugmentParams.from_obj(cfg.data),
-              "seed": cfg.train.seed, "num_classes": len(classes)}
+              "seed": cfg.train.seed, "num_classes": len(classes),
+              "no_mosaic_from": CloseMosaic.from_config(cfg).decode_source(clock)}  # rtrain.close_mosaic
     ds_train = build_train_stream(
         plan, epochs=stream_epochs(cfg), clock=clock,
         decode_fn=decode_augment_batch if decode == "cpu" else None, decode_kwargs=kwargs,
@@ -438,7 +452,8 @@ def fit(
         raise FitError(str(exc)) from None
     # Absolute shard paths: Ray workers (and a later --resume) may run from another directory.
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-        cfg.data, train=_absolute(cfg.data.train), val=_absolute(cfg.data.val)))
+        cfg.data, train=_absolute(cfg.data.train), val=_absolute(cfg.data.val)),
+        model=dataclasses.replace(cfg.model, init=_absolute(cfg.model.init)))
     out_dir = storage_path / name
     try:  # one writer per run name, checked before anything is written and before Ray
         lock = run_lock.acquire(out_dir, what="run")
@@ -456,9 +471,12 @@ def _fit_locked(cfg: Config, name: str, storage_path: Path, out_dir: Path, resum
     except trackers.TrackerError as exc:
         raise FitError(str(exc)) from None
     classes, num_images = check_data(cfg)
+    latest = None
     if resume:
         latest = check_resume(cfg, out_dir, [c["name"] for c in classes])
         logger.info("resuming %s from %s", name, latest or "its start (no complete checkpoint yet)")
+    if cfg.model.init and latest is None:
+        check_init(cfg, [c["name"] for c in classes])
     try:
         dump_config(cfg, out_dir / run_dir.CONFIG_YAML)
     except OSError as exc:

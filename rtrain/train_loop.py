@@ -6,6 +6,10 @@
     {"config": config_to_dict(cfg), "run_dir": "/abs/RUN", "classes": manifest classes
      [{index, name, category_id}], "num_train_images": int, "epoch_clock": EpochClock handle}
 
+Weights: the model is built from the config; a fresh run with `model.init` then loads the
+tensors of that weights file that fit (`rtrain.loading.init_from_weights`) and the EMA starts
+from them; a resumed run loads its checkpoint instead and ignores `model.init`.
+
 Every epoch every worker calls `ray.train.report` exactly once (it is a barrier): rank 0
 with the metrics and a checkpoint directory (state.pt + COMPLETE, `rtrain.checkpoint`),
 the others with the same metrics and no checkpoint. Rank 0 alone evaluates (the EMA
@@ -40,10 +44,12 @@ from rtrain.checkpoint import (
     save_checkpoint,
     save_weights,
 )
+from rtrain.close_mosaic import EXTRA_KEY as MOSAIC_EXTRA
+from rtrain.close_mosaic import CloseMosaic
 from rtrain.config import Config, config_from_dict, config_to_dict
 from rtrain.ema import ModelEMA, unwrap_model
 from rtrain.guard import NonFiniteGuard
-from rtrain.loading import build_detector, load_model_weights  # noqa: F401  (re-exported)
+from rtrain.loading import build_detector, init_from_weights, load_model_weights  # noqa: F401 (re-exported)
 from rtrain.optim import build_optimizer
 from rtrain.progress import GUARD_EVERY, ProgressReporter, read_every
 from rtrain.schedule import LRSchedule, scale_lr
@@ -112,10 +118,11 @@ def _refit_ema_tau(ema: ModelEMA, schedule: LRSchedule, step: int, time_limit: f
         ema.tau = ModelEMA.tau_for_run(max(step, round(step / elapsed * time_limit)))
 
 
-def _train_batches(cfg: Config, shard, decode: str, device, rank: int, batch_size: int, num_classes: int):
+def _train_batches(cfg: Config, shard, decode: str, device, rank: int, batch_size: int, num_classes: int,
+                   no_mosaic_from=None):
     """ONE iterator over the worker's shard of the whole run's stream (rtrain.epoch_stream):
     collated batches (the `rtrain.data.collate` layout), decoded by Ray Data tasks ("cpu") or
-    here on the worker's device ("gpu")."""
+    here on the worker's device ("gpu"; `no_mosaic_from`: the loop's CloseMosaic, read per batch)."""
     from rtrain.data import DetectionCollate
 
     buffer = cfg.data.shuffle_buffer if not cfg.data.deterministic else 0
@@ -141,7 +148,8 @@ def _train_batches(cfg: Config, shard, decode: str, device, rank: int, batch_siz
     from rtrain.augment import AugmentParams
 
     decoder = DeviceDecodeAugment(img_size=cfg.data.img_size, train=True,
-                                  params=AugmentParams.from_obj(cfg.data), seed=cfg.train.seed)
+                                  params=AugmentParams.from_obj(cfg.data), seed=cfg.train.seed,
+                                  no_mosaic_from=no_mosaic_from)
     return _decoded_on_device(batches, decoder, device)
 
 
@@ -211,7 +219,11 @@ def train_loop(loop_config: dict) -> None:
     torch.manual_seed(cfg.train.seed + rank)
     np.random.seed(cfg.train.seed + rank)
 
-    model = build_detector(cfg, len(class_names)).to(device)
+    state, source = _resume_state(ray.train.get_checkpoint(), out_dir, device)
+    model = build_detector(cfg, len(class_names))
+    if cfg.model.init and state is None:  # fine-tuning; a resumed run's checkpoint holds every weight
+        init_from_weights(model, cfg.model.init, class_names, log=rank == 0)
+    model = model.to(device)
     batch_size = resolve_batch_size(cfg, model, device,  # autobatch: "auto" -> int, min over ranks
                                     max_batch=int(loop_config["num_train_images"]) // world)
     global_batch = batch_size * world
@@ -235,7 +247,6 @@ def train_loop(loop_config: dict) -> None:
     guard = NonFiniteGuard(max_consecutive=cfg.train.max_nonfinite)
 
     start_epoch, step, best_map, last_map, run_starts = 0, 0, -1.0, 0.0, 1
-    state, source = _resume_state(ray.train.get_checkpoint(), out_dir, device)
     if state is not None:
         check_compatible(state, cfg_dict, class_names)
         load_model_weights(model, state["model"], source)
@@ -257,6 +268,8 @@ def train_loop(loop_config: dict) -> None:
         run_starts = int(state["extra"].get("run_starts", 1)) + 1  # resumed or restarted after a failure
         if rank == 0:
             logger.info("resumed from epoch %d (step %d, best mAP %.4f)", start_epoch - 1, step, best_map)
+    mosaic = CloseMosaic.from_config(cfg)  # before prepare_model: every rank, before the stream starts
+    mosaic.restore(state["extra"] if state is not None else {}, clock)
 
     model = ray.train.torch.prepare_model(model)
     num_nodes = _count_nodes(world)
@@ -277,7 +290,7 @@ def train_loop(loop_config: dict) -> None:
     if clock is not None:
         set_start_epoch(clock, start_epoch)  # the stream skips the epochs already trained
     stream = _train_batches(cfg, train_shard, loop_config.get("decode", "cpu"), device, rank, batch_size,
-                            len(class_names))
+                            len(class_names), mosaic)
     # Progress inside an epoch: rank 0's lines at the driver's pace (rtrain.progress; 0/absent = none).
     progress_s = float(loop_config.get("progress_s") or 0.0)
     reporter = ProgressReporter(progress_s) if rank == 0 and progress_s > 0 else None
@@ -309,9 +322,16 @@ def train_loop(loop_config: dict) -> None:
         now = time.perf_counter()
         cycle_s = now - (cycle_start if cycle_start is not None else t_epoch)
         cycle_start = now
-        (budget_spent,) = engine.agree_max([float(_budget_ends_before_next_epoch(schedule, step, cycle_s))],
-                                           device)
+        remaining = (time_limit - schedule.elapsed()) if time_limit is not None else 0.0
+        spent = _budget_ends_before_next_epoch(schedule, step, cycle_s)
+        budget_spent, close_mosaic = engine.agree_max([float(spent), float(mosaic.due(remaining, cycle_s))],
+                                                      device)
         finished = epoch + 1 >= cfg.train.epochs or (time_limit is not None and bool(budget_spent))
+        if close_mosaic and not finished:
+            first_free = mosaic.close(epoch + 1, clock)
+            if rank == 0:
+                logger.info("mosaic closed from epoch %d on (%.0fs of the budget left)", first_free + 1,
+                            remaining)
 
         metrics.update(epoch=epoch, step=step, world_size=world, num_nodes=num_nodes,
                        global_batch=global_batch, run_starts=run_starts, nonfinite_total=guard.total,
@@ -330,7 +350,8 @@ def train_loop(loop_config: dict) -> None:
             ckpt_tmp = tempfile.TemporaryDirectory(prefix="rtrain-ckpt-")
             _write_outputs(ckpt_tmp.name, out_dir, cfg_dict, class_names, model, ema, optimizer, schedule,
                            scaler, guard, epoch, step, metrics,
-                           {"best_map": best_map, "last_map": last_map, "run_starts": run_starts})
+                           {"best_map": best_map, "last_map": last_map, "run_starts": run_starts,
+                            MOSAIC_EXTRA: mosaic.first_free})
             tracking.log_epoch(metrics, step)
             ckpt = Checkpoint.from_directory(ckpt_tmp.name)
             if gauges is not None:
