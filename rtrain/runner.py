@@ -389,7 +389,7 @@ def _ingest_options(cfg: Config, decode: str, num_workers: int):
 
     The stream holds every epoch, and its read step is much faster than decoding: without a
     limit Ray Data would read epochs ahead until half the object store is full. The limit
-    leaves room for about 32 blocks per worker in flight (at least 256 MiB).
+    leaves room for about 32 blocks per worker in flight (at least 64 MiB).
     Deterministic runs preserve block order: Ray Data then also drops locality hints and
     hands the stream's blocks (one batch each) to the workers in turn, so each worker's rows
     of every epoch depend only on the shards, the seed and the epoch.
@@ -401,7 +401,7 @@ def _ingest_options(cfg: Config, decode: str, num_workers: int):
     batch = stream_batch_rows(cfg)
     block = batch * (cfg.data.img_size**2 * 3 if decode == "cpu" else 100 * 1024)
     options.resource_limits = options.resource_limits.min(
-        ExecutionResources.for_limits(object_store_memory=max(256 * 1024**2, 32 * num_workers * block)))
+        ExecutionResources.for_limits(object_store_memory=max(64 * 1024**2, 32 * num_workers * block)))
     options.preserve_order = bool(cfg.data.deterministic)
     return options
 

@@ -255,8 +255,7 @@ def train_loop(loop_config: dict) -> None:
             ema.tau = ModelEMA.tau_for_run(total_steps)
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["scheduler"])
-        if time_limit is None:  # the epoch count may have been raised to train longer
-            schedule.total_steps = total_steps
+        schedule.total_steps = total_steps  # the epoch count (also a time budget's cap) may have grown
         schedule.time_limit = time_limit
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
