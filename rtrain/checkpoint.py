@@ -36,9 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.atomic import write_bytes_atomic
 from rtrain.errors import RtrainError
-from rtrain.run_dir import full_storage
+from rtrain.run_dir import atomic_write_bytes, full_storage
 
 logger = logging.getLogger(__name__)
 
@@ -86,15 +85,9 @@ def _check_plain(obj, where: str) -> None:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """`data_prep.atomic.write_bytes_atomic`; a full disk (ENOSPC/EDQUOT) raises
-    `rtrain.run_dir.StorageFullError` naming `path` (the temp file is removed on every failure)."""
-    try:
-        write_bytes_atomic(path, data)
-    except OSError as exc:
-        full = full_storage(exc, path)
-        if full is not None:
-            raise full from None
-        raise
+    """`rtrain.run_dir.atomic_write_bytes`: temp name, fsync, rename; a full disk raises
+    `rtrain.run_dir.StorageFullError` naming `path`."""
+    atomic_write_bytes(path, data)
 
 
 def _make_dir(path: Path) -> None:

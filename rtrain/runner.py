@@ -350,9 +350,15 @@ def stream_epochs(cfg: Config) -> int:
 
 
 def stream_batch_rows(cfg: Config) -> int:
-    """Rows per streamed block: the per-worker batch, so blocks are batches (16 when "auto")."""
+    """Rows per streamed block: whole per-worker batches, at least 16 rows (16 when "auto").
+
+    A block is one decode task: fewer than ~16 images per task and Ray's per-task cost (on a
+    busy node, a fresh worker process per task) outweighs the decoding.
+    """
     batch = cfg.train.batch_size
-    return batch if isinstance(batch, int) else 16
+    if not isinstance(batch, int):
+        return 16
+    return batch * -(-16 // batch)
 
 
 def decode_mode(cfg: Config) -> str:
