@@ -61,6 +61,8 @@ def main() -> None:
     p.add_argument("--gpu-measured", action="store_true", help="the GPU figures were measured, not targets")
     p.add_argument("--cpu-img-s-per-core-320", type=float, required=True)
     p.add_argument("--cpu-img-s-per-core-640", type=float, required=True)
+    p.add_argument("--cpu-640-extrapolated", action="store_true",
+                   help="the 640 px CPU rate was extrapolated from the 320 px one, not measured")
     p.add_argument("--row-kib", type=float, help="mean stored row (KiB); or --shards")
     p.add_argument("--shards", type=Path, help="shard folder whose mean JPEG size to measure")
     args = p.parse_args()
@@ -72,7 +74,8 @@ def main() -> None:
     rows = table(gpu, cpu, row_kib)
     kind = "measured" if args.gpu_measured else "target (not measured)"
     print(f"GPU demand: {gpu[320]:.0f} img/s at 320 px, {gpu[640]:.0f} at 640 px per GPU ({kind}); "
-          f"CPU decode+augment {cpu[320]:.1f} / {cpu[640]:.1f} img/s per core (measured); "
+          f"CPU decode+augment {cpu[320]:.1f} img/s per core at 320 px (measured), {cpu[640]:.1f} at 640 px "
+          f"({'extrapolated' if args.cpu_640_extrapolated else 'measured'}); "
           f"{row_kib:.1f} KiB per stored row")
     print(f"{'GPUs':>5} {'px':>4} {'img/s':>9} {'read MB/s':>10} {'cores (CPU decode)':>19} "
           f"{'cores (GPU decode)':>19} {'COCO epoch':>11}")

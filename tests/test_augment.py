@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from augment_scenes import TOL
+from augment_scenes import scene as _scene
+from augment_scenes import tight as _tight
 
 from rtrain.augment import (
     PAD_VALUE,
@@ -21,35 +24,12 @@ from rtrain.augment import (
 )
 
 # pure colours; a pixel "is" colour c when it is more than half-way from gray to c (bilinear edges)
-COLOURS = {0: (255, 0, 0), 1: (0, 255, 0), 2: (0, 0, 255), 3: (255, 255, 0)}
-TOL = 1.01  # px: bilinear resampling blurs an edge by up to one pixel
 
 
-def _mask(image: np.ndarray, label: int) -> np.ndarray:
-    x = image.astype(np.int32)
-    r, g, b = x[..., 0], x[..., 1], x[..., 2]
-    return {
-        0: (r - g > 127) & (r - b > 127),
-        1: (g - r > 127) & (g - b > 127),
-        2: (b - r > 127) & (b - g > 127),
-        3: (r - b > 127) & (g - b > 127),
-    }[label]
 
 
-def _tight(image: np.ndarray, label: int) -> np.ndarray | None:
-    ys, xs = np.nonzero(_mask(image, label))
-    if len(xs) == 0:
-        return None
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
 
 
-def _scene(h: int, w: int, rects: dict[int, tuple[int, int, int, int]], bg: int = 40) -> Sample:
-    """An h x w dark image with one filled rectangle per label (x1, y1, x2, y2 exclusive)."""
-    image = np.full((h, w, 3), bg, np.uint8)
-    for label, (x1, y1, x2, y2) in rects.items():
-        image[y1:y2, x1:x2] = COLOURS[label]
-    labels = list(rects)
-    return Sample(image, [rects[k] for k in labels], labels, [False] * len(labels))
 
 
 def _assert_boxes_tight(sample: Sample) -> None:
