@@ -248,3 +248,19 @@ def test_sweep_driver_is_refused_while_another_holds_the_sweep(holders, tmp_path
     fresh.mkdir()
     _foreign_lock(fresh, heartbeat=0.0)
     assert resolve_sweep_dir(object(), tmp_path, "T", resume=False) == fresh
+
+
+def test_an_unreadable_lock_file_is_taken_over_once_it_is_old(tmp_path, caplog):
+    """A half-written or garbage RUN/.lock (a crash mid-write, a stray file) never blocks the run
+    for good: fresh, it may still be being written and is waited on; old, it is taken over."""
+    path = tmp_path / run_lock.LOCK_FILE
+    path.write_bytes(b"\x00{not json")
+    old = time.time() - 10 * run_lock.UNREADABLE_GRACE_S
+    os.utime(path, (old, old))
+    with caplog.at_level(logging.WARNING, logger="rtrain.run_lock"):
+        lock = run_lock.acquire(tmp_path)
+    assert "taking over the lock of an unreadable lock (10 bytes)" in caplog.text
+    assert "the lock file is unreadable" in caplog.text
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not path.exists()
