@@ -416,6 +416,37 @@ def predict_batches(
         yield batch, dets
 
 
+def coco_results(
+    model: torch.nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    category_ids: list[int],
+    *,
+    device: torch.device | str,
+    score_thresh: float = 0.01,
+    iou_thresh: float = 0.6,
+    max_det: int = 100,
+    amp: bool = True,
+) -> tuple[list[dict], int]:
+    """(COCO result dicts in original pixels and source category ids, images seen) of `model`
+    on `batches` (`rtrain.evaluation.to_coco_results`); the model's train/eval mode is kept."""
+    from rtrain.evaluation import to_coco_results
+
+    results: list[dict] = []
+    n_images = 0
+    was_training = model.training
+    for batch, dets in predict_batches(
+        model, batches, device=device, score_thresh=score_thresh, iou_thresh=iou_thresh,
+        max_det=max_det, amp=amp,
+    ):
+        n_images += len(dets)
+        results.extend(to_coco_results(
+            batch["image_id"], dets, batch["scale"], batch["pad"], batch["stored_size"], batch["orig_size"],
+            category_ids,
+        ))
+    model.train(was_training)
+    return results, n_images
+
+
 def evaluate(
     model: torch.nn.Module,
     batches: Iterable[Mapping[str, Any]],
@@ -436,22 +467,11 @@ def evaluate(
     Returns `coco_evaluate`'s dict (mAP, mAP50, mAP75, ..., per_class) plus `eval_images`,
     `eval_detections` and `eval_time_s`.
     """
-    from rtrain.evaluation import coco_evaluate, to_coco_results
+    from rtrain.evaluation import coco_evaluate
 
     start = time.perf_counter()
-    results: list[dict] = []
-    n_images = 0
-    was_training = model.training
-    for batch, dets in predict_batches(
-        model, batches, device=device, score_thresh=score_thresh, iou_thresh=iou_thresh,
-        max_det=max_det, amp=amp,
-    ):
-        n_images += len(dets)
-        results.extend(to_coco_results(
-            batch["image_id"], dets, batch["scale"], batch["pad"], batch["stored_size"], batch["orig_size"],
-            category_ids,
-        ))
-    model.train(was_training)
+    results, n_images = coco_results(model, batches, category_ids, device=device, score_thresh=score_thresh,
+                                     iou_thresh=iou_thresh, max_det=max_det, amp=amp)
     metrics = dict(coco_evaluate(coco_gt, results, class_names))
     metrics.update(eval_images=n_images, eval_detections=len(results),
                    eval_time_s=time.perf_counter() - start)

@@ -108,12 +108,13 @@ def val_batches(
                 yield batch
 
 
-def _gather(results: list[dict], world: int) -> list[dict]:
+def _gather(part: tuple[list[dict], int], world: int) -> list[tuple[list[dict], int]]:
+    """Every rank's (results, images) on every rank: one collective."""
     if world == 1 or not (dist.is_available() and dist.is_initialized()):
-        return results
+        return [part]
     parts: list = [None] * world
-    dist.all_gather_object(parts, results)
-    return [r for part in parts for r in part]
+    dist.all_gather_object(parts, part)
+    return parts
 
 
 def validate_sharded(
@@ -128,27 +129,21 @@ def validate_sharded(
     world: int = 1,
 ) -> dict | None:
     """See the module doc. `cfg` is an `rtrain.config.Config` (data.val, data.img_size, eval.*)."""
-    from rtrain.engine import predict_batches
-    from rtrain.evaluation import coco_evaluate, to_coco_results
+    from rtrain.engine import coco_results
+    from rtrain.evaluation import coco_evaluate
 
     start = time.perf_counter()
-    was_training = model.training
     batches = val_batches(cfg.data.val, batch_size=cfg.eval.batch_size, img_size=cfg.data.img_size,
                           rank=rank, world=world, device=device)
-    results: list[dict] = []
-    images = 0
-    for batch, dets in predict_batches(model, batches, device=device, score_thresh=cfg.eval.score_thresh,
-                                       iou_thresh=cfg.eval.iou_thresh, max_det=cfg.eval.max_det,
-                                       amp=cfg.train.amp):
-        images += len(dets)
-        results.extend(to_coco_results(batch["image_id"], dets, batch["scale"], batch["pad"],
-                                       batch["stored_size"], batch["orig_size"], category_ids))
-    model.train(was_training)
-    counts = _gather([{"images": images}], world)
-    results = _gather(results, world)
+    mine = coco_results(model, batches, category_ids, device=device, score_thresh=cfg.eval.score_thresh,
+                        iou_thresh=cfg.eval.iou_thresh, max_det=cfg.eval.max_det, amp=cfg.train.amp)
+    parts = _gather(mine, world)
     if rank != 0:
         return None
+    # In image order (each image's detections kept in their order): pycocotools breaks score ties
+    # by input order, so the mAP then does not depend on how many ranks shared the work.
+    results = sorted((r for part, _ in parts for r in part), key=lambda r: r["image_id"])
     metrics = dict(coco_evaluate(coco_gt, results, class_names))
-    metrics.update(eval_images=sum(c["images"] for c in counts), eval_detections=len(results),
+    metrics.update(eval_images=sum(n for _, n in parts), eval_detections=len(results),
                    eval_time_s=time.perf_counter() - start)
     return metrics
