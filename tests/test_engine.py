@@ -14,7 +14,15 @@ from rtrain.guard import NonFiniteGuard, NonFiniteLossError
 from rtrain.optim import build_optimizer
 from rtrain.schedule import LRSchedule
 
-torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One thread for these small steps, given back after: the setting is process-wide."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class TinyBoxRegressor(nn.Module):
