@@ -20,6 +20,28 @@ ROOT = Path(__file__).resolve().parents[1]
 BCCD = ROOT.parent / "shared" / "data" / "bccd"
 
 
+def shard_bccd_splits(bccd: Path, out_root: Path, n_train: int | None, n_test: int | None,
+                      prog: str) -> tuple[Path, Path]:
+    """BCCD's train and test splits -> out_root/{train,test} shards with `python -m data_prep.shard`
+    (640 px; test with train's classes); n_* keep the first n ids of a split (None: all)."""
+    from data_prep.shard import main as shard_main
+
+    out = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        ids = (bccd / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
+        out_root.mkdir(parents=True, exist_ok=True)
+        split_file = out_root / f"{split}.txt"
+        split_file.write_text("\n".join(ids[:n] if n else ids) + "\n")
+        out[split] = out_root / split
+        argv = ["--format", "voc", "--root", str(bccd), "--split-file", str(split_file),
+                "--out", str(out[split]), "--size", "640"]
+        if split == "test":
+            argv += ["--classes-from", str(out["train"] / "manifest.json")]
+        if shard_main(argv) != 0:
+            raise SystemExit(f"{prog}: sharding the BCCD {split} split failed")
+    return out["train"], out["test"]
+
+
 def make_bench_shards(tmp: Path, images: int, stored: int, use_bccd: bool = True) -> tuple[Path, str]:
     """Write shards under `tmp` with data_prep's reader + shard writer (what `python -m
     data_prep.shard` runs), in-process and without a pool: the CLI module also imports the YOLO

@@ -28,29 +28,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_prep.shard import main as shard_main  # noqa: E402
+from bench_shards import shard_bccd_splits  # noqa: E402
+
 from rtrain.runner import FitError  # noqa: E402
 
 CONFIG = ROOT / "configs" / "bccd.yaml"
 # BCCD beside the checkout (../shared/data/bccd), or beside the worktrees' parent.
 BCCD_CANDIDATES = [ROOT.parent / "shared" / "data" / "bccd", ROOT.parents[1] / "shared" / "data" / "bccd"]
 
-
-def make_bccd_shards(bccd: Path, work: Path, n_train: int | None, n_test: int | None) -> tuple[Path, Path]:
-    """BCCD train and test splits -> work/bccd/{train,test} shards (test with train's classes)."""
-    out = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        ids = (bccd / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
-        split_file = work / f"bccd_{split}.txt"
-        split_file.write_text("\n".join(ids[:n] if n else ids) + "\n")
-        out[split] = work / "bccd" / split
-        argv = ["--format", "voc", "--root", str(bccd), "--split-file", str(split_file),
-                "--out", str(out[split]), "--size", "640"]
-        if split == "test":
-            argv += ["--classes-from", str(out["train"] / "manifest.json")]
-        if shard_main(argv) != 0:
-            raise SystemExit(f"finetune: sharding the BCCD {split} split failed")
-    return out["train"], out["test"]
 
 
 def _fit(config, overrides: list[str], work: Path, name: str):
@@ -116,7 +101,7 @@ def main(argv=None) -> int:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         n_train, n_test = (32, 16) if args.smoke else (None, None)
-        train_dir, test_dir = make_bccd_shards(bccd, work, n_train, n_test)
+        train_dir, test_dir = shard_bccd_splits(bccd, work / "bccd", n_train, n_test, "finetune")
         started = start_ray()  # one Ray for the three runs (fit reuses an initialised one)
         try:
             print(f"pretraining {args.model} on synthetic shapes, {args.pretrain_min:g} min ...", flush=True)

@@ -44,7 +44,8 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_prep.shard import main as shard_main  # noqa: E402
+from bench_shards import shard_bccd_splits  # noqa: E402
+
 from rtrain.augment import AugmentParams  # noqa: E402
 from rtrain.data import iter_batches_local, list_shards, read_manifest  # noqa: E402
 from rtrain.evaluation import coco_evaluate, coco_gt_from_shards, to_coco_results  # noqa: E402
@@ -55,22 +56,6 @@ CONFIG = ROOT / "configs" / "bccd.yaml"
 SSD_SIZE = 320
 SSD_LR_REF, SSD_BATCH_REF = 0.15, 192  # torchvision references/detection: 8 GPUs x 24, --lr 0.15
 
-
-def make_shards(work: Path, n_train: int | None, n_test: int | None) -> tuple[Path, Path]:
-    """BCCD train and test splits -> work/{train,test} shards (test with train's classes)."""
-    out = {}
-    for split, n in (("train", n_train), ("test", n_test)):
-        ids = (BCCD / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
-        split_file = work / f"{split}.txt"
-        split_file.write_text("\n".join(ids[:n] if n else ids) + "\n")
-        out[split] = work / split
-        argv = ["--format", "voc", "--root", str(BCCD), "--split-file", str(split_file),
-                "--out", str(out[split]), "--size", "640"]
-        if split == "test":
-            argv += ["--classes-from", str(out["train"] / "manifest.json")]
-        if shard_main(argv) != 0:
-            raise SystemExit(f"train_bccd: sharding the BCCD {split} split failed")
-    return out["train"], out["test"]
 
 
 # ----------------------------------------------------------------------------- rtrain
@@ -214,7 +199,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="train-bccd-") as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        train_dir, test_dir = make_shards(work, 32 if args.smoke else None, 16 if args.smoke else None)
+        train_dir, test_dir = shard_bccd_splits(
+            BCCD, work, 32 if args.smoke else None, 16 if args.smoke else None, "train_bccd")
         print(f"SSDLite: training {args.budget_min:g} min in-process ...", flush=True)
         ssd = run_ssdlite(train_dir, test_dir, args.budget_min, args.batch_size)
         print(f"SSDLite: mAP {ssd['mAP']:.4f}. rtrain: training {args.budget_min:g} min", flush=True)

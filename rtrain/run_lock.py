@@ -285,9 +285,15 @@ def acquire(directory: str | os.PathLike, *, what: str = "run", command: str | N
 
 
 @contextmanager
-def hold(directory: str | os.PathLike, **kwargs):
-    """`acquire(directory, **kwargs)` for the `with` block; released however the block ends."""
-    lock = acquire(directory, **kwargs)
+def hold(directory: str | os.PathLike, *, error: type[Exception] | None = None, **kwargs):
+    """`acquire(directory, **kwargs)` for the `with` block; released however the block ends.
+    `error`: raise this type (same one line) instead of RunLockError when the lock is not taken."""
+    try:
+        lock = acquire(directory, **kwargs)
+    except RunLockError as exc:
+        if error is None:
+            raise
+        raise error(str(exc)) from None
     try:
         yield lock
     finally:

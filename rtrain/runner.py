@@ -461,11 +461,8 @@ def fit(
         cfg.data, train=_absolute(cfg.data.train), val=_absolute(cfg.data.val)),
         model=dataclasses.replace(cfg.model, init=_absolute(cfg.model.init)))
     out_dir = storage_path / name
-    try:  # one writer per run name, checked before anything is written and before Ray
-        lock = run_lock.acquire(out_dir, what="run")
-    except run_lock.RunLockError as exc:
-        raise FitError(str(exc)) from None
-    with lock:
+    # one writer per run name, checked before anything is written and before Ray
+    with run_lock.hold(out_dir, what="run", error=FitError):
         return _fit_locked(cfg, name, storage_path, out_dir, resume, plots)
 
 

@@ -383,11 +383,8 @@ def run_sweep(
         storage = Path(spec.base["run"]["storage"]) / "sweeps" if spec is not None else Path("runs/sweeps")
     storage_path = check_storage(Path(storage).expanduser().resolve())
     sweep_dir = resolve_sweep_dir(spec, storage_path, name, resume)
-    try:  # one driver per sweep directory, checked before anything is written and before Ray
-        lock = run_lock.acquire(sweep_dir, what="sweep")
-    except run_lock.RunLockError as exc:
-        raise SweepError(str(exc)) from None
-    with lock:
+    # one driver per sweep directory, checked before anything is written and before Ray
+    with run_lock.hold(sweep_dir, what="sweep", error=SweepError):
         return _run_sweep_locked(spec, sweep_dir, storage_path, resume, address, dashboard)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fit_configs import tiny_fit_config
 
 from rtrain import run_dir
 from rtrain.checkpoint import (
@@ -232,15 +233,7 @@ def test_fit_stops_on_a_disk_that_fills_mid_run_and_resumes_after_space_is_freed
     try:
         train, val = prepare_synthetic(tmp_path / "data", images=32, size=128, seed=5)
         epochs = 3
-        config = {
-            "model": {"name": "compact_n"},
-            "data": {"train": str(train), "val": str(val), "img_size": 128, "num_actors": 1,
-                     "cpus_per_actor": 0.5, "shuffle_buffer": 16},
-            "train": {"epochs": epochs, "batch_size": 8, "optimizer": "adamw", "lr": 0.002,
-                      "nominal_batch_size": 16, "warmup_epochs": 0.5},
-            "eval": {"interval": 1, "batch_size": 8},
-            "run": {"workers": 2, "cpus_per_worker": 1.0, "keep_last": 2, "max_failures": 2},
-        }
+        config = tiny_fit_config(train, val, epochs, max_failures=2)
         out = mount / "full"
         filled: list[int] = []
 

@@ -15,7 +15,6 @@ from rtrain.optim import build_optimizer
 from rtrain.schedule import LRSchedule
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """One thread for these small steps, given back after: the setting is process-wide."""

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fit_configs import tiny_fit_config
 
 from rtrain import run_dir
 from rtrain.checkpoint import load_weights
@@ -42,21 +43,10 @@ def tiny_shards(tmp_path_factory) -> tuple[Path, Path]:
     return prepare_synthetic(root, images=24, size=128, seed=3)
 
 
-def _tiny_config(train: Path, val: Path, storage: Path, epochs: int) -> dict:
-    return {
-        "model": {"name": "compact_n"},
-        "data": {"train": str(train), "val": str(val), "img_size": 128, "num_actors": 1,
-                 "cpus_per_actor": 0.5, "shuffle_buffer": 16},
-        "train": {"epochs": epochs, "batch_size": 8, "optimizer": "adamw", "lr": 0.002,
-                  "nominal_batch_size": 16, "warmup_epochs": 0.5},
-        "eval": {"interval": 1, "batch_size": 8},
-        "run": {"storage": str(storage), "workers": 2, "cpus_per_worker": 1.0, "keep_last": 2},
-    }
-
 
 def test_checks_before_ray(tiny_shards, tmp_path):
     train, val = tiny_shards
-    cfg = _tiny_config(train, val, tmp_path / "runs", epochs=1)
+    cfg = tiny_fit_config(train, val, 1, tmp_path / "runs")
     bad = {**cfg, "data": {**cfg["data"], "val": str(tmp_path / "missing")}}
     with pytest.raises(FitError, match="missing: shard directory not found"):
         fit(bad, name="x", plots=False)
@@ -77,7 +67,7 @@ def test_resume_with_another_model_or_classes_is_refused_before_ray(tiny_shards,
     from rtrain.config import dump_config
 
     train, val = tiny_shards
-    cfg = config_from_dict(_tiny_config(train, val, tmp_path / "runs", epochs=1))
+    cfg = config_from_dict(tiny_fit_config(train, val, 1, tmp_path / "runs"))
     out = tmp_path / "runs" / "old"
     dump_config(cfg, out / "config.yaml")
     names = ["circle", "square", "triangle", "star", "cross", "ring"]
@@ -103,7 +93,7 @@ def test_resume_with_another_model_or_classes_is_refused_before_ray(tiny_shards,
 def test_fit_reports_checkpoints_and_resumes(ray_session, tiny_shards, tmp_path):
     train, val = tiny_shards
     storage = tmp_path / "runs"
-    result = fit(_tiny_config(train, val, storage, epochs=2), name="e2e")
+    result = fit(tiny_fit_config(train, val, 2, storage), name="e2e")
 
     out = storage / "e2e"
     assert result.run_dir == out and result.epochs_done == 2
@@ -160,7 +150,7 @@ def test_decoding_in_the_worker_trains_and_drops_poisoned_boxes(ray_session, tin
                                ("iscrowd", crowd, pa.bool_())):
         table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.list_(kind)))
     pq.write_table(table, first)
-    cfg = _tiny_config(poisoned, val, tmp_path / "runs", epochs=2)
+    cfg = tiny_fit_config(poisoned, val, 2, tmp_path / "runs")
     cfg["data"]["decode"] = "gpu"
     cfg["data"]["shuffle_buffer"] = 0
     cfg["run"]["workers"] = 1
