@@ -28,9 +28,10 @@ sys.path.insert(0, str(ROOT))
 
 from rtrain.data import batch_to_targets  # noqa: E402
 from rtrain.ema import ModelEMA  # noqa: E402
-from rtrain.engine import images_to_float, train_one_epoch  # noqa: E402
+from rtrain.engine import train_one_epoch  # noqa: E402
 from rtrain.models import build_model  # noqa: E402
 from rtrain.optim import build_optimizer, param_groups  # noqa: E402
+from rtrain.precision import images_to_float  # noqa: E402
 
 
 def make_batches(n: int, batch: int, size: int, boxes: int = 6, seed: int = 0) -> list[dict]:

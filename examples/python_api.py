@@ -18,8 +18,8 @@ from data_prep.synthetic import make_synthetic
 from rtrain.checkpoint import load_weights
 from rtrain.config import config_from_dict
 from rtrain.data import iter_batches_local, read_manifest
-from rtrain.engine import evaluate
 from rtrain.evaluation import coco_gt_from_shards
+from rtrain.predict_loop import evaluate
 from rtrain.runner import fit
 from rtrain.train_loop import build_detector
 

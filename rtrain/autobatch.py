@@ -205,7 +205,7 @@ def profile_memory(
 ) -> list[int | None]:
     """Bytes `meter` reads for one forward+backward at each size; None from the first that runs
     out of memory on (larger sizes are not tried). The model is left as it was."""
-    from rtrain.engine import amp_dtype
+    from rtrain.precision import amp_dtype
 
     device = torch.device(device)
     dtype = amp_dtype(device, amp)

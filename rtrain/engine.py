@@ -1,4 +1,4 @@
-"""The training engine: one epoch of optimisation, and COCO evaluation. Pure PyTorch, no Ray.
+"""The training engine: one epoch of optimisation. Pure PyTorch, no Ray.
 
 The Ray Train loop (`rtrain.train_loop`) calls these functions on every worker;
 tests call them directly on tiny models and batches.
@@ -18,7 +18,6 @@ all-reduced on the device and applied without a host read; see `train_one_epoch`
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -29,42 +28,11 @@ import torch.distributed as dist
 
 from rtrain.guard import NonFiniteGuard
 from rtrain.optim import ensure_fused
+from rtrain.precision import amp_dtype, autocast, images_to_float
 
 logger = logging.getLogger(__name__)
 
-# --------------------------------------------------------------------------- AMP
-
-
-def amp_dtype(device: torch.device | str, enabled: bool = True) -> torch.dtype | None:
-    """The autocast dtype for `device`: bf16 on GPUs that support it, else fp16; None on CPU/off."""
-    device = torch.device(device)
-    if not enabled or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def make_grad_scaler(device: torch.device | str, enabled: bool = True) -> torch.amp.GradScaler | None:
-    """A GradScaler only when autocast runs in fp16 (bf16 and fp32 need none)."""
-    if amp_dtype(device, enabled) is torch.float16:
-        return torch.amp.GradScaler("cuda")
-    return None
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 # --------------------------------------------------------------------------- batches
-
-
-def images_to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float32 0..1 on `device` (the conversion happens on the device)."""
-    images = images.to(device, non_blocking=True)
-    if images.dtype == torch.uint8:
-        return images.float().div_(255.0)
-    return images.float()
 
 
 def targets_from_batch(batch: Mapping[str, Any], device: torch.device, padded: bool = True):
@@ -215,7 +183,7 @@ def train_one_epoch(
         (its step or wall-clock budget is used up) — for time-limited runs.
     ema: object with `update(model, skip=flag)` (`rtrain.ema.ModelEMA`), called after every step;
         `skip` is the step's device flag, so a skipped step leaves the average unchanged.
-    scaler: GradScaler for fp16 autocast (see `make_grad_scaler`); None otherwise.
+    scaler: GradScaler for fp16 autocast (see `rtrain.precision.make_grad_scaler`); None otherwise.
     guard: skips steps whose loss parts (or, without a scaler, gradient norm) are non-finite;
         raises after too many (see below).
     grad_clip: max global grad norm (0 = no clipping; the norm is still measured).
@@ -290,7 +258,7 @@ def train_one_epoch(
         images = images_to_float(batch["images"], device)
         targets = to_targets(batch, device)
 
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             losses = model(images, targets)
         if names is None:
             names = list(losses)
@@ -381,98 +349,3 @@ def _warn_invalid_targets(model: torch.nn.Module) -> None:
         n = int(count)
         if n:
             logger.warning("%d target boxes with a label outside the classes were ignored so far", n)
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def predict_batches(
-    model: torch.nn.Module,
-    batches: Iterable[Mapping[str, Any]],
-    *,
-    device: torch.device | str,
-    score_thresh: float = 0.01,
-    iou_thresh: float = 0.6,
-    max_det: int = 100,
-    amp: bool = True,
-) -> Iterable[tuple[Mapping[str, Any], list[dict]]]:
-    """Yield (batch, detections) per batch; detections as `Detector.postprocess` gives (input px)."""
-    device = torch.device(device)
-    dtype = amp_dtype(device, amp)
-    model.eval()
-    for batch in batches:
-        images = images_to_float(batch["images"], device)
-        with _autocast(device, dtype):
-            cls_logits, box_dist = model.forward_raw(images)
-        dets = model.postprocess(
-            cls_logits.float(),
-            box_dist.float(),
-            tuple(images.shape[-2:]),
-            score_thresh=score_thresh,
-            iou_thresh=iou_thresh,
-            max_det=max_det,
-        )
-        yield batch, dets
-
-
-def coco_results(
-    model: torch.nn.Module,
-    batches: Iterable[Mapping[str, Any]],
-    category_ids: list[int],
-    *,
-    device: torch.device | str,
-    score_thresh: float = 0.01,
-    iou_thresh: float = 0.6,
-    max_det: int = 100,
-    amp: bool = True,
-) -> tuple[list[dict], int]:
-    """(COCO result dicts in original pixels and source category ids, images seen) of `model`
-    on `batches` (`rtrain.evaluation.to_coco_results`); the model's train/eval mode is kept."""
-    from rtrain.evaluation import to_coco_results
-
-    results: list[dict] = []
-    n_images = 0
-    was_training = model.training
-    for batch, dets in predict_batches(
-        model, batches, device=device, score_thresh=score_thresh, iou_thresh=iou_thresh,
-        max_det=max_det, amp=amp,
-    ):
-        n_images += len(dets)
-        results.extend(to_coco_results(
-            batch["image_id"], dets, batch["scale"], batch["pad"], batch["stored_size"], batch["orig_size"],
-            category_ids,
-        ))
-    model.train(was_training)
-    return results, n_images
-
-
-def evaluate(
-    model: torch.nn.Module,
-    batches: Iterable[Mapping[str, Any]],
-    coco_gt,
-    category_ids: list[int],
-    class_names: list[str],
-    *,
-    device: torch.device | str,
-    score_thresh: float = 0.01,
-    iou_thresh: float = 0.6,
-    max_det: int = 100,
-    amp: bool = True,
-) -> dict[str, Any]:
-    """COCO metrics of `model` (a Detector, not DDP-wrapped) on `batches`.
-
-    Predictions are mapped back to original-image pixels and source category ids by
-    `rtrain.evaluation.to_coco_results`, then scored by pycocotools against `coco_gt`.
-    Returns `coco_evaluate`'s dict (mAP, mAP50, mAP75, ..., per_class) plus `eval_images`,
-    `eval_detections` and `eval_time_s`.
-    """
-    from rtrain.evaluation import coco_evaluate
-
-    start = time.perf_counter()
-    results, n_images = coco_results(model, batches, category_ids, device=device, score_thresh=score_thresh,
-                                     iou_thresh=iou_thresh, max_det=max_det, amp=amp)
-    metrics = dict(coco_evaluate(coco_gt, results, class_names))
-    metrics.update(eval_images=n_images, eval_detections=len(results),
-                   eval_time_s=time.perf_counter() - start)
-    return metrics

@@ -3,12 +3,12 @@
     metrics = evaluate_weights("runs/bccd/best.pt", "data/bccd/shards/val")
     print(format_metrics(metrics))
 
-The numbers come from `rtrain.engine.evaluate` with the batches `rtrain.train_loop` evaluates on
+The numbers come from `rtrain.predict_loop.evaluate` with the batches `rtrain.train_loop` evaluates on
 (`iter_batches_local(..., train=False)`: letterbox only) and the weights' saved `data.img_size`
 and `eval.*` thresholds (overridable), so they equal the figures logged during training for the
 same weights and data. Optional PR curves (one PNG per class, from COCOeval's precision array)
-need the COCO results themselves, which `engine.evaluate` does not return: they take a second
-prediction pass (`engine.predict_batches` + `evaluation.to_coco_results`, the same functions).
+need the COCO results themselves, which `predict_loop.evaluate` does not return: they take a second
+prediction pass (`predict_loop.predict_batches` + `evaluation.to_coco_results`, the same functions).
 """
 
 from __future__ import annotations
@@ -66,11 +66,11 @@ def evaluate_weights(
 ) -> dict:
     """COCO metrics of `weights` on the shards in `shards` (module doc).
 
-    Returns `engine.evaluate`'s dict (the 12 STAT_NAMES, per_class AP, eval_images, ...) plus
+    Returns `predict_loop.evaluate`'s dict (the 12 STAT_NAMES, per_class AP, eval_images, ...) plus
     "per_class_ap50", "settings" and, with `pr_curves`, "pr_curves": [png paths].
     Raises CheckpointError / ConfigError / ShardError with one line.
     """
-    from rtrain import engine
+    from rtrain import predict_loop
     from rtrain.data import iter_batches_local
     from rtrain.evaluation import coco_gt_from_shards
     from rtrain.loading import load_detector, pick_device
@@ -89,7 +89,7 @@ def evaluate_weights(
         return iter_batches_local(shards, batch_size=bs, train=False, img_size=cfg.data.img_size)
 
     start = time.perf_counter()
-    metrics = engine.evaluate(
+    metrics = predict_loop.evaluate(
         loaded.model, batches(), gt, category_ids, names, device=dev,
         score_thresh=settings["score_thresh"], iou_thresh=settings["iou_thresh"], max_det=settings["max_det"],
         amp=cfg.train.amp,
@@ -99,7 +99,7 @@ def evaluate_weights(
                            "model": cfg.model.name, "device": str(dev)}
     if pr_curves:
         results = []
-        for batch, dets in engine.predict_batches(
+        for batch, dets in predict_loop.predict_batches(
             loaded.model, batches(), device=dev, score_thresh=settings["score_thresh"],
             iou_thresh=settings["iou_thresh"], max_det=settings["max_det"], amp=cfg.train.amp,
         ):

@@ -6,7 +6,7 @@
 
 Both paths run the same `process_rows` on batches of rows: read (EXIF-rotated, RGB) or decode a
 shard's JPEG, letterbox exactly as evaluation does (`rtrain.augment.letterbox`), run the model
-through `rtrain.engine.predict_batches` (the evaluation code path), map boxes back to the
+through `rtrain.predict_loop.predict_batches` (the evaluation code path), map boxes back to the
 original image's pixels, draw the picture, and return flat columns. The Ray path puts that in
 `PredictActor`s (the weights are loaded once per actor) behind `map_batches` with an
 `ActorPoolStrategy`, streaming; actors ask for one GPU each when `gpus` > 0.
@@ -149,7 +149,7 @@ def process_rows(model: torch.nn.Module, class_names: list[str], settings: Predi
                  rows: dict[str, np.ndarray], out_dir: Path | None, device: torch.device) -> dict:
     """Predict one batch of rows (files: id/name/path; shards: SHARD_COLUMNS); see the module doc."""
     from data_prep.draw import draw_boxes
-    from rtrain.engine import predict_batches
+    from rtrain.predict_loop import predict_batches
 
     files = "path" in rows
     ids = np.asarray(rows["id"] if files else rows["image_id"], np.int64)

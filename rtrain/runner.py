@@ -575,8 +575,8 @@ def make_plots(out_dir: Path, cfg: Config, class_names: list[str], weights: Path
 
     from rtrain.checkpoint import load_weights
     from rtrain.data import batch_to_targets, iter_batches_local
-    from rtrain.engine import predict_batches
     from rtrain.loading import build_detector
+    from rtrain.predict_loop import predict_batches
 
     plots_dir = out_dir / run_dir.PLOTS_DIR
     paths = [run_dir.plot_curves(run_dir.read_metrics(out_dir), plots_dir / "curves.png")]

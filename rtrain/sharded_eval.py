@@ -129,8 +129,8 @@ def validate_sharded(
     world: int = 1,
 ) -> dict | None:
     """See the module doc. `cfg` is an `rtrain.config.Config` (data.val, data.img_size, eval.*)."""
-    from rtrain.engine import coco_results
     from rtrain.evaluation import coco_evaluate
+    from rtrain.predict_loop import coco_results
 
     start = time.perf_counter()
     batches = val_batches(cfg.data.val, batch_size=cfg.eval.batch_size, img_size=cfg.data.img_size,

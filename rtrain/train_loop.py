@@ -51,6 +51,7 @@ from rtrain.ema import ModelEMA, unwrap_model
 from rtrain.guard import NonFiniteGuard
 from rtrain.loading import build_detector, init_from_weights, load_model_weights  # noqa: F401 (re-exported)
 from rtrain.optim import build_optimizer
+from rtrain.precision import make_grad_scaler
 from rtrain.progress import GUARD_EVERY, ProgressReporter, read_every
 from rtrain.schedule import LRSchedule, scale_lr
 from rtrain.sharded_eval import validate_sharded
@@ -243,7 +244,7 @@ def train_loop(loop_config: dict) -> None:
         cfg.train, base_lr=base_lr, total_steps=total_steps,
         warmup_steps=min(total_steps, round(cfg.train.warmup_epochs * spe)), time_limit=time_limit,
     )
-    scaler = engine.make_grad_scaler(device, cfg.train.amp)
+    scaler = make_grad_scaler(device, cfg.train.amp)
     guard = NonFiniteGuard(max_consecutive=cfg.train.max_nonfinite)
 
     start_epoch, step, best_map, last_map, run_starts = 0, 0, -1.0, 0.0, 1

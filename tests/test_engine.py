@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from rtrain.ema import ModelEMA
-from rtrain.engine import amp_dtype, make_grad_scaler, train_one_epoch
+from rtrain.engine import train_one_epoch
 from rtrain.guard import NonFiniteGuard, NonFiniteLossError
 from rtrain.optim import build_optimizer
+from rtrain.precision import amp_dtype, make_grad_scaler
 from rtrain.schedule import LRSchedule
 
 
@@ -204,8 +205,8 @@ class Oracle(nn.Module):
 
 
 def test_evaluate_maps_predictions_to_original_pixels_and_source_ids():
-    from rtrain.engine import evaluate
     from rtrain.evaluation import coco_from_dict
+    from rtrain.predict_loop import evaluate
 
     batch = make_batches(1, batch_size=2, size=64)[0]
     # Stored images 128 px (orig 256 x 256): letterbox scale 0.5 to the 64 px input, no padding.

@@ -11,7 +11,7 @@ import torch
 from inference_fixtures import BCCD_CLASSES, cli_error, make_bccd_shards, make_weights, one_thread
 from pycocotools.cocoeval import COCOeval
 
-from rtrain import engine
+from rtrain import predict_loop
 from rtrain.checkpoint import save_weights
 from rtrain.data import iter_batches_local
 from rtrain.evaluate import main
@@ -61,7 +61,7 @@ def test_equals_in_training_evaluation_and_pycocotools_on_the_same_predictions(s
     manifest = json.loads((shards / "manifest.json").read_text())
     cat_ids = [c["category_id"] for c in manifest["classes"]]
     batches = iter_batches_local(shards, batch_size=4, train=False, img_size=128)
-    direct = engine.evaluate(loaded.model, batches, gt, cat_ids, BCCD_CLASSES, device="cpu",
+    direct = predict_loop.evaluate(loaded.model, batches, gt, cat_ids, BCCD_CLASSES, device="cpu",
                              score_thresh=0.05, iou_thresh=0.6)
     for key in STAT_NAMES:
         assert metrics[key] == direct[key], key
