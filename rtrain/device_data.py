@@ -9,7 +9,7 @@ Raw batch (`RawCollate` / `raw_collate` output, CPU): `image_id` int64 [B]; `fil
 `jpeg` list of uint8 1-D tensors (the encoded bytes); `width`, `height`, `orig_width`,
 `orig_height` int64 [B] (stored and original sizes); `boxes` list of float32 [M, 4] xyxy stored
 px; `labels` list of int64 [M]; `iscrowd` list of bool [M]; `epoch` int64 [B] when the rows carry it.
-The input is Ray's numpy batch of the shard columns (DESIGN.md's schema; `boxes` flat
+The input is Ray's numpy batch of the shard columns (docs/design.md's schema; `boxes` flat
 [x1, y1, x2, y2, ...]); `numpy_batch_from_table` builds the same from a pyarrow Table without Ray.
 
 Output of `DeviceDecodeAugment` (all on `device`, kept rows only, in input order): the layout of
