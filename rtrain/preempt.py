@@ -13,6 +13,13 @@ tells about its SIGTERM; Ray Train's node-drain notice `ray.train.get_preemption
 `poll_s`; `request(reason)` is the direct way in. `checkpoint_every_s` > 0 asks for a
 CHECKPOINT once that long passed since the last `checkpointed()`.
 
+A SIGTERM to a Ray Train worker process (`install_worker_sigterm`): Ray's own handler would exit
+the process (a worker death, restarted from the last checkpoint). Python runs signal handlers
+in the main thread only, which in a Train worker is the actor's task loop, not the training
+thread; so the handler is installed by a task on the worker's own actor (`__ray_call__`), and
+turns the first SIGTERM into a STOP request of the process's active `PauseRequests` (the
+others agree on it at the next pause point); a second SIGTERM goes to Ray's handler.
+
 Driver side, `DriverStop` (a context manager around `trainer.fit()`, main thread only): a
 SIGTERM sets a flag; a thread tells the workers (`tell`, e.g. `tell_clock`: the EpochClock's
 `request_stop`), then waits `grace_s` for the
@@ -91,6 +98,58 @@ class PauseRequests:
                     self.request(reason)
             if self._stop.is_set():
                 return
+
+
+_ACTIVE: list[PauseRequests] = []  # this process's running loop's requests (a worker runs one)
+_RAY_HANDLER: list = []  # the SIGTERM handler that was there before ours
+
+
+_RECEIVED: list[int] = []  # SIGTERMs this process got
+
+
+def _on_worker_sigterm(signum, frame) -> None:
+    _RECEIVED.append(signum)
+    active = _ACTIVE[-1] if _ACTIVE else None
+    if active is None or len(_RECEIVED) > 1:  # not training, or the second one: Ray's exit
+        previous = _RAY_HANDLER[-1] if _RAY_HANDLER else signal.SIG_DFL
+        if callable(previous):
+            previous(signum, frame)
+        else:
+            signal.signal(signal.SIGTERM, previous)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return
+    active.request(f"SIGTERM to a worker process (pid {os.getpid()})")
+
+
+def _install_here(_actor=None) -> bool:
+    """Runs on the worker's main thread (an actor task): put `_on_worker_sigterm` in place."""
+    current = signal.getsignal(signal.SIGTERM)
+    if current is not _on_worker_sigterm:
+        _RAY_HANDLER.append(current)
+        signal.signal(signal.SIGTERM, _on_worker_sigterm)
+    return True
+
+
+def install_worker_sigterm(pauses: PauseRequests, timeout_s: float = 30.0) -> bool:
+    """Inside a Ray Train worker: SIGTERM to this process requests a STOP of `pauses` (module doc).
+    Returns False (with a warning) where the handler cannot be installed; call `uninstall_worker`
+    with the same `pauses` when the loop ends."""
+    _ACTIVE.append(pauses)
+    if threading.current_thread() is threading.main_thread():
+        return _install_here()
+    try:
+        import ray
+
+        actor = ray.get_runtime_context().current_actor
+        return bool(ray.get(actor.__ray_call__.remote(_install_here), timeout=timeout_s))
+    except Exception as exc:  # noqa: BLE001 - then a worker SIGTERM stays a worker death (restart)
+        logger.warning("a SIGTERM to this worker will end it without a checkpoint: %s", exc)
+        return False
+
+
+def uninstall_worker(pauses: PauseRequests) -> None:
+    if pauses in _ACTIVE:
+        _ACTIVE.remove(pauses)
 
 
 def clock_source(clock) -> Callable[[], str | None]:

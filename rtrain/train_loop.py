@@ -317,6 +317,7 @@ def train_loop(loop_config: dict) -> None:
         set_start_epoch(clock, start_epoch, resume_skip_blocks(resumed_at, batch_size, world, batch_rows))
     sources = [preempt.clock_source(clock)] if clock is not None else []
     pauses = preempt.PauseRequests(cfg.run.checkpoint_every_min * 60.0, [*sources, preempt.drain_source()])
+    preempt.install_worker_sigterm(pauses)
     forced = loop_config.get("test_nonfinite_steps") or []
     if forced and rank == 0:
         force_nonfinite(model, forced, first_step=step)  # after the EMA copy: the average stays clean
@@ -430,6 +431,7 @@ def train_loop(loop_config: dict) -> None:
             break
         epoch += 1
     pauses.close()
+    preempt.uninstall_worker(pauses)
 
 
 def _resume_state(checkpoint, out_dir: Path, device) -> tuple[dict | None, str]:

@@ -124,6 +124,26 @@ def test_driver_stop_outside_the_main_thread_leaves_signals_alone():
     assert got == [None]
 
 
+def test_worker_sigterm_asks_for_a_stop_and_a_second_one_reaches_the_previous_handler():
+    got = []
+    original = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    pauses = preempt.PauseRequests()
+    try:
+        assert preempt.install_worker_sigterm(pauses)  # the main thread: installed directly
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert pauses.code() == preempt.STOP and pauses.reason.startswith("SIGTERM to a worker process")
+        assert got == []  # the first one is ours: no exit
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert got == [signal.SIGTERM]  # the second: Ray's handler (here a recorder) runs
+    finally:
+        preempt.uninstall_worker(pauses)
+        signal.signal(signal.SIGTERM, original)
+        preempt._RAY_HANDLER.clear()
+        preempt._RECEIVED.clear()
+
+
 # ------------------------------------------------------------------------------- stream skip
 
 
