@@ -9,7 +9,7 @@ stream block edge (`rtrain.epoch_stream.pause_every`), the points a resume conti
 
 Worker side, `PauseRequests`: `code()` is two attribute reads and a clock read. A daemon thread
 polls its `sources` (each `() -> reason or None`: the run's EpochClock actor, which the driver
-tells about its SIGTERM; Ray Train's node-drain notice `ray.train.get_preemption_info`) every
+tells about its SIGTERM; Ray Train's node-drain notice, `drain_source`) every
 `poll_s`; `request(reason)` is the direct way in. `checkpoint_every_s` > 0 asks for a
 CHECKPOINT once that long passed since the last `checkpointed()`.
 
@@ -162,28 +162,27 @@ def clock_source(clock) -> Callable[[], str | None]:
     return ask
 
 
-def drain_source() -> Callable[[], str | None]:
+def drain_source() -> Callable[[], str | None] | None:
     """A `PauseRequests` source: Ray Train's notice that a node of the worker group is draining
-    (a spot reclaim or an autoscaler's scale-down through Ray's drain API)."""
-    import ray.train
+    (a spot reclaim or an autoscaler's scale-down through Ray's drain API), or None where this
+    Ray has no such notice.
+
+    It reads this worker's own copy of the notice, which Ray's PreemptionWatcher sets on every
+    worker. The public `ray.train.get_preemption_info()` is a collective (a broadcast from rank 0
+    through the same barrier `ray.train.report` uses), which must not run from a polling thread;
+    the ranks agree through the pause all-reduce instead."""
+    try:
+        from ray.train.v2._internal.execution.context import get_train_context
+    except ImportError:
+        return None
 
     def ask() -> str | None:
-        info = ray.train.get_preemption_info()
+        info = get_train_context().preemption_context.preemption_info
         if info is None:
             return None
         return f"Ray is draining node(s) of ranks {info.preempted_ranks}"
 
     return ask
-
-
-def tell_clock(clock, timeout_s: float = 10.0) -> Callable[[str], None]:
-    """A `DriverStop` tell: puts the stop on the run's EpochClock, which the workers poll."""
-    import ray
-
-    def tell(reason: str) -> None:
-        ray.get(clock.request_stop.remote(reason), timeout=timeout_s)
-
-    return tell
 
 
 class DriverStop:

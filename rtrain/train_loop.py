@@ -315,8 +315,8 @@ def train_loop(loop_config: dict) -> None:
     every = pause_every(batch_size, batch_rows)  # steps between exactly resumable points
     if clock is not None:  # the stream skips the epochs (and blocks of this one) already trained
         set_start_epoch(clock, start_epoch, resume_skip_blocks(resumed_at, batch_size, world, batch_rows))
-    sources = [preempt.clock_source(clock)] if clock is not None else []
-    pauses = preempt.PauseRequests(cfg.run.checkpoint_every_min * 60.0, [*sources, preempt.drain_source()])
+    sources = [preempt.clock_source(clock) if clock is not None else None, preempt.drain_source()]
+    pauses = preempt.PauseRequests(cfg.run.checkpoint_every_min * 60.0, [s for s in sources if s is not None])
     preempt.install_worker_sigterm(pauses)
     forced = loop_config.get("test_nonfinite_steps") or []
     if forced and rank == 0:
@@ -400,7 +400,8 @@ def train_loop(loop_config: dict) -> None:
                        global_batch=global_batch, run_starts=run_starts, nonfinite_total=guard.total,
                        evaluated=False, mAP=last_map, resumed_at_step=phase, preempted=int(preempted))
         ckpt = None
-        if finished or (epoch + 1) % cfg.eval.interval == 0:
+        # a preempted epoch skips its evaluation: a large val set would outlast run.grace_s
+        if not preempted and (finished or (epoch + 1) % cfg.eval.interval == 0):
             val = validate_sharded(ema.module, cfg, val_gt, category_ids, class_names, device=device,
                                    rank=rank, world=world)
             if rank == 0:

@@ -36,12 +36,12 @@ FORCED = "5,13"  # global steps whose loss the test hook makes NaN: one in epoch
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> tuple[Path, Path]:
-    return prepare_synthetic(tmp_path_factory.mktemp("synthetic"), images=64, size=96, seed=5)
+    return prepare_synthetic(tmp_path_factory.mktemp("synthetic"), images=90, size=96, seed=5)
 
 
 def _config(train: Path, val: Path) -> dict:
-    # 64 images, 4 per worker-batch, 2 workers: 8 steps per epoch; stream blocks of 16 rows, so a
-    # checkpoint can be resumed exactly every 4 steps (rtrain.epoch_stream.pause_every)
+    # 72 train images (64 per epoch), 4 per worker-batch, 2 workers: 8 steps per epoch; stream
+    # blocks of 16 rows, so a checkpoint can be resumed exactly every 4 steps (pause_every)
     return {
         "model": {"name": "compact_n"},
         "data": {"train": str(train), "val": str(val), "img_size": 96, "num_actors": 1,
@@ -125,3 +125,36 @@ def test_sigterm_to_the_driver_checkpoints_exits_75_and_resume_matches(reference
     assert rows[-1]["nonfinite_total"] == 2  # the skip before the stop came back with the checkpoint
     assert result.epochs_done == EPOCHS
     _assert_same_weights(load_weights(out / run_dir.LAST_WEIGHTS)["model"], ref_weights)
+
+
+def test_sigterm_to_one_training_worker_stops_the_run_with_a_checkpoint(ray_session, shards, tmp_path):
+    import threading
+
+    from rtrain.checkpoint import checkpoint_dirs, find_latest_complete, read_marker
+    from rtrain.runner import PreemptedError
+
+    out = tmp_path / "worker-term"
+    signalled: list[int] = []
+    before = set(_train_worker_pids())
+
+    def term_one_worker() -> None:
+        _wait_for_epoch_checkpoint(out, epoch=0)
+        pids = [p for p in _train_worker_pids() if p not in before]
+        if pids:
+            os.kill(pids[-1], signal.SIGTERM)
+            signalled.append(pids[-1])
+
+    thread = threading.Thread(target=term_one_worker, daemon=True)
+    thread.start()
+    with pytest.raises(PreemptedError) as caught:  # max_failures 0: a dead worker would fail the run
+        fit(_config(*shards), name="worker-term", storage=tmp_path, plots=False)
+    thread.join(timeout=5)
+    assert signalled, "no Ray Train worker process was found to signal"
+    assert caught.value.exit_code == PREEMPTED
+    line = str(caught.value)
+    assert line.startswith("preempted ")
+    assert "checkpoint saved; resume with: python -m rtrain.fit --resume --name worker-term" in line
+    print(f"\n{line}")
+    latest, _ = find_latest_complete(checkpoint_dirs(out))
+    assert int(read_marker(latest)["step"]) > 8  # written after the SIGTERM, past epoch 1's end
+    assert len(run_dir.read_metrics(out)) < EPOCHS
