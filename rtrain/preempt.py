@@ -185,6 +185,16 @@ def drain_source() -> Callable[[], str | None] | None:
     return ask
 
 
+def tell_clock(clock, timeout_s: float = 10.0) -> Callable[[str], None]:
+    """A `DriverStop` tell: puts the stop on the run's EpochClock, which the workers poll."""
+    import ray
+
+    def tell(reason: str) -> None:
+        ray.get(clock.request_stop.remote(reason), timeout=timeout_s)
+
+    return tell
+
+
 class DriverStop:
     """SIGTERM handling for the driver while a run trains (module doc).
 
