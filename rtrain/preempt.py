@@ -9,8 +9,8 @@ stream block edge (`rtrain.epoch_stream.pause_every`), the points a resume conti
 
 Worker side, `PauseRequests`: `code()` is two attribute reads and a clock read. A daemon thread
 polls its `sources` (each `() -> reason or None`: the run's EpochClock actor, which the driver
-tells about its SIGTERM; Ray Train's node-drain notice, `drain_source`) every
-`poll_s`; `request(reason)` is the direct way in. `checkpoint_every_s` > 0 asks for a
+tells about its SIGTERM; Ray Train's node-drain notice, `drain_source`) every `poll_s`;
+`request(reason)` is the direct way in. `checkpoint_every_s` > 0 asks for a
 CHECKPOINT once that long passed since the last `checkpointed()`.
 
 A SIGTERM to a Ray Train worker process (`install_worker_sigterm`): Ray's own handler would exit
@@ -22,8 +22,8 @@ others agree on it at the next pause point); a second SIGTERM goes to Ray's hand
 
 Driver side, `DriverStop` (a context manager around `trainer.fit()`, main thread only): a
 SIGTERM sets a flag; a thread tells the workers (`tell`, e.g. `tell_clock`: the EpochClock's
-`request_stop`), then waits `grace_s` for the
-run to end. The run's workers checkpoint and return, and the caller reports the preemption.
+`request_stop`), then waits `grace_s` for the run to end. The run's workers checkpoint and
+return, and the caller reports the preemption.
 Past `grace_s` (or on a second SIGTERM) the thread calls `on_timeout` (it logs which checkpoint
 is kept) and ends the process with `rtrain.errors.PREEMPTED`: nothing else bounds a wait on a
 worker group stuck in a collective, and an orchestrator's SIGKILL follows soon anyway.
