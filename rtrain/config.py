@@ -165,6 +165,13 @@ class RunConfig:
     # `mlflow_uri` ("" = file:<storage>/mlruns, beside the run; a sweep's beside the sweep).
     loggers: list[Literal["tensorboard", "mlflow"]] = field(default_factory=list)
     mlflow_uri: str = ""
+    # Preemption (rtrain.preempt): after a SIGTERM to the driver (`python -m rtrain.fit`) the
+    # workers write a checkpoint at the next step boundary where the stream can resume exactly;
+    # the driver waits at most `grace_s` seconds for it, then exits without one and says so.
+    grace_s: float = field(default=30.0, metadata=_range(1.0, 86_400.0))
+    # Also checkpoint inside an epoch once this many minutes passed since the last checkpoint
+    # (0 = only at epoch ends); `--resume` then continues from that step of the epoch.
+    checkpoint_every_min: float = field(default=0.0, metadata=_range(0.0, 1e6))
 
 
 @dataclass

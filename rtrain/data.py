@@ -106,19 +106,40 @@ class EpochClock:
     `no_mosaic_from` / `close_mosaic` / `restore_mosaic`: the first mosaic-free epoch F of a
     time-limited run (`rtrain.close_mosaic`). Calls to one actor run one at a time, so F, once
     decided, is later than every epoch a decode task was already answered for.
+    `set_start` / `get_start`: the training stream's start point, (epoch, blocks of that epoch
+    already trained) for a resume inside an epoch (`rtrain.epoch_stream`).
+    `request_stop` / `stop_requested`: a preemption the driver was told about (`rtrain.preempt`);
+    the workers poll it.
     """
 
     def __init__(self) -> None:
         self.epoch = 0
+        self.skip_blocks = 0
         self.first_free: int | None = None
         self.answered = -1  # newest epoch a decode task asked about
+        self.stop_reason: str | None = None
 
     def set(self, epoch: int) -> int:
         self.epoch = int(epoch)
+        self.skip_blocks = 0
         return self.epoch
 
     def get(self) -> int:
         return self.epoch
+
+    def set_start(self, epoch: int, skip_blocks: int = 0) -> tuple[int, int]:
+        self.epoch, self.skip_blocks = int(epoch), int(skip_blocks)
+        return self.epoch, self.skip_blocks
+
+    def get_start(self) -> tuple[int, int]:
+        return self.epoch, self.skip_blocks
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = str(reason)
+
+    def stop_requested(self) -> str | None:
+        return self.stop_reason
 
     def no_mosaic_from(self, epoch: int) -> int | None:
         """A decode task about to augment rows of epochs <= `epoch`: F, or None (undecided)."""

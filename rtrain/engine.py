@@ -171,6 +171,10 @@ def train_one_epoch(
     guard_every: int | None = None,
     on_progress: Callable[[int, int | None, dict[str, float]], None] | None = None,
     steps_total: int | None = None,
+    pause: Callable[[], int] | None = None,
+    on_pause: Callable[[int, int], None] | None = None,
+    pause_every: int = 1,
+    pause_phase: int = 0,
 ) -> dict[str, float]:
     """Run one pass over `batches`, one optimizer step per batch.
 
@@ -198,6 +202,12 @@ def train_one_epoch(
         elapsed_s, images_per_s, data_wait_s, data_wait_frac (`rtrain.progress` renders them).
     guard_every: read the guard's device counters every this many steps (default: `log_every`,
         or 50 when that is 0); always at the epoch end.
+    pause: () -> this rank's pause request (`rtrain.preempt`: 0 none, 1 checkpoint, 2 stop), asked
+        before every step and agreed (MAX) across ranks in the top-of-step all-reduce (no extra
+        sync). It is acted on only when `pause_phase` + the steps of this call is a positive
+        multiple of `pause_every` (and at least one step ran in this call): `on_pause(code, steps
+        taken + skipped in this call)` runs there on every rank (the guard's counters are synced
+        first); after a stop (2) the epoch ends at once, with `preempted` 1.0 in the result.
 
     Host synchronisation: the step itself never waits on the device. Loss parts, the grad norm and
     counts are summed on the device and read once per `log_every` interval and at the epoch end.
@@ -214,7 +224,7 @@ def train_one_epoch(
     Returns mean loss parts over the steps taken, `lr` (last), `steps`, `skipped`, `images`,
     `images_per_s`, `data_wait_s`, `data_wait_frac`, `epoch_time_s`, `grad_norm` (mean over the
     steps taken; non-finite norms of fp16-overflow steps count as 0), `stopped_early` (1.0 when
-    the schedule's budget or max_steps ended the epoch).
+    the schedule's budget or max_steps ended the epoch), `preempted` (1.0 when a stop pause ended it).
     """
     device = torch.device(device)
     to_targets = to_targets or targets_from_batch
@@ -231,7 +241,7 @@ def train_one_epoch(
     iters = 0
     data_wait = 0.0
     lr = optimizer.param_groups[0]["lr"]
-    stopped_early = False
+    stopped_early = preempted = False
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     start = time.perf_counter()
     iterator = iter(batches)
@@ -242,8 +252,10 @@ def train_one_epoch(
         step = step_offset + iters
         elapsed = schedule.elapsed() if schedule is not None else 0.0
         out_of_steps = max_steps is not None and iters >= max_steps
+        want = float(pause()) if pause is not None else 0.0
         if world > 1:
-            exhausted, stop, elapsed = agree_max([float(batch is None), float(out_of_steps), elapsed], device)
+            exhausted, stop, elapsed, want = agree_max(
+                [float(batch is None), float(out_of_steps), elapsed, want], device)
         else:
             exhausted, stop = batch is None, out_of_steps
         if stop_when_finished and schedule is not None and schedule.finished(step, elapsed):
@@ -251,6 +263,12 @@ def train_one_epoch(
         if exhausted or stop:
             stopped_early = bool(stop) and not exhausted
             break
+        if want and iters > 0 and (pause_phase + iters) % max(1, pause_every) == 0 and on_pause is not None:
+            guard.sync()
+            on_pause(int(want), iters)
+            if want >= 2:  # rtrain.preempt.STOP: the batch in hand is the first one a resume trains on
+                preempted = True
+                break
         if batch_transform is not None:
             batch = batch_transform(batch, step)
         if schedule is not None:
@@ -335,6 +353,7 @@ def train_one_epoch(
         epoch_time_s=elapsed,
         grad_norm=host[-3] / max(steps, 1) if host else 0.0,
         stopped_early=float(stopped_early),
+        preempted=float(preempted),
     )
     return metrics
 

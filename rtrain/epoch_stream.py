@@ -23,7 +23,14 @@ Order (a pure function of the shards, `seed` and the epoch; `plan_epoch`):
   worker k mod world: worker r's rows in epoch e are the same in every run and restart.
 
 Resume: the stream always starts at epoch 0; a read task skips (reads nothing for) the epochs
-before the EpochClock's start epoch, which the workers set before they iterate.
+before the EpochClock's start epoch, which the workers set before they iterate. A resume
+inside epoch e (a mid-epoch or preemption checkpoint after k steps of it, `rtrain.preempt`)
+also skips the first `skip_blocks` = k x batch x world / batch_rows blocks of epoch e
+(`set_start_epoch(clock, e, skip_blocks)`; a whole number, since such checkpoints are taken only
+where a worker's k batches end on a block edge). Under `preserve_order` block j of the epoch
+goes to worker j mod world, so the rest of epoch e brings every worker exactly the batches
+the uninterrupted run trained on; without it the same remaining rows arrive, dealt to the
+workers in whichever order Ray hands blocks out.
 """
 
 from __future__ import annotations
@@ -159,34 +166,62 @@ def read_window(plan: StreamPlan, epoch: int, window: int) -> pa.Table:
 
 def emit_items(batch: dict[str, np.ndarray], *, plan: StreamPlan, clock=None):
     """map_batches UDF over item ids (epoch * windows_per_epoch + window): yields the blocks of
-    `batch_rows` compact rows of every window at or after the clock's start epoch."""
+    `batch_rows` compact rows of every window at or after the clock's start point (module doc):
+    the start epoch without its first `skip_blocks` blocks, then every later epoch whole.
+    `clock`: an EpochClock handle, an int start epoch, an (epoch, skip_blocks) pair, or None."""
     per_epoch = plan.windows_per_epoch
+    blocks_per_window = plan.rows_per_window // plan.batch_rows
     for item in np.asarray(batch["id"]).tolist():
         epoch, window = divmod(int(item), per_epoch)
         # Asked per window: the clock dies with the run that made it, and then this raises, which
         # ends a stream whose consumers are gone (e.g. a Tune trial that ASHA stopped) instead of
         # letting it decode on until the object store budget is full.
-        if epoch < _start_epoch(clock):
+        start, skip = _start_point(clock)
+        if epoch < start:
             continue
+        first = window * blocks_per_window  # this window's first block within the epoch
+        if epoch == start and first + blocks_per_window <= skip:
+            continue  # trained before the checkpoint: not even read
         table = read_window(plan, epoch, window)
-        for offset in range(0, table.num_rows, plan.batch_rows):
+        for j, offset in enumerate(range(0, table.num_rows, plan.batch_rows)):
+            if epoch == start and first + j < skip:
+                continue
             yield table.slice(offset, plan.batch_rows)
 
 
-def _start_epoch(clock) -> int:
+def _start_point(clock) -> tuple[int, int]:
     if clock is None or isinstance(clock, int | np.integer):
-        return int(clock or 0)
+        return int(clock or 0), 0
+    if isinstance(clock, tuple | list):
+        return int(clock[0]), int(clock[1])
     import ray
 
-    return int(ray.get(clock.get.remote()))
+    epoch, skip = ray.get(clock.get_start.remote())
+    return int(epoch), int(skip)
 
 
-def set_start_epoch(clock, epoch: int) -> None:
-    """Before the first batch of a (re)started run: the stream skips the epochs before `epoch`.
-    Every worker may call it (idempotent)."""
+def resume_skip_blocks(steps_done: int, batch_size: int, world_size: int, batch_rows: int) -> int:
+    """Blocks of an epoch that `steps_done` steps of `batch_size` per worker on `world_size`
+    workers consumed. ValueError unless they end on a block edge (see `pause_every`)."""
+    rows = int(steps_done) * int(batch_size)
+    if rows % int(batch_rows):
+        raise ValueError(f"{steps_done} steps of {batch_size} rows do not end on a block of "
+                         f"{batch_rows} rows")
+    return rows // int(batch_rows) * int(world_size)
+
+
+def pause_every(batch_size: int, batch_rows: int) -> int:
+    """Steps between the points where a worker's batches end on a stream block edge: the only
+    steps inside an epoch a checkpoint can be resumed from exactly."""
+    return math.lcm(int(batch_size), int(batch_rows)) // int(batch_size)
+
+
+def set_start_epoch(clock, epoch: int, skip_blocks: int = 0) -> None:
+    """Before the first batch of a (re)started run: the stream skips the epochs before `epoch` and
+    the first `skip_blocks` blocks of `epoch`. Every worker may call it (idempotent)."""
     import ray
 
-    ray.get(clock.set.remote(epoch))
+    ray.get(clock.set_start.remote(epoch, skip_blocks))
 
 
 def build_train_stream(

@@ -5,7 +5,9 @@
     python -m rtrain.fit --config configs/coco.yaml --gpus 8 --address auto
     python -m rtrain.fit --resume [--name RUN] [--set train.epochs=80]   # continue a run
 
-Exit status: 0 done, 2 bad input (one line on stderr), 1 training failed, 130 interrupted.
+Exit status: 0 done, 2 bad input (one line on stderr), 1 training failed, 130 interrupted,
+75 preempted (a SIGTERM: the run checkpointed, or ran out of run.grace_s; the line on stderr
+gives the `--resume` command).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_ray_terminal(verbose=args.verbose)
-    from rtrain.runner import fit
+    from rtrain.runner import PreemptedError, fit
 
     config = args.config
     try:
@@ -63,8 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             config, overrides=args.overrides, gpus=args.gpus, workers=args.workers,
             cpus_per_worker=args.cpus_per_worker, address=args.address, name=args.name,
             storage=args.storage, resume=args.resume, dashboard=args.dashboard,
-            dashboard_host=args.dashboard_host, plots=not args.no_plots,
+            dashboard_host=args.dashboard_host, plots=not args.no_plots, preemptible=True,
         )
+    except PreemptedError as exc:
+        print(f"rtrain: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("rtrain.fit: interrupted; `python -m rtrain.fit --resume` continues from the last checkpoint",
               file=sys.stderr)

@@ -31,6 +31,43 @@ from rtrain.errors import FAILED, RtrainError
 logger = logging.getLogger(__name__)
 
 
+FORCE_NONFINITE_ENV = "RTRAIN_TEST_NONFINITE_STEPS"
+
+
+def forced_nonfinite_steps(environ: Mapping[str, str]) -> list[int]:
+    """The global steps of the test hook (module doc); [] when unset. ValueError (one line) if bad."""
+    text = environ.get(FORCE_NONFINITE_ENV, "").strip()
+    if not text:
+        return []
+    try:
+        steps = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise ValueError(f"{FORCE_NONFINITE_ENV}={text!r}: expected comma-separated step numbers") from None
+    if any(s < 0 for s in steps):
+        raise ValueError(f"{FORCE_NONFINITE_ENV}={text!r}: step numbers must be >= 0")
+    return steps
+
+
+def force_nonfinite(model: torch.nn.Module, steps: Sequence[int], first_step: int = 0):
+    """Test hook: a forward hook that makes `model`'s training loss NaN at the global `steps`.
+
+    Counts training-mode forward calls from `first_step` (the step a resumed run starts at).
+    Returns the hook's handle."""
+    bad = set(int(s) for s in steps)
+    count = [int(first_step)]
+
+    def hook(module, args, output):
+        if not module.training:
+            return None
+        step = count[0]
+        count[0] += 1
+        if step in bad and isinstance(output, dict) and "loss" in output:
+            return {**output, "loss": output["loss"] * float("nan")}
+        return None
+
+    return model.register_forward_hook(hook)
+
+
 class NonFiniteLossError(RtrainError, RuntimeError):
     """The loss was non-finite too often: the run cannot continue."""
 

@@ -27,10 +27,18 @@ is taken over with a warning.
 
 Multi-node clusters: storage must be a path every node sees (shared filesystem),
 because rank 0 writes metrics and weights there directly.
+
+Preemption (`preemptible=True`, what `python -m rtrain.fit` passes): a SIGTERM to the driver
+while it trains asks the workers to checkpoint at the next resumable step and end
+(`rtrain.preempt.DriverStop`, bounded by `run.grace_s`); a run that ended so (from the driver's
+SIGTERM or a worker's node drain) raises `PreemptedError` (exit code 75) whose one line says
+where it stopped and the `--resume` command. Past the grace the process exits with code 75
+after one line naming the checkpoint that is kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -43,7 +51,7 @@ import pyarrow.parquet as pq
 
 from rtrain import run_dir, run_lock, trackers
 from rtrain.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
-from rtrain.errors import BAD_INPUT, FAILED, RtrainError
+from rtrain.errors import BAD_INPUT, FAILED, PREEMPTED, RtrainError
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +65,38 @@ class FitError(RtrainError, RuntimeError):
     @property
     def exit_code(self) -> int:
         return FAILED if self.__cause__ is not None else BAD_INPUT
+
+
+class PreemptedError(RtrainError):
+    """The run stopped on a preemption request with a checkpoint; `--resume` continues it."""
+
+    exit_code = PREEMPTED
+
+
+def resume_command(out_dir: Path) -> str:
+    return f"python -m rtrain.fit --resume --name {out_dir.name} --storage {out_dir.parent}"
+
+
+def preempted_line(report: dict, out_dir: Path, reason: str | None) -> str:
+    """The one line of a preempted run, from its last report (`rtrain.train_loop`)."""
+    epoch, step = int(report.get("epoch", 0)) + 1, int(report.get("step", 0))
+    where = (f"at epoch {epoch} step {step} ({int(report.get('epoch_steps', 0))} of the epoch's steps done)"
+             if report.get("mid_epoch") else f"after epoch {epoch} (step {step})")
+    why = f" ({reason})" if reason else ""
+    return f"preempted{why} {where}; checkpoint saved; resume with: {resume_command(out_dir)}"
+
+
+def _grace_expired_line(cfg: Config, out_dir: Path) -> str:
+    from rtrain.checkpoint import checkpoint_dirs, find_latest_complete, read_marker
+
+    latest, _ = find_latest_complete(checkpoint_dirs(out_dir))
+    if latest is None:
+        kept = "no complete checkpoint exists yet (a resume starts over)"
+    else:
+        info = read_marker(latest)
+        kept = f"the last complete checkpoint ({latest.name}: step {int(info['step'])}) is kept"
+    return (f"rtrain: preempted; no new checkpoint within run.grace_s={cfg.run.grace_s:g} s; {kept}; "
+            f"resume with: {resume_command(out_dir)}")
 
 
 @dataclass
@@ -429,6 +469,7 @@ def fit(
     dashboard: bool | None = None,
     dashboard_host: str | None = None,
     plots: bool = True,
+    preemptible: bool = False,
 ) -> FitResult:
     """Train a detector on Ray Train; returns where the results are.
 
@@ -437,7 +478,9 @@ def fit(
     gpus/workers/cpus_per_worker/address/name/storage/dashboard/dashboard_host: override `cfg.run`.
         gpus > 0 trains on that many GPU workers (one GPU each); otherwise `workers` CPU workers.
     resume: continue the run `name` (or the latest one under storage) from its last checkpoint.
-    Raises FitError/ConfigError with one line for bad input, before Ray starts.
+    preemptible: handle SIGTERM while training (module doc; needs the main thread).
+    Raises FitError/ConfigError with one line for bad input, before Ray starts; PreemptedError
+    when the run stopped on a preemption with a checkpoint.
     """
     run_overrides = {
         "gpus": gpus, "workers": workers, "cpus_per_worker": cpus_per_worker, "address": address,
@@ -463,17 +506,23 @@ def fit(
     out_dir = storage_path / name
     # one writer per run name, checked before anything is written and before Ray
     with run_lock.hold(out_dir, what="run", error=FitError):
-        return _fit_locked(cfg, name, storage_path, out_dir, resume, plots)
+        return _fit_locked(cfg, name, storage_path, out_dir, resume, plots, preemptible)
 
 
 def _fit_locked(cfg: Config, name: str, storage_path: Path, out_dir: Path, resume: bool,
-                plots: bool) -> FitResult:
+                plots: bool, preemptible: bool = False) -> FitResult:
     """The rest of `fit`, while this process holds RUN/.lock (rtrain.run_lock)."""
     try:  # run.loggers: a missing package is one line before Ray
         trackers.check_available(cfg.run.loggers)
     except trackers.TrackerError as exc:
         raise FitError(str(exc)) from None
     classes, num_images = check_data(cfg)
+    from rtrain.guard import forced_nonfinite_steps
+
+    try:
+        forced = forced_nonfinite_steps(os.environ)  # a test hook (rtrain.guard)
+    except ValueError as exc:
+        raise FitError(str(exc)) from None
     latest = None
     if resume:
         latest = check_resume(cfg, out_dir, [c["name"] for c in classes])
@@ -501,9 +550,17 @@ def _fit_locked(cfg: Config, name: str, storage_path: Path, out_dir: Path, resum
     try:
         trainer, clock = build_trainer(cfg, name, storage_path, out_dir, classes, num_images,
                                        loop_extra={"progress_s": progress.interval_for(),
-                                                   "tracking": trackers.spec_for_run(cfg, name)})
+                                                   "tracking": trackers.spec_for_run(cfg, name),
+                                                   "test_nonfinite_steps": forced})
+        stop = None
+        if preemptible:
+            from rtrain.preempt import DriverStop, tell_clock
+
+            stop = DriverStop(tell_clock(clock, min(10.0, cfg.run.grace_s)), cfg.run.grace_s,
+                              on_timeout=lambda: logger.error("%s", _grace_expired_line(cfg, out_dir)))
         try:
-            result = trainer.fit()
+            with stop if stop is not None else contextlib.nullcontext():
+                result = trainer.fit()
         except Exception as exc:  # ray.train.TrainingFailedError and friends: keep the cause visible
             full = storage_full_error(exc, out_dir)
             if full is not None:
@@ -515,6 +572,10 @@ def _fit_locked(cfg: Config, name: str, storage_path: Path, out_dir: Path, resum
         if getattr(result, "error", None) is not None:
             raise FitError(f"training failed: {result.error} (run dir: {out_dir})")
         checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+        report = dict(getattr(result, "metrics", None) or {})
+        if report.get("preempted"):
+            reason = stop.requested if stop is not None else None
+            raise PreemptedError(preempted_line(report, out_dir, reason))
     finally:
         if detach_bar is not None:
             detach_bar()

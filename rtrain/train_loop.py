@@ -15,6 +15,19 @@ with the metrics and a checkpoint directory (state.pt + COMPLETE, `rtrain.checkp
 the others with the same metrics and no checkpoint. Rank 0 alone evaluates (the EMA
 model, on the val shards, in-process), appends RUN/metrics.jsonl and writes RUN/best.pt
 and RUN/last.pt. All the numerical work is in `rtrain.engine` (no Ray there).
+
+Pauses inside an epoch (`rtrain.preempt`: `run.checkpoint_every_min`, a SIGTERM or node drain):
+every worker reports once more, at the same step, and rank 0's checkpoint holds the state after
+k steps of epoch e as `epoch` = e - 1 (the last whole epoch), `step` = the global step and
+`extra[EPOCH_STEPS]` = k (with `extra[EPOCH_SHAPE]` = [batch, world]). No metrics row is written
+for it (a row is one whole epoch: after a resume at k, the row of epoch e averages its last
+steps only, and says `resumed_at_step` k). A resume continues with step k of epoch e on the
+batches the uninterrupted run would have had (`rtrain.epoch_stream` skips the first blocks);
+with another batch size or worker count it replays epoch e from its start, with a warning.
+After a stop the loop returns: the last report carries `preempted` 1 for the driver.
+
+Test hook: `loop_config["test_nonfinite_steps"]` (from RTRAIN_TEST_NONFINITE_STEPS in the
+driver, `rtrain.guard.forced_nonfinite_steps`) makes rank 0's loss NaN at those global steps.
 """
 
 from __future__ import annotations
@@ -29,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rtrain import engine, run_dir, trackers
+from rtrain import engine, preempt, run_dir, trackers
 from rtrain.augment import rescale_batch
 from rtrain.autobatch import resolve_batch_size
 from rtrain.checkpoint import (
@@ -48,7 +61,7 @@ from rtrain.close_mosaic import EXTRA_KEY as MOSAIC_EXTRA
 from rtrain.close_mosaic import CloseMosaic
 from rtrain.config import Config, config_from_dict, config_to_dict
 from rtrain.ema import ModelEMA, unwrap_model
-from rtrain.guard import NonFiniteGuard
+from rtrain.guard import NonFiniteGuard, force_nonfinite
 from rtrain.loading import build_detector, init_from_weights, load_model_weights  # noqa: F401 (re-exported)
 from rtrain.optim import build_optimizer
 from rtrain.precision import make_grad_scaler
@@ -59,6 +72,8 @@ from rtrain.sharded_eval import validate_sharded
 logger = logging.getLogger(__name__)
 
 SCORE_METRIC = "mAP"  # CheckpointConfig.checkpoint_score_attribute: every checkpointed report has it
+EPOCH_STEPS = "epoch_steps"  # extra key of a mid-epoch checkpoint: steps of the next epoch done
+EPOCH_SHAPE = "epoch_steps_shape"  # ... and the [batch size, world size] they were taken with
 
 
 def steps_per_epoch(num_images: int, batch_size: int, world_size: int) -> int:
@@ -203,7 +218,7 @@ def train_loop(loop_config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from rtrain.epoch_stream import set_start_epoch
+    from rtrain.epoch_stream import pause_every, resume_skip_blocks, set_start_epoch
 
     _log_setup()
     cfg = config_from_dict(loop_config["config"])
@@ -247,7 +262,7 @@ def train_loop(loop_config: dict) -> None:
     scaler = make_grad_scaler(device, cfg.train.amp)
     guard = NonFiniteGuard(max_consecutive=cfg.train.max_nonfinite)
 
-    start_epoch, step, best_map, last_map, run_starts = 0, 0, -1.0, 0.0, 1
+    start_epoch, step, best_map, last_map, run_starts, resumed_at = 0, 0, -1.0, 0.0, 1, 0
     if state is not None:
         check_compatible(state, cfg_dict, class_names)
         load_model_weights(model, state["model"], source)
@@ -266,8 +281,18 @@ def train_loop(loop_config: dict) -> None:
         best_map = float(state["extra"].get("best_map", -1.0))
         last_map = float(state["extra"].get("last_map", 0.0))
         run_starts = int(state["extra"].get("run_starts", 1)) + 1  # resumed or restarted after a failure
+        resumed_at = int(state["extra"].get(EPOCH_STEPS, 0))
+        shape = list(state["extra"].get(EPOCH_SHAPE, [batch_size, world]))
+        if resumed_at and shape != [batch_size, world]:
+            if rank == 0:
+                logger.warning("the mid-epoch checkpoint was taken with batch %d x %d workers, now %d x %d: "
+                               "epoch %d restarts from its first batch", *shape, batch_size, world,
+                               start_epoch + 1)
+            resumed_at = 0
         if rank == 0:
-            logger.info("resumed from epoch %d (step %d, best mAP %.4f)", start_epoch - 1, step, best_map)
+            within = f", {resumed_at} steps into epoch {start_epoch + 1}" if resumed_at else ""
+            logger.info("resumed from epoch %d (step %d%s, best mAP %.4f)", start_epoch - 1, step, within,
+                        best_map)
     mosaic = CloseMosaic.from_config(cfg)  # before prepare_model: every rank, before the stream starts
     mosaic.restore(state["extra"] if state is not None else {}, clock)
 
@@ -287,8 +312,16 @@ def train_loop(loop_config: dict) -> None:
         except Exception as exc:  # metrics export is optional (e.g. no metrics agent)
             logger.warning("ray metrics gauges unavailable: %s", exc)
 
-    if clock is not None:
-        set_start_epoch(clock, start_epoch)  # the stream skips the epochs already trained
+    batch_rows = int(loop_config.get("stream_batch_rows") or batch_size)
+    every = pause_every(batch_size, batch_rows)  # steps between exactly resumable points
+    if clock is not None:  # the stream skips the epochs (and blocks of this one) already trained
+        set_start_epoch(clock, start_epoch, resume_skip_blocks(resumed_at, batch_size, world, batch_rows))
+    sources = [preempt.clock_source(clock) if clock is not None else None, preempt.drain_source()]
+    pauses = preempt.PauseRequests(cfg.run.checkpoint_every_min * 60.0, [s for s in sources if s is not None])
+    preempt.install_worker_sigterm(pauses)
+    forced = loop_config.get("test_nonfinite_steps") or []
+    if forced and rank == 0:
+        force_nonfinite(model, forced, first_step=step)  # after the EMA copy: the average stays clean
     stream = _train_batches(cfg, train_shard, loop_config.get("decode", "cpu"), device, rank, batch_size,
                             len(class_names), mosaic)
     # Progress inside an epoch: rank 0's lines at the driver's pace (rtrain.progress; 0/absent = none).
@@ -298,9 +331,35 @@ def train_loop(loop_config: dict) -> None:
     epoch = start_epoch
     finished = start_epoch >= cfg.train.epochs or (time_limit is not None and schedule.finished(step))
     cycle_start = None  # wall time of a whole epoch cycle: data restart, training, eval, checkpoint
+    extra_state = {}  # the checkpoint's `extra`, minus what a pause adds
+
+    def on_pause(code: int, iters: int) -> None:
+        """A mid-epoch checkpoint after `iters` steps of this call (every rank, the same step)."""
+        done = phase + iters
+        at = step + iters
+        report = {"epoch": epoch, "step": at, SCORE_METRIC: last_map, "mid_epoch": 1, EPOCH_STEPS: done,
+                  "preempted": int(code >= preempt.STOP), "world_size": world}
+        ckpt = ckpt_tmp = None
+        if rank == 0:
+            ckpt_tmp = tempfile.TemporaryDirectory(prefix="rtrain-ckpt-")
+            _write_outputs(ckpt_tmp.name, out_dir, cfg_dict, class_names, model, ema, optimizer, schedule,
+                           scaler, guard, epoch - 1, at, None,
+                           {**extra_state, EPOCH_STEPS: done, EPOCH_SHAPE: [batch_size, world]})
+            ckpt = Checkpoint.from_directory(ckpt_tmp.name)
+            why = pauses.reason or "another worker was asked to stop"
+            what = f"preempted ({why})" if code >= preempt.STOP else "mid-epoch checkpoint"
+            logger.info("%s: epoch %d step %d (%d of its %d steps done)", what, epoch + 1, at, done, spe)
+        ray.train.report(report, checkpoint=ckpt)
+        if ckpt_tmp is not None:
+            ckpt_tmp.cleanup()
+        pauses.checkpointed()
+
     while not finished:
         t_epoch = time.perf_counter()
-        epoch_batches = EpochBatches(itertools.islice(stream, spe))
+        phase = resumed_at if epoch == start_epoch else 0  # steps of this epoch done before this call
+        extra_state = {"best_map": best_map, "last_map": last_map, "run_starts": run_starts,
+                       MOSAIC_EXTRA: mosaic.first_free}
+        epoch_batches = EpochBatches(itertools.islice(stream, spe - phase))
         batches = iter(epoch_batches)
         if epoch == start_epoch:
             batches = _clock_from_first_batch(batches, schedule)
@@ -309,24 +368,29 @@ def train_loop(loop_config: dict) -> None:
             scaler=scaler, guard=guard, grad_clip=cfg.train.grad_clip, batch_transform=transform,
             step_offset=step, stop_when_finished=time_limit is not None, epoch=epoch,
             log_every=read_every(device) if reporter else 0, guard_every=GUARD_EVERY, on_progress=reporter,
-            steps_total=spe,
+            steps_total=spe - phase, pause=pauses.code, on_pause=on_pause, pause_every=every,
+            pause_phase=phase,
         )
         step += metrics["steps"] + metrics["skipped"]
+        if metrics["preempted"]:
+            break  # on_pause wrote and reported the checkpoint
         metrics["first_batch_s"] = epoch_batches.first_batch_s
         metrics["dropped_targets"] = epoch_batches.dropped_targets
         if time_limit is not None and cfg.train.ema_tau == 0:
             _refit_ema_tau(ema, schedule, step, time_limit)
-        if metrics["steps"] + metrics["skipped"] < spe and not metrics["stopped_early"] and rank == 0:
+        if phase + metrics["steps"] + metrics["skipped"] < spe and not metrics["stopped_early"] and rank == 0:
             logger.warning("epoch %d: the data stream ended after %d of %d steps", epoch + 1,
-                           metrics["steps"] + metrics["skipped"], spe)
+                           phase + metrics["steps"] + metrics["skipped"], spe)
         now = time.perf_counter()
         cycle_s = now - (cycle_start if cycle_start is not None else t_epoch)
         cycle_start = now
         remaining = (time_limit - schedule.elapsed()) if time_limit is not None else 0.0
         spent = _budget_ends_before_next_epoch(schedule, step, cycle_s)
-        budget_spent, close_mosaic = engine.agree_max([float(spent), float(mosaic.due(remaining, cycle_s))],
-                                                      device)
+        stop_asked = float(pauses.code() >= preempt.STOP)
+        budget_spent, close_mosaic, stop = engine.agree_max(
+            [float(spent), float(mosaic.due(remaining, cycle_s)), stop_asked], device)
         finished = epoch + 1 >= cfg.train.epochs or (time_limit is not None and bool(budget_spent))
+        preempted = bool(stop) and not finished
         if close_mosaic and not finished:
             first_free = mosaic.close(epoch + 1, clock)
             if rank == 0:
@@ -335,9 +399,10 @@ def train_loop(loop_config: dict) -> None:
 
         metrics.update(epoch=epoch, step=step, world_size=world, num_nodes=num_nodes,
                        global_batch=global_batch, run_starts=run_starts, nonfinite_total=guard.total,
-                       evaluated=False, mAP=last_map)
+                       evaluated=False, mAP=last_map, resumed_at_step=phase, preempted=int(preempted))
         ckpt = None
-        if finished or (epoch + 1) % cfg.eval.interval == 0:
+        # a preempted epoch skips its evaluation: a large val set would outlast run.grace_s
+        if not preempted and (finished or (epoch + 1) % cfg.eval.interval == 0):
             val = validate_sharded(ema.module, cfg, val_gt, category_ids, class_names, device=device,
                                    rank=rank, world=world)
             if rank == 0:
@@ -360,7 +425,15 @@ def train_loop(loop_config: dict) -> None:
         ray.train.report(metrics, checkpoint=ckpt)
         if ckpt is not None:
             ckpt_tmp.cleanup()  # report has copied it to storage
+        pauses.checkpointed()
+        if preempted:
+            if rank == 0:
+                logger.info("preempted (%s) after epoch %d (step %d)",
+                            pauses.reason or "another worker was asked to stop", epoch + 1, step)
+            break
         epoch += 1
+    pauses.close()
+    preempt.uninstall_worker(pauses)
 
 
 def _resume_state(checkpoint, out_dir: Path, device) -> tuple[dict | None, str]:
@@ -371,19 +444,19 @@ def _resume_state(checkpoint, out_dir: Path, device) -> tuple[dict | None, str]:
     that is persisted and complete (sha256 marker) but that Ray does not hand back. Every
     rank scans the same run directory (shared storage), so all pick the same one.
     """
-    ray_epoch, ray_dir = -1, None
+    ray_at, ray_dir = (-2, -1), None
     if checkpoint is not None:
         ray_dir = checkpoint.path
         try:
             with checkpoint.as_directory() as ckpt_dir:
                 state = load_checkpoint(ckpt_dir, map_location=device)
-            ray_epoch = int(state["epoch"])
+            ray_at = _position(state)
         except CheckpointError as exc:  # e.g. an upload cut short by a full disk: never load half a file
             logger.warning("Ray's latest checkpoint is not usable (%s); resuming from the newest complete "
                            "one in %s", exc, out_dir)
             checkpoint = None
     disk, skipped = find_latest_complete(checkpoint_dirs(out_dir))
-    if disk is not None and int(read_marker(disk)["epoch"]) > ray_epoch:
+    if disk is not None and _position(read_marker(disk)) > ray_at:
         for path, reason in skipped:
             logger.warning("skipping checkpoint %s: %s", path, reason)
         logger.warning("resuming from %s (epoch %s): newer than Ray's latest registered checkpoint %s",
@@ -392,6 +465,11 @@ def _resume_state(checkpoint, out_dir: Path, device) -> tuple[dict | None, str]:
     if checkpoint is None:
         return None, ""
     return state, str(ray_dir)
+
+
+def _position(info) -> tuple[int, int]:
+    """(epoch, global step) of a checkpoint state or marker: mid-epoch ones sort after their epoch."""
+    return int(info["epoch"]), int(info["step"])
 
 
 def _count_nodes(world: int) -> int:
@@ -456,7 +534,8 @@ def _write_outputs(ckpt_dir, out_dir, *args) -> None:
 
 def _write_epoch_files(ckpt_dir, out_dir, cfg_dict, class_names, model, ema, optimizer, schedule, scaler,
                        guard, epoch, step, metrics, extra) -> None:
-    """The checkpoint dir for Ray, the metrics row, last.pt and (when improved) best.pt."""
+    """The checkpoint dir for Ray, the metrics row, last.pt and (when improved) best.pt; with
+    `metrics` None (a mid-epoch checkpoint) the checkpoint dir only."""
     save_checkpoint(ckpt_dir, {
         "model": unwrap_model(model).state_dict(),
         "ema": ema.state_dict(),
@@ -471,6 +550,8 @@ def _write_epoch_files(ckpt_dir, out_dir, cfg_dict, class_names, model, ema, opt
         "class_names": list(class_names),
         "extra": extra,
     })
+    if metrics is None:
+        return
     run_dir.append_metrics(out_dir, metrics)
     weights = ema.module.state_dict()
     last_map = extra["last_map"]
