@@ -343,9 +343,13 @@ def gpu_share() -> float:
 
 
 def resolve_batch_size(
-    cfg, model: torch.nn.Module, device: torch.device | str, max_batch: int | None = None
+    cfg, model: torch.nn.Module, device: torch.device | str, max_batch: int | None = None,
+    resumed: int | None = None,
 ) -> int:
     """`cfg.train.batch_size` as an int: as given, or for "auto" `auto_batch_size` on this worker.
+
+    resumed: the batch an "auto" run resolved before, from its checkpoint: a resumed run keeps it
+    (its schedule, LR scaling and mid-epoch position were made with it), without profiling again.
 
     max_batch: an upper bound for "auto" (e.g. the images one worker sees per epoch: a batch
     cannot hold more). With torch.distributed initialised every rank profiles its own device
@@ -357,6 +361,10 @@ def resolve_batch_size(
         return batch
     if batch != "auto":
         raise ValueError(f"train.batch_size: expected an int or 'auto', got {batch!r}")
+    if resumed is not None:
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            logger.info("batch_size auto: %d per worker, as resolved before the checkpoint", resumed)
+        return int(resumed)
     device = torch.device(device)
     size = max_train_size(cfg.data.img_size, cfg.data.multi_scale)
     batch, line = auto_batch_size(model, size, device, fraction=cfg.train.autobatch_fraction,

@@ -73,6 +73,7 @@ logger = logging.getLogger(__name__)
 
 SCORE_METRIC = "mAP"  # CheckpointConfig.checkpoint_score_attribute: every checkpointed report has it
 EPOCH_STEPS = "epoch_steps"  # extra key of a mid-epoch checkpoint: steps of the next epoch done
+AUTO_BATCH = "batch_size"  # extra key: the per-worker batch this run trains with ("auto" resolved once)
 EPOCH_SHAPE = "epoch_steps_shape"  # ... and the [batch size, world size] they were taken with
 
 
@@ -240,8 +241,9 @@ def train_loop(loop_config: dict) -> None:
     if cfg.model.init and state is None:  # fine-tuning; a resumed run's checkpoint holds every weight
         init_from_weights(model, cfg.model.init, class_names, log=rank == 0)
     model = model.to(device)
-    batch_size = resolve_batch_size(cfg, model, device,  # autobatch: "auto" -> int, min over ranks
-                                    max_batch=int(loop_config["num_train_images"]) // world)
+    batch_size = resolve_batch_size(  # autobatch: "auto" -> int (min over ranks), or as resolved before
+        cfg, model, device, max_batch=int(loop_config["num_train_images"]) // world,
+        resumed=state["extra"].get(AUTO_BATCH) if state is not None else None)
     global_batch = batch_size * world
     base_lr = scale_lr(cfg.train.lr, global_batch, cfg.train.nominal_batch_size, cfg.train.optimizer)
     optimizer = build_optimizer(model, cfg.train.optimizer, lr=base_lr, momentum=cfg.train.momentum,
@@ -358,7 +360,7 @@ def train_loop(loop_config: dict) -> None:
         t_epoch = time.perf_counter()
         phase = resumed_at if epoch == start_epoch else 0  # steps of this epoch done before this call
         extra_state = {"best_map": best_map, "last_map": last_map, "run_starts": run_starts,
-                       MOSAIC_EXTRA: mosaic.first_free}
+                       MOSAIC_EXTRA: mosaic.first_free, AUTO_BATCH: batch_size}
         epoch_batches = EpochBatches(itertools.islice(stream, spe - phase))
         batches = iter(epoch_batches)
         if epoch == start_epoch:
@@ -415,7 +417,7 @@ def train_loop(loop_config: dict) -> None:
             ckpt_tmp = tempfile.TemporaryDirectory(prefix="rtrain-ckpt-")
             _write_outputs(ckpt_tmp.name, out_dir, cfg_dict, class_names, model, ema, optimizer, schedule,
                            scaler, guard, epoch, step, metrics,
-                           {"best_map": best_map, "last_map": last_map, "run_starts": run_starts,
+                           {**extra_state, "best_map": best_map, "last_map": last_map,
                             MOSAIC_EXTRA: mosaic.first_free})
             tracking.log_epoch(metrics, step)
             ckpt = Checkpoint.from_directory(ckpt_tmp.name)

@@ -254,6 +254,21 @@ def test_choose_batch_falls_back_to_the_largest_size_that_fitted():
     assert choose_batch(lambda sizes: [None] * len(sizes), SIZES, 80 * GiB, 0.6)[::3] == (1, False)
 
 
+def test_a_resumed_auto_run_keeps_the_batch_it_resolved_and_does_not_profile(caplog, monkeypatch):
+    import rtrain.autobatch as autobatch
+
+    def no_profiling(*args, **kwargs):
+        raise AssertionError("a resumed run profiled again")
+
+    monkeypatch.setattr(autobatch, "auto_batch_size", no_profiling)
+    model = build_model("compact_n", 3)
+    with caplog.at_level(logging.INFO, logger="rtrain.autobatch"):
+        assert resolve_batch_size(_cfg(batch_size="auto"), model, "cpu", max_batch=12, resumed=24) == 24
+    assert "batch_size auto: 24 per worker, as resolved before the checkpoint" in caplog.text
+    # a batch the config names is used as named, whatever the checkpoint ran with
+    assert resolve_batch_size(_cfg(batch_size=8), model, "cpu", resumed=24) == 8
+
+
 def test_auto_is_capped_by_the_images_a_worker_sees(caplog):
     model = build_model("compact_n", 3)
     with caplog.at_level(logging.INFO, logger="rtrain.autobatch"):
