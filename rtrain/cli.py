@@ -200,7 +200,7 @@ def quiet_worker() -> None:
 # `rtrain NAME ...` runs `main(argv)` of this module; the line is what `rtrain --help` says of it.
 COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("rtrain.fit", "train a detector on Ray Train (no arguments: the quickstart)"),
-    "tune": ("rtrain.tune", "architecture and batch-size search on Ray Tune (ASHA on val mAP)"),
+    "tune": ("rtrain.tune", "architecture and batch-size search on Ray Tune (ASHA on val mAP50)"),
     "evaluate": ("rtrain.evaluate", "COCO metrics of weights on val shards"),
     "predict": ("rtrain.predict", "detections for images, folders or shards"),
     "export": ("rtrain.export", "ONNX or TorchScript with a parity check"),

@@ -9,9 +9,12 @@
             ray.shutdown()
 
 `start_ray` reuses an already initialised Ray as is, joins `address` ("auto" or host:port) when
-one is given, and otherwise starts a local Ray. It returns True only when it started one, so the
-caller shuts down only what it started. See docs/design.md ("The flow") for why the drivers own
-Ray's lifetime.
+one is given or, failing that, the cluster in `RAY_ADDRESS` (set for the entrypoint of a Ray job:
+`ray job submit -- python -m rtrain.fit ...` joins the job's cluster), and otherwise starts a local
+Ray of its own (`address="local"`: never the cluster that another process's `ray start` or
+`ray.cluster_utils.Cluster` on this machine recorded in /tmp/ray/ray_current_cluster). It returns
+True only when it started one, so the caller shuts down only what it started. See docs/design.md
+("The flow") for why the drivers own Ray's lifetime.
 """
 
 from __future__ import annotations
@@ -45,13 +48,15 @@ def start_ray(address: str | None = None, *, dashboard: bool = False,
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    if dashboard:
-        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")  # the dashboard's Train view
+    address = address or os.environ.get("RAY_ADDRESS") or None  # a Ray job's entrypoint has it
+    if dashboard or address:  # a cluster's dashboard shows the run in its Train view
+        os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     if address:
         ray.init(address=address, configure_logging=False)
         logger.info("joined the Ray cluster at %s", address)
         return False
     context = ray.init(
+        address="local",
         num_cpus=local_num_cpus(),
         include_dashboard=dashboard,
         dashboard_host=dashboard_host,

@@ -1,4 +1,4 @@
-"""Run a sweep on Ray Tune: one rtrain training run per trial, ASHA on val mAP, then the report.
+"""Run a sweep on Ray Tune: one rtrain training run per trial, ASHA on a val score, then the report.
 
     from rtrain.sweep import load_sweep
     from rtrain.sweep_run import run_sweep
@@ -7,7 +7,9 @@
 
 Each trial is a Ray Train `TorchTrainer` running the unchanged `rtrain.train_loop.train_loop`
 (W workers, CPU or G GPUs) with `TuneReportCallback`, which forwards rank 0's per-epoch report
-to Tune; `SweepReportCallback` adds `epochs_done` (ASHA's time attribute). The trial's run
+to Tune; `SweepReportCallback` adds `epochs_done` (ASHA's time attribute). ASHA is
+`rtrain.sweep_stop.SignalASHA` on `tune.metric` (default mAP50): a rung stops nothing until a trial
+there reaches `tune.min_signal`. The trial's run
 directory (metrics.jsonl, best.pt, last.pt, checkpoints) is `SWEEP/<trial dir>/run`.
 
 Layout of SWEEP = <storage>/<name>:
@@ -64,7 +66,7 @@ from rtrain.config import TrainConfig, config_from_dict, config_to_dict, dump_co
 from rtrain.errors import FAILED, RtrainError
 from rtrain.ray_session import start_ray
 from rtrain.runner import FitError, check_data, check_storage
-from rtrain.sweep import METRIC, TIME_ATTR, SweepError, SweepSpec, apply_params, effective_lr
+from rtrain.sweep import EARLY_METRICS, TIME_ATTR, SweepError, SweepSpec, apply_params, effective_lr
 from rtrain.sweep_report import (
     BEST_YAML,
     PARETO_PNG,
@@ -164,13 +166,29 @@ def _report_callback():
     from ray.tune.integration.ray_train import TuneReportCallback
 
     class SweepReportCallback(TuneReportCallback):
-        """TuneReportCallback plus `epochs_done` = the loop's 0-based `epoch` + 1 (ASHA's clock)."""
+        """TuneReportCallback plus `epochs_done` = the loop's 0-based `epoch` + 1 (ASHA's clock), and
+        every EARLY_METRICS key in every report: an epoch without evaluation carries the last
+        evaluated value forward (0.0 before the first), as the loop does for mAP; Tune refuses a
+        result without its metric."""
+
+        def __init__(self):
+            super().__init__()
+            self.last = dict.fromkeys(EARLY_METRICS, 0.0)
 
         def after_report(self, run_context, metrics, checkpoint):
-            metrics = [{**m, TIME_ATTR: int(m.get("epoch", -1)) + 1} for m in metrics]
-            super().after_report(run_context, metrics, checkpoint)
+            super().after_report(run_context, [tune_result(m, self.last) for m in metrics], checkpoint)
 
     return SweepReportCallback()
+
+
+def tune_result(metrics: dict, last: dict) -> dict:
+    """What Tune gets for one epoch's report: `metrics` plus `epochs_done`, and every EARLY_METRICS
+    key, taken from `last` (the trial's last evaluated values, updated here) when this epoch was
+    not evaluated. None values are left out (Tune wants numbers)."""
+    if metrics.get("evaluated"):
+        last.update({k: float(metrics[k]) for k in EARLY_METRICS if metrics.get(k) is not None})
+    return {**last, **{k: v for k, v in metrics.items() if v is not None},
+            TIME_ATTR: int(metrics.get("epoch", -1)) + 1}
 
 
 def run_trial(params: dict, context: dict) -> None:
@@ -393,8 +411,9 @@ def _run_sweep_locked(spec: SweepSpec | None, sweep_dir: Path, storage_path: Pat
     """The rest of `run_sweep`, while this process holds SWEEP/.lock (rtrain.run_lock)."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from rtrain.sweep_stop import SignalASHA
 
     if spec is None:
         from rtrain.sweep import load_sweep
@@ -409,7 +428,7 @@ def _run_sweep_locked(spec: SweepSpec | None, sweep_dir: Path, storage_path: Pat
     if not resume:
         save_spec(spec, sweep_dir / SWEEP_YAML)
     if spec.base["eval"]["interval"] != 1:
-        logger.warning("eval.interval is %d: ASHA compares the last evaluated mAP; 1 is best for sweeps",
+        logger.warning("eval.interval is %d: ASHA compares the last evaluated score; 1 is best for sweeps",
                        spec.base["eval"]["interval"])
 
     try:  # run.loggers: a missing package is one line before Ray
@@ -423,8 +442,9 @@ def _run_sweep_locked(spec: SweepSpec | None, sweep_dir: Path, storage_path: Pat
                    "settings": dataclasses.asdict(spec.tune), "sweep_dir": str(sweep_dir)}
         trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": TRIAL_CPU})
         concurrency = spec.tune.max_concurrent or auto_concurrency(spec, ray.cluster_resources())
-        logger.info("sweep %s: %d trial(s), %d at a time, ASHA on %s over %d epochs -> %s", sweep_dir.name,
-                    spec.num_trials(), concurrency, METRIC, spec.epochs, sweep_dir)
+        logger.info("sweep %s: %d trial(s), %d at a time, ASHA on %s (cuts once a rung's best reaches %g) "
+                    "over %d epochs -> %s", sweep_dir.name, spec.num_trials(), concurrency, spec.tune.metric,
+                    spec.tune.min_signal, spec.epochs, sweep_dir)
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
@@ -433,12 +453,12 @@ def _run_sweep_locked(spec: SweepSpec | None, sweep_dir: Path, storage_path: Pat
                 trainable,
                 param_space=spec.param_space(),
                 tune_config=tune.TuneConfig(
-                    metric=METRIC, mode="max", num_samples=spec.tune.num_samples,
+                    metric=spec.tune.metric, mode="max", num_samples=spec.tune.num_samples,
                     # max_concurrent_trials is ignored with a SearchAlgorithm: limit it here
                     search_alg=BasicVariantGenerator(random_state=spec.tune.seed, max_concurrent=concurrency),
-                    scheduler=ASHAScheduler(time_attr=TIME_ATTR, max_t=spec.epochs,
-                                            grace_period=min(spec.tune.grace_period, spec.epochs),
-                                            reduction_factor=spec.tune.reduction_factor),
+                    scheduler=SignalASHA(min_signal=spec.tune.min_signal, time_attr=TIME_ATTR,
+                                         max_t=spec.epochs, reduction_factor=spec.tune.reduction_factor,
+                                         grace_period=min(spec.tune.grace_period, spec.epochs)),
                 ),
                 run_config=tune.RunConfig(
                     name=sweep_dir.name, storage_path=str(storage_path),

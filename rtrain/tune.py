@@ -1,4 +1,4 @@
-"""python -m rtrain.tune: architecture and batch-size search on Ray Tune (ASHA on val mAP).
+"""python -m rtrain.tune: architecture and batch-size search on Ray Tune (ASHA on val mAP50).
 
     python -m rtrain.tune --config configs/sweep_quickstart.yaml           # synthetic data, 2 CPUs
     python -m rtrain.tune --config configs/sweep_bccd.yaml --num-samples 8 --max-concurrent 1
@@ -13,7 +13,7 @@ Ray dashboard: a sweep that starts its own Ray turns it on at http://127.0.0.1:8
 only; the REST API wants `Authorization: Bearer $(ray get-auth-token)`). Each running trial is an
 `ImplicitFunc` actor with its `TrainController`, `RayTrainWorker` and Ray Data decode actors beside
 it; the Train page lists one run per trial; the Jobs page shows this CLI as the driver. Tune's own
-progress table (trial, status, params, mAP) is printed here every 30 s.
+progress table (trial, status, params, tune.metric) is printed here every 30 s.
 
 Exit status: 0 done (failed trials are rows of the table), 2 bad input (one line on stderr),
 1 the sweep itself failed, 130 interrupted (--resume continues it).
