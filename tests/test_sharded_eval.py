@@ -9,7 +9,6 @@ from rtrain.data import iter_batches_local
 from rtrain.quickstart import prepare_synthetic
 from rtrain.sharded_eval import _rows_of_rank, val_batches, validate_sharded
 
-
 # An untrained head scores every anchor near its 0.01 prior: a threshold there would make the
 # detection count hinge on last-bit rounding, so the test scores above the prior's cluster.
 EVAL = {"batch_size": 4, "score_thresh": 0.05}
