@@ -195,3 +195,33 @@ def test_eval_rect_false_scores_as_before_and_rect_scores_the_same_images(mixed_
     for key in ("mAP", "mAP50", "AR100", "eval_images", "eval_detections"):
         assert square[key] == before[key], key
     assert rect["eval_images"] == before["eval_images"] == 12
+
+
+def test_predict_rect_gives_each_image_its_own_canvas(tmp_path):
+    """A wide and a tall image in one batch: each is predicted as when it is alone (its own
+    canvas, not the batch's), and its boxes land in its own pixels."""
+    from inference_fixtures import spread_head
+
+    from rtrain.models import build_model
+    from rtrain.predictor import PredictSettings, process_rows
+
+    root = _make_images(tmp_path / "imgs", [(108, 192), (192, 108), (144, 192)], seed=3)
+    torch.manual_seed(0)
+    model = spread_head(build_model("compact_n", 2)).eval()
+    paths = [str(root / "images" / f"{i:03d}.jpg") for i in (1, 2, 3)]
+
+    def run(idx):
+        rows = {"id": np.asarray([i + 1 for i in idx]), "name": np.asarray([f"{i}" for i in idx], object),
+                "path": np.asarray([paths[i] for i in idx], object)}
+        settings = PredictSettings(img_size=SIZE, conf=0.05, iou=0.6, rect=True)
+        return process_rows(model, ["a", "b"], settings, rows, None, torch.device("cpu"))
+
+    together = run([0, 1, 2])
+    assert sum(len(s) for s in together["scores"]) > 0
+    for k, i in enumerate([0, 1, 2]):
+        alone = run([i])
+        np.testing.assert_allclose(together["boxes"][k], alone["boxes"][0], atol=1e-3)
+        np.testing.assert_allclose(together["scores"][k], alone["scores"][0], atol=1e-5)
+        b = together["boxes"][k].reshape(-1, 4)
+        w, h = int(together["width"][k]), int(together["height"][k])
+        assert (b >= 0).all() and (b[:, [0, 2]] <= w).all() and (b[:, [1, 3]] <= h).all()
