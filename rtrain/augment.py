@@ -9,7 +9,9 @@ Conventions:
   tightly (to interpolation blur) after the step.
 
 The train recipe (as YOLO-style detectors use): [mosaic of 4 | letterbox] -> random affine
-(zoom `scale`, shift `translate`) to S x S -> HSV jitter -> horizontal flip. Val: letterbox only.
+(zoom `scale`, shift `translate`) to S x S -> HSV jitter -> horizontal flip. Val: letterbox only,
+to S x S or, for rectangular evaluation, to a batch canvas (H, W) from `rect_canvas` (the same
+resize by S / max(h, w), so only the gray padding around the image differs).
 Every random choice comes from `sample_rng(seed, epoch, image_id)`, so one image's augmentation
 for an epoch does not depend on worker order or on the other images (mosaic partners excepted:
 they are drawn from the same batch, see `Augmenter`).
@@ -112,8 +114,29 @@ def _select(sample: Sample, keep: np.ndarray, boxes: np.ndarray) -> tuple[np.nda
 # ---------------------------------------------------------------- transforms
 
 
-def letterbox(sample: Sample, size: int) -> Sample:
-    """Resize so the longer side is `size` (aspect kept), pad to size x size with gray, centred.
+def resized_shape(h: int, w: int, size: int) -> tuple[int, int]:
+    """(nh, nw) of an h x w image after `letterbox`'s resize (longer side -> `size`)."""
+    r = size / max(h, w)
+    if r == 1.0:
+        return h, w
+    return max(1, math.floor(h * r + 1e-6)), max(1, math.floor(w * r + 1e-6))
+
+
+def rect_canvas(shapes, size: int, stride: int = 32) -> tuple[int, int]:
+    """The (H, W) canvas that holds every (h, w) of `shapes` resized by `letterbox` (longer side
+    `size`): the batch's largest resized height and width, each rounded up to a multiple of
+    `stride` (rectangular evaluation: a batch of 16:9 images at 416 gets 256 x 416, not 416 x 416).
+    At most `size` x `size` when `size` is a multiple of `stride`."""
+    if not len(shapes):
+        return size, size
+    dims = [resized_shape(int(h), int(w), size) for h, w in shapes]
+    nh, nw = max(d[0] for d in dims), max(d[1] for d in dims)
+    return -(-nh // stride) * stride, -(-nw // stride) * stride
+
+
+def letterbox(sample: Sample, size: int, canvas: tuple[int, int] | None = None) -> Sample:
+    """Resize so the longer side is `size` (aspect kept), pad with gray, centred, to size x size or
+    to `canvas` (H, W), which must hold the resized image (`rect_canvas`).
 
     Boxes follow exactly: `new = old * r + (left, top)`; `scale`/`pad` accumulate that mapping.
     """
@@ -121,8 +144,11 @@ def letterbox(sample: Sample, size: int) -> Sample:
     r = size / max(h, w)
     image = _resize_exact(sample.image, r)
     nh, nw = image.shape[:2]
-    left, top = (size - nw) // 2, (size - nh) // 2
-    canvas = np.full((size, size, 3), PAD_VALUE, dtype=np.uint8)
+    ch, cw = canvas if canvas is not None else (size, size)
+    if nh > ch or nw > cw:
+        raise ValueError(f"letterbox: a {h}x{w} image resized to {nh}x{nw} does not fit a {ch}x{cw} canvas")
+    left, top = (cw - nw) // 2, (ch - nh) // 2
+    canvas = np.full((ch, cw, 3), PAD_VALUE, dtype=np.uint8)
     canvas[top : top + nh, left : left + nw] = image
     boxes = sample.boxes * np.float32(r) + np.array([left, top, left, top], dtype=np.float32)
     pad = (sample.pad[0] * r + left, sample.pad[1] * r + top)
@@ -264,11 +290,13 @@ class Augmenter:
     params: AugmentParams = field(default_factory=AugmentParams)
     seed: int = 0
 
-    def one(self, samples: list[Sample], index: int, image_id: int, epoch: int) -> Sample:
-        """Augment samples[index] (the others are mosaic partners only)."""
+    def one(self, samples: list[Sample], index: int, image_id: int, epoch: int,
+            canvas: tuple[int, int] | None = None) -> Sample:
+        """Augment samples[index] (the others are mosaic partners only). `canvas` (H, W): the
+        val letterbox canvas (rectangular evaluation, `rect_canvas`); None = S x S."""
         sample, p, size = samples[index], self.params, self.img_size
         if not self.train:
-            return letterbox(sample, size)
+            return letterbox(sample, size, canvas)
         rng = sample_rng(self.seed, epoch, image_id)
         ref_area = None
         if p.mosaic > 0 and rng.random() < p.mosaic and len(samples) > 1:

@@ -9,7 +9,8 @@ Inputs (one call = one batch, all images on one device):
 
 Output: the dict layout of `rtrain.data.collate` on the images' device: images uint8 [B, 3, S, S];
 boxes float32 [B, M, 4] input px (0 where padded); labels int64 [B, M] (-1 where padded);
-iscrowd bool [B, M]; scale float32 [B]; pad float32 [B, 2] (left, top). M >= 1.
+iscrowd bool [B, M]; scale float32 [B]; pad float32 [B, 2] (left, top). M >= 1. Rectangular val
+(`rect=True`): images [B, 3, H, W] with (H, W) = `rtrain.augment.rect_canvas` of the call's images.
 `input = stored * scale + pad` is exact in val mode; in train mode scale/pad describe the letterbox
 step only (mosaic: 1 and (0, 0)), as in `Augmenter`.
 
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rtrain.augment import PAD_VALUE, AugmentParams, _box_area, _keep_boxes, sample_rng
+from rtrain.augment import PAD_VALUE, AugmentParams, _box_area, _keep_boxes, rect_canvas, sample_rng
 
 
 @dataclass
@@ -112,7 +113,8 @@ def _to_numpy(x, dtype, shape) -> np.ndarray:
 class TensorAugmenter:
     """`Augmenter`'s recipe on a batch of uint8 [3, H, W] tensors; see the module doc.
 
-    train=False: letterbox to `img_size`, centred, gray padding (exact `scale`/`pad`).
+    train=False: letterbox to `img_size`, centred, gray padding (exact `scale`/`pad`); with
+    `rect`, into one `rtrain.augment.rect_canvas` (H, W) per call instead of S x S.
     train=True: per image, mosaic (prob `params.mosaic`, partners from the same call) or letterbox,
     random affine, HSV jitter, horizontal flip, each drawn from `sample_rng(seed, epoch, image_id)`.
     """
@@ -120,20 +122,27 @@ class TensorAugmenter:
     uint8_resize_on_cpu = True  # False: the float resize path the CUDA device takes (tests use it)
 
     def __init__(
-        self, img_size: int, train: bool, params: AugmentParams | None = None, seed: int = 0
+        self, img_size: int, train: bool, params: AugmentParams | None = None, seed: int = 0,
+        rect: bool = False,
     ) -> None:
+        if rect and train:
+            raise ValueError("TensorAugmenter: rect=True is for evaluation only (train=False)")
         self.img_size = int(img_size)
         self.train = bool(train)
+        self.rect = bool(rect)
+        self.canvas = (self.img_size, self.img_size)  # the val canvas (H, W) of the current call
         self.params = params or AugmentParams()
         self.seed = int(seed)
 
     # ------------------------------------------------------------ host: parameters and boxes
 
-    def _letterbox_plan(self, h: int, w: int, index: int, boxes, labels, crowd) -> _Plan:
+    def _letterbox_plan(self, h: int, w: int, index: int, boxes, labels, crowd,
+                        canvas: tuple[int, int] | None = None) -> _Plan:
         size = self.img_size
         r = size / max(h, w)
         nh, nw = _resized_size(h, w, r)
-        left, top = (size - nw) // 2, (size - nh) // 2
+        ch, cw = canvas or (size, size)
+        left, top = (cw - nw) // 2, (ch - nh) // 2
         boxes = boxes * np.float32(r) + np.array([left, top, left, top], dtype=np.float32)
         return _Plan(False, [(index, left, top)], boxes, labels, crowd, r, (float(left), float(top)))
 
@@ -215,8 +224,10 @@ class TensorAugmenter:
                 self._train_plan(i, shapes, boxes, labels, iscrowd, int(image_ids[i]), epoch)
                 for i in range(len(shapes))
             ]
+        self.canvas = rect_canvas(shapes, self.img_size) if self.rect else (self.img_size, self.img_size)
         return [
-            self._letterbox_plan(h, w, i, boxes[i], labels[i], iscrowd[i]) for i, (h, w) in enumerate(shapes)
+            self._letterbox_plan(h, w, i, boxes[i], labels[i], iscrowd[i], self.canvas)
+            for i, (h, w) in enumerate(shapes)
         ]
 
     # ------------------------------------------------------------ device: pixels
@@ -279,7 +290,7 @@ class TensorAugmenter:
         return out.add_(PAD_VALUE)
 
     def render(self, images: list[torch.Tensor], plans: list[_Plan]) -> torch.Tensor:
-        """uint8 [B, 3, S, S] for the plans, on the images' device."""
+        """uint8 [B, 3, S, S] (rect val: [B, 3, H, W], `self.canvas`) for the plans, on their device."""
         size = self.img_size
         device = images[0].device
         needed = {src for p in plans for src, _, _ in p.tiles}
@@ -291,7 +302,8 @@ class TensorAugmenter:
             if not idx:
                 continue
             side = 2 * size if is_mosaic else size
-            canvases = torch.full((len(idx), 3, side, side), PAD_VALUE, dtype=dtype, device=device)
+            ch, cw = (side, side) if self.train else self.canvas
+            canvases = torch.full((len(idx), 3, ch, cw), PAD_VALUE, dtype=dtype, device=device)
             for k, i in enumerate(idx):
                 for src, ox, oy in plans[i].tiles:
                     self._paste(canvases[k], tiles[src], ox, oy)
@@ -340,7 +352,6 @@ class TensorAugmenter:
             if not len(np_boxes[i]) == len(np_labels[i]) == len(np_crowd[i]):
                 raise ValueError(f"image {image_ids[i]}: boxes/labels/iscrowd lengths differ")
         plans = self.plan(shapes, np_boxes, np_labels, np_crowd, image_ids, epoch)
-        size = self.img_size
         m = max([1] + [len(p.labels) for p in plans])
         out_boxes = np.zeros((n, m, 4), np.float32)
         out_labels = np.full((n, m), -1, np.int64)
@@ -348,7 +359,7 @@ class TensorAugmenter:
         for i, p in enumerate(plans):
             k = len(p.labels)
             out_boxes[i, :k], out_labels[i, :k], out_crowd[i, :k] = p.boxes, p.labels, p.iscrowd
-        pixels = self.render(images, plans) if n else torch.zeros((0, 3, size, size), dtype=torch.uint8)
+        pixels = self.render(images, plans) if n else torch.zeros((0, 3, *self.canvas), dtype=torch.uint8)
 
         def put(a: np.ndarray) -> torch.Tensor:
             return to_device_async(torch.from_numpy(a), device)

@@ -141,6 +141,11 @@ class EvalConfig:
     iou_thresh: float = field(default=0.6, metadata=_range(0.0, 1.0))
     max_det: int = field(default=100, metadata=_range(1, 10_000))
     batch_size: int = field(default=16, metadata=_range(1, 4096))
+    # Rectangular val and predict inputs: val rows sorted by aspect ratio and batched, each batch
+    # letterboxed (longer side data.img_size, as before) into its largest resized height x width
+    # rounded up to 32 instead of img_size x img_size; predict gives each image its own such
+    # canvas. Boxes map back to original pixels as before. false = square inputs, as before.
+    rect: bool = True
 
 
 @dataclass

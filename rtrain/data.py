@@ -7,11 +7,12 @@
         images = batch["images"].float().div_(255)        # uint8 [B, 3, S, S] -> float on device
         targets = batch_to_targets(batch, device)        # list of {boxes, labels, iscrowd}
 
-Rows after `DecodeAugment` (one per image): `image` uint8 [S, S, 3]; `boxes` float32 flat
-[x1, y1, x2, y2, ...] in input (S x S) pixels; `labels` int32; `iscrowd` bool; `image_id` int64;
-`scale` float32 and `pad` float32 [2] (left, top) with `input = stored * scale + pad` (exact in
-val mode); `stored_size` and `orig_size` int32 [2] as (width, height). Ragged columns are 1-D
-arrays (Ray keeps them as Arrow lists); nested lists would fall back to pickle.
+Rows after `DecodeAugment` (one per image): `image` uint8 [S, S, 3] (rectangular val: [H, W, 3],
+one canvas per decode call); `boxes` float32 flat [x1, y1, x2, y2, ...] in input pixels; `labels`
+int32; `iscrowd` bool; `image_id` int64; `scale` float32 and `pad` float32 [2] (left, top) with
+`input = stored * scale + pad` (exact in val mode); `stored_size` and `orig_size` int32 [2] as
+(width, height). Ragged columns are 1-D arrays (Ray keeps them as Arrow lists); nested lists would
+fall back to pickle.
 
 Training reads these rows through `rtrain.epoch_stream` (one Ray Data execution over all
 epochs; each row carries its `epoch`, which seeds its augmentation). `build_dataset` is the
@@ -62,7 +63,7 @@ from data_prep.shard_format import (  # noqa: F401
     check_schema,
     read_manifest,
 )
-from rtrain.augment import Augmenter, AugmentParams, Sample
+from rtrain.augment import Augmenter, AugmentParams, Sample, rect_canvas
 from rtrain.close_mosaic import mosaic_on
 from rtrain.target_checks import clean_targets
 
@@ -186,12 +187,17 @@ class DecodeAugment:
     decode is dropped with a warning (counted in `self.skipped`).
     `no_mosaic_from`: rows of epochs >= this one are augmented without mosaic (`rtrain.close_mosaic`);
     None = never, an int, or an EpochClock handle asked once per batch (time-limited runs).
+    `rect` (val only): each call's images share one canvas of `rtrain.augment.rect_canvas` (the
+    call's largest resized height and width rounded up to 32) instead of img_size x img_size.
     """
 
     def __init__(
         self, *, train: bool, img_size: int, aug: AugmentParams | None = None, seed: int = 0, epoch=0,
-        num_classes: int | None = None, no_mosaic_from=None,
+        num_classes: int | None = None, no_mosaic_from=None, rect: bool = False,
     ) -> None:
+        if rect and train:
+            raise ValueError("DecodeAugment: rect=True is for evaluation only (train=False)")
+        self.rect = rect
         params = aug or AugmentParams()
         self.augmenter = Augmenter(img_size=img_size, train=train, params=params, seed=seed)
         self.plain = Augmenter(img_size=img_size, train=train, params=replace(params, mosaic=0.0), seed=seed)
@@ -249,8 +255,10 @@ class DecodeAugment:
         else:
             epochs = [epoch] * len(rows)
         first_free = self._first_free(max(epochs)) if epochs and self.no_mosaic_from is not None else None
+        canvas = rect_canvas([s.image.shape[:2] for s in samples], self.augmenter.img_size) \
+            if self.rect else None
         out = [(self.augmenter if mosaic_on(epochs[k], first_free) else self.plain).one(
-            samples, k, ids[k], epochs[k]) for k in range(len(samples))]
+            samples, k, ids[k], epochs[k], canvas) for k in range(len(samples))]
         size = self.augmenter.img_size
         n = len(out)
         return {

@@ -155,15 +155,16 @@ class DeviceDecodeAugment:
     `skipped` counts the rows dropped for undecodable JPEGs over the instance's life.
     `no_mosaic_from`: batches of epochs >= this one are augmented without mosaic
     (`rtrain.close_mosaic`): None = never, an int, or the train loop's `CloseMosaic`, read per batch.
+    `rect` (val only): each call's images share one `rtrain.augment.rect_canvas` canvas.
     """
 
     def __init__(
         self, img_size: int, train: bool, params: AugmentParams | None = None, seed: int = 0,
-        no_mosaic_from=None,
+        no_mosaic_from=None, rect: bool = False,
     ) -> None:
         params = params or AugmentParams()
-        self.augmenter = TensorAugmenter(img_size, train, params, seed)
-        self.plain = TensorAugmenter(img_size, train, replace(params, mosaic=0.0), seed)
+        self.augmenter = TensorAugmenter(img_size, train, params, seed, rect=rect)
+        self.plain = TensorAugmenter(img_size, train, replace(params, mosaic=0.0), seed, rect=rect)
         self.no_mosaic_from = no_mosaic_from
         self.skipped = 0
 

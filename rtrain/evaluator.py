@@ -3,12 +3,14 @@
     metrics = evaluate_weights("runs/bccd/best.pt", "data/bccd/shards/val")
     print(format_metrics(metrics))
 
-The numbers come from `rtrain.predict_loop.evaluate` with the batches `rtrain.train_loop` evaluates on
-(`iter_batches_local(..., train=False)`: letterbox only) and the weights' saved `data.img_size`
-and `eval.*` thresholds (overridable), so they equal the figures logged during training for the
-same weights and data. Optional PR curves (one PNG per class, from COCOeval's precision array)
-need the COCO results themselves, which `predict_loop.evaluate` does not return: they take a second
-prediction pass (`predict_loop.predict_batches` + `evaluation.to_coco_results`, the same functions).
+The numbers come from `rtrain.predict_loop.evaluate` with the batches validation during training scores
+(`rtrain.sharded_eval.val_batches` on one rank: letterbox only, rectangular per batch of similar
+aspect unless `eval.rect=false`) and the weights' saved `data.img_size` and `eval.*` settings
+(overridable), so they equal the figures logged during training for the same weights, data and
+eval.batch_size (rect batches depend on it). Optional PR curves (one PNG per class, from
+COCOeval's precision array) need the COCO results themselves, which `predict_loop.evaluate` does not
+return: they take a second prediction pass (`predict_loop.predict_batches` +
+`evaluation.to_coco_results`, the same functions).
 """
 
 from __future__ import annotations
@@ -71,7 +73,6 @@ def evaluate_weights(
     Raises CheckpointError / ConfigError / ShardError with one line.
     """
     from rtrain import predict_loop
-    from rtrain.data import iter_batches_local
     from rtrain.evaluation import coco_gt_from_shards
     from rtrain.loading import load_detector, pick_device
 
@@ -83,10 +84,12 @@ def evaluate_weights(
     gt = coco_gt_from_shards(shards)
     bs = batch_size or cfg.eval.batch_size
     settings = dict(img_size=cfg.data.img_size, score_thresh=cfg.eval.score_thresh,
-                    iou_thresh=cfg.eval.iou_thresh, max_det=cfg.eval.max_det)
+                    iou_thresh=cfg.eval.iou_thresh, max_det=cfg.eval.max_det, rect=cfg.eval.rect)
 
     def batches():
-        return iter_batches_local(shards, batch_size=bs, train=False, img_size=cfg.data.img_size)
+        from rtrain.sharded_eval import val_batches
+
+        return val_batches(shards, batch_size=bs, img_size=cfg.data.img_size, device=dev, rect=cfg.eval.rect)
 
     start = time.perf_counter()
     metrics = predict_loop.evaluate(
@@ -182,7 +185,8 @@ def format_metrics(metrics: dict) -> str:
     if s:
         n = metrics.get("eval_images", "?")
         lines.append(f"{s.get('model', '?')} on {s.get('shards', '?')}: {n} images, "
-                     f"{s.get('img_size')} px, score>{s.get('score_thresh')}, NMS IoU {s.get('iou_thresh')}, "
+                     f"{s.get('img_size')} px{' rect' if s.get('rect') else ''}, "
+                     f"score>{s.get('score_thresh')}, NMS IoU {s.get('iou_thresh')}, "
                      f"max {s.get('max_det')} det")
     for key, label in STAT_LABELS:
         lines.append(f" {label} = {metrics[key]:.3f}")

@@ -5,7 +5,9 @@
     report.skipped        # [(file name, one-line reason)] of unreadable images
 
 Both paths run the same `process_rows` on batches of rows: read (EXIF-rotated, RGB) or decode a
-shard's JPEG, letterbox exactly as evaluation does (`rtrain.augment.letterbox`), run the model
+shard's JPEG, letterbox exactly as evaluation does (`rtrain.augment.letterbox`; with `rect`, the
+default, each image into its own canvas: longer side img_size, the other rounded up to 32, and
+images of one canvas shape in one model call), run the model
 through `rtrain.predict_loop.predict_batches` (the evaluation code path), map boxes back to the
 original image's pixels, draw the picture, and return flat columns. The Ray path puts that in
 `PredictActor`s (the weights are loaded once per actor) behind `map_batches` with an
@@ -38,7 +40,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data_prep.atomic import atomic_file
-from rtrain.augment import Sample, letterbox
+from rtrain.augment import Sample, letterbox, rect_canvas
 from rtrain.inference import read_image
 from rtrain.ray_session import start_ray  # noqa: F401  (rtrain.predictor.start_ray: re-exported)
 from rtrain.sources import Source, resolve_source
@@ -59,6 +61,7 @@ class PredictSettings:
     iou: float = 0.5
     max_det: int = 100
     batch_size: int = 8
+    rect: bool = True  # each image letterboxed into its own canvas (rtrain.augment.rect_canvas)
 
 
 @dataclass
@@ -156,14 +159,19 @@ def process_rows(model: torch.nn.Module, class_names: list[str], settings: Predi
     names = [str(x) for x in (rows["name"] if files else rows["file_name"])]
     loaded = _load_rows(rows)
     ok = [i for i, (image, _, _) in enumerate(loaded) if image is not None]
-    samples = [letterbox(Sample(np.asarray(loaded[i][0]), np.zeros((0, 4)), [], []), settings.img_size)
-               for i in ok]
+    size = settings.img_size
+    by_canvas: dict[tuple[int, int], list[int]] = {}  # rect: one model call per canvas shape
+    for i in ok:
+        h, w = loaded[i][0].size[::-1]
+        by_canvas.setdefault(rect_canvas([(h, w)], size) if settings.rect else (size, size), []).append(i)
     dets_by_row: dict[int, dict] = {}
-    if samples:
+    for canvas, rows_here in by_canvas.items():
+        samples = [letterbox(Sample(np.asarray(loaded[i][0]), np.zeros((0, 4)), [], []), size, canvas)
+                   for i in rows_here]
         images = torch.from_numpy(np.stack([s.image for s in samples]).transpose(0, 3, 1, 2).copy())
         (_, dets), = predict_batches(model, [{"images": images}], device=device, score_thresh=settings.conf,
                                      iou_thresh=settings.iou, max_det=settings.max_det)
-        for i, sample, det in zip(ok, samples, dets, strict=True):
+        for i, sample, det in zip(rows_here, samples, dets, strict=True):
             dets_by_row[i] = {"det": det, "scale": sample.scale, "pad": sample.pad}
     cols = {k: [] for k in ("width", "height", "boxes", "scores", "labels", "error", "picture")}
     for i, (image, error, (ow, oh)) in enumerate(loaded):
@@ -394,10 +402,13 @@ def predict(
     device: str | None = None,
     address: str | None = None,
     use_ray: bool | None = None,
+    rect: bool | None = None,
 ) -> PredictReport:
     """Predict every image of `source` (image, folder, glob, or shard folder); see the module doc.
 
-    img_size defaults to the weights' `data.img_size`. `use_ray` None decides by `wants_ray`.
+    img_size defaults to the weights' `data.img_size`, `rect` (each image in its own
+    rectangular canvas, else img_size x img_size) to their `eval.rect`. `use_ray` None decides
+    by `wants_ray`.
     The Ray path starts a local Ray when none is running (report.started_ray); it never shuts
     Ray down: the caller does, if it wants to. Raises SourceError, CheckpointError, ConfigError.
     """
@@ -410,7 +421,8 @@ def predict(
     size = int(img_size or loaded.config.data.img_size)
     if size % 32:
         raise ValueError(f"--size {size} is not a multiple of 32")
-    settings = PredictSettings(img_size=size, conf=conf, iou=iou, max_det=max_det, batch_size=batch_size)
+    settings = PredictSettings(img_size=size, conf=conf, iou=iou, max_det=max_det, batch_size=batch_size,
+                               rect=loaded.config.eval.rect if rect is None else bool(rect))
     out = Path(out_dir)
     pictures = out if draw else None
     ray_path = wants_ray(src.num_images, workers, gpus) if use_ray is None else use_ray

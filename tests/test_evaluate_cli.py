@@ -19,6 +19,7 @@ from rtrain.evaluation import STAT_NAMES, coco_gt_from_shards
 from rtrain.evaluator import evaluate_weights
 from rtrain.loading import load_detector
 from rtrain.predictor import predict
+from rtrain.sharded_eval import val_batches
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,17 +56,24 @@ def test_cli_writes_metrics_table_and_pr_curves(shards, weights, tmp_path, capsy
 
 def test_equals_in_training_evaluation_and_pycocotools_on_the_same_predictions(shards, weights, tmp_path):
     metrics = evaluate_weights(weights, shards)
-    # 1) the in-training path, called directly
+    # 1) the in-training path (rect val batches by default), called directly
     loaded = load_detector(weights)
     gt = coco_gt_from_shards(shards)
     manifest = json.loads((shards / "manifest.json").read_text())
     cat_ids = [c["category_id"] for c in manifest["classes"]]
-    batches = iter_batches_local(shards, batch_size=4, train=False, img_size=128)
+    batches = val_batches(shards, batch_size=4, img_size=128, rect=True)
     direct = predict_loop.evaluate(loaded.model, batches, gt, cat_ids, BCCD_CLASSES, device="cpu",
                              score_thresh=0.05, iou_thresh=0.6)
     for key in STAT_NAMES:
         assert metrics[key] == direct[key], key
     assert metrics["per_class"] == direct["per_class"]
+    assert metrics["settings"]["rect"] is True
+    # eval.rect=false: the square 128 x 128 batches of before
+    square = evaluate_weights(weights, shards, overrides=["eval.rect=false"])
+    batches = iter_batches_local(shards, batch_size=4, train=False, img_size=128)
+    before = predict_loop.evaluate(loaded.model, batches, gt, cat_ids, BCCD_CLASSES, device="cpu",
+                             score_thresh=0.05, iou_thresh=0.6)
+    assert [square[k] for k in STAT_NAMES] == [before[k] for k in STAT_NAMES]
     # 2) predictions made by the predict path (same thresholds and batches), scored by pycocotools itself
     report = predict(weights, shards, out_dir=tmp_path / "p", conf=0.05, iou=0.6, batch_size=4, draw=False)
     results = json.loads(report.json_path.read_text())["results"]
