@@ -115,6 +115,22 @@ def _merge_overrides(data: dict, overrides: list[str] | None) -> dict:
     return merge(data, parse_overrides(overrides))
 
 
+def local_only(location: str, what: str) -> None:
+    """FitError (one line) unless `location` is a local path: training runs do not use object
+    storage yet, and an unsupported scheme must never become a local folder (`rtrain.storage`)."""
+    from rtrain import storage
+
+    if not location:
+        return
+    try:
+        storage.check(location, what)
+    except storage.StorageError as exc:
+        raise FitError(str(exc)) from None
+    if storage.is_bucket(location):
+        raise FitError(f"{what} {location}: object storage is not supported for training yet "
+                       "(use a local or shared path)")
+
+
 def check_storage(storage: Path) -> Path:
     """Create `storage` if needed and prove it is writable; FitError (one line) otherwise."""
     try:
@@ -446,9 +462,11 @@ def fit(
     }
     run_overrides = {k: v for k, v in run_overrides.items() if v is not None}
     base = load_config(None, overrides) if config is None and not resume else None
-    storage_path = Path(run_overrides.get("storage") or (base.run.storage if base else "runs"))
+    storage_text = run_overrides.get("storage") or (base.run.storage if base else "runs")
     if config is not None and "storage" not in run_overrides:
-        storage_path = Path(_as_config(config, overrides).run.storage)
+        storage_text = _as_config(config, overrides).run.storage
+    local_only(storage_text, "run.storage")  # before Path(): Path("s3://b/x") is the folder ./s3:/b/x
+    storage_path = Path(storage_text)
     storage_path = check_storage(storage_path.expanduser().resolve())
     cfg, name = resolve_run(config, overrides, name, storage_path, resume)
     run_section = {**config_to_dict(cfg)["run"], **run_overrides, "name": name, "storage": str(storage_path)}
@@ -456,6 +474,9 @@ def fit(
         cfg = dataclasses.replace(cfg, run=config_from_dict({"run": run_section}).run)
     except ConfigError as exc:
         raise FitError(str(exc)) from None
+    for what, value in (("data.train", cfg.data.train), ("data.val", cfg.data.val),
+                        ("model.init", cfg.model.init)):
+        local_only(value, what)
     # Absolute shard paths: Ray workers (and a later --resume) may run from another directory.
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, train=_absolute(cfg.data.train), val=_absolute(cfg.data.val)),

@@ -72,6 +72,24 @@ def test_checks_before_ray(tiny_shards, tmp_path):
         fit(cfg, storage=blocker / "runs", name="y", plots=False)
 
 
+def test_object_storage_uris_are_refused_in_one_line_never_made_local(tiny_shards, tmp_path, monkeypatch):
+    """Until fit supports a bucket, `--storage s3://...` (and any other scheme) is one line, and no
+    `./s3:/...` folder appears."""
+    monkeypatch.chdir(tmp_path)
+    train, val = tiny_shards
+    cfg = _tiny_config(train, val, tmp_path / "runs", epochs=1)
+    cases = [({}, {"storage": "s3://bucket/runs"}, "run.storage s3://bucket/runs: object storage is not"),
+             ({}, {"storage": "gs://bucket/runs"}, "run.storage gs://bucket/runs: the gs:// scheme is not"),
+             ({"run": {**cfg["run"], "storage": "s3://b/r"}}, {}, "run.storage s3://b/r: object storage"),
+             ({"data": {**cfg["data"], "train": "s3://b/train"}}, {}, "data.train s3://b/train: "),
+             ({"model": {"name": "compact_n", "init": "s3://b/best.pt"}}, {}, "model.init s3://b/best.pt: ")]
+    for change, kwargs, start in cases:
+        with pytest.raises(FitError) as info:
+            fit({**cfg, **change}, name="x", plots=False, **kwargs)
+        assert str(info.value).startswith(start) and "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["runs"] if (tmp_path / "runs").exists() else [])
+
+
 def test_resume_with_another_model_or_classes_is_refused_before_ray(tiny_shards, tmp_path):
     from rtrain.checkpoint import capture_rng_state, save_checkpoint
     from rtrain.config import dump_config
