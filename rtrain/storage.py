@@ -107,6 +107,20 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return "/".join([str(base).rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def child(base: str | os.PathLike, *parts: str) -> str | Path:
+    """`base/part/...`: a Path for local disk (as `Path(base, *parts)`, relative stays relative), a
+    URI string for a bucket. What rtrain's own modules build file locations with."""
+    if is_bucket(base):
+        return join(base, *parts)
+    return Path(base, *parts)
+
+
+def location(value: str | os.PathLike) -> str | Path:
+    """A Path for a local location, the URI string for a bucket (StorageError for other schemes)."""
+    text = check(value)
+    return text.rstrip("/") if is_bucket(text) else Path(local_path(text) if scheme(text) else text)
+
+
 @lru_cache(maxsize=8)
 def _s3(endpoint: str | None, region: str | None):
     import pyarrow.fs as pafs
@@ -161,6 +175,13 @@ def size(location: str | os.PathLike) -> int:
     if info.type != pafs.FileType.File:
         raise FileNotFoundError(2, "file not found", str(location))
     return int(info.size)
+
+
+def mtime(location: str | os.PathLike) -> float | None:
+    """Last modification time (seconds since the epoch) of a file; None when unknown or absent
+    (a bucket "folder" has none)."""
+    info = _info(location)[2]
+    return info.mtime.timestamp() if info.mtime is not None else None
 
 
 def list_dir(location: str | os.PathLike) -> list[str]:

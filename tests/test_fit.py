@@ -72,17 +72,17 @@ def test_checks_before_ray(tiny_shards, tmp_path):
         fit(cfg, storage=blocker / "runs", name="y", plots=False)
 
 
-def test_object_storage_uris_are_refused_in_one_line_never_made_local(tiny_shards, tmp_path, monkeypatch):
-    """Until fit supports a bucket, `--storage s3://...` (and any other scheme) is one line, and no
-    `./s3:/...` folder appears."""
+def test_storage_uris_are_checked_in_one_line_never_made_local(tiny_shards, tmp_path, monkeypatch, s3_server):
+    """An unsupported scheme, a bucket that cannot be written and bucket shards (not yet supported)
+    are each one line before Ray, and no `./s3:/...` folder appears (it did before)."""
     monkeypatch.chdir(tmp_path)
     train, val = tiny_shards
     cfg = _tiny_config(train, val, tmp_path / "runs", epochs=1)
-    cases = [({}, {"storage": "s3://bucket/runs"}, "run.storage s3://bucket/runs: object storage is not"),
-             ({}, {"storage": "gs://bucket/runs"}, "run.storage gs://bucket/runs: the gs:// scheme is not"),
-             ({"run": {**cfg["run"], "storage": "s3://b/r"}}, {}, "run.storage s3://b/r: object storage"),
-             ({"data": {**cfg["data"], "train": "s3://b/train"}}, {}, "data.train s3://b/train: "),
-             ({"model": {"name": "compact_n", "init": "s3://b/best.pt"}}, {}, "model.init s3://b/best.pt: ")]
+    cases = [({}, {"storage": "gs://bucket/runs"}, "run.storage gs://bucket/runs: the gs:// scheme is not"),
+             ({}, {"storage": "s3://no-such-bucket/r"}, "s3://no-such-bucket/r: storage is not writable ("),
+             ({"run": {**cfg["run"], "storage": "hdfs://nn/r"}}, {}, "run.storage hdfs://nn/r: the hdfs:// "),
+             ({"data": {**cfg["data"], "train": "s3://b/train"}}, {}, "data.train s3://b/train: object "),
+             ({"model": {"name": "compact_n", "init": "gs://b/best.pt"}}, {}, "model.init gs://b/best.pt: ")]
     for change, kwargs, start in cases:
         with pytest.raises(FitError) as info:
             fit({**cfg, **change}, name="x", plots=False, **kwargs)
