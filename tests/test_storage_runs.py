@@ -155,3 +155,27 @@ def test_resume_finds_the_latest_run_in_a_bucket(s3_bucket):
         resolve_run(None, None, "nope", storage_uri, resume=True)
     with pytest.raises(FitError, match="a run named 'old' exists"):
         resolve_run({"model": {"name": "compact_n"}}, None, "old", storage_uri, resume=False)
+
+
+def test_predict_and_export_take_weights_from_a_bucket(s3_bucket, tmp_path, shared_data, capsys):
+    from inference_fixtures import cli_error, copy_images
+
+    from rtrain.export import main as export_main
+    from rtrain.predict import main as predict_main
+
+    weights = make_weights(tmp_path / "best.pt", img_size=128)
+    uri = f"{s3_bucket}/runs/r1/best.pt"
+    storage.write_bytes(uri, weights.read_bytes())
+    images = copy_images(shared_data, tmp_path / "images")
+    for name, w in (("local", str(weights)), ("bucket", uri)):
+        assert predict_main(["--weights", w, "--source", str(images), "--out", str(tmp_path / name),
+                             "--conf", "0.3", "--no-draw", "--device", "cpu"]) == 0
+    a = json.loads((tmp_path / "local" / "predictions.json").read_text())
+    b = json.loads((tmp_path / "bucket" / "predictions.json").read_text())
+    assert len(a["results"]) > 0 and a["results"] == b["results"] and b["settings"]["weights"] == uri
+
+    out = tmp_path / "model.torchscript"
+    assert export_main(["--weights", uri, "--format", "torchscript", "--out", str(out), "--no-check"]) == 0
+    assert out.stat().st_size > 100_000
+    err = cli_error(capsys, export_main, ["--weights", uri, "--format", "torchscript", "--no-check"])
+    assert f"--weights {uri}: pass --out" in err
