@@ -179,3 +179,20 @@ def test_predict_and_export_take_weights_from_a_bucket(s3_bucket, tmp_path, shar
     assert out.stat().st_size > 100_000
     err = cli_error(capsys, export_main, ["--weights", uri, "--format", "torchscript", "--no-check"])
     assert f"--weights {uri}: pass --out" in err
+
+
+def test_compare_reads_a_run_in_a_bucket_beside_a_local_one(s3_bucket, tmp_path):
+    from rtrain.curves import compare_runs
+
+    bucket_run, local_run = f"{s3_bucket}/runs/lr-high", tmp_path / "lr-low"
+    for where, lr in ((bucket_run, 0.01), (local_run, 0.001)):
+        storage.write_bytes(storage.child(where, run_dir.CONFIG_YAML),
+                            f"train: {{lr: {lr}}}\n".encode())
+        for epoch in range(3):
+            row = {"epoch": epoch, "step": 10 * (epoch + 1), "loss": lr * (3 - epoch)}
+            run_dir.append_metrics(where, row)
+    result = compare_runs([str(local_run), bucket_run], metric="loss", out=tmp_path / "compare.png")
+    assert [s.run.name for s in result.series] == ["lr-low", "lr-high"]
+    assert [s.run.label for s in result.series] == ["train.lr=0.001", "train.lr=0.01"]
+    assert result.series[1].y == pytest.approx([0.03, 0.02, 0.01])
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
