@@ -92,6 +92,9 @@ def test_bucket_run_killed_and_resumed_equals_the_local_run(s3_server, ray_sessi
     got, want = load_weights(result.last_weights)["model"], load_weights(local.last_weights)["model"]
     worst = max((got[k].double() - want[k].double()).abs().max().item() for k in want
                 if want[k].is_floating_point())
+    print(f"\nbucket vs local: max |weight diff| {worst:.3g}; mAP per epoch bucket "
+          f"{[round(r['mAP'], 4) for r in rows]} local {[round(r['mAP'], 4) for r in local_rows]}; "
+          f"run_starts {[r['run_starts'] for r in rows]}")
     assert worst < 1e-4, f"bucket weights differ from the local run by up to {worst:.3g}"
     assert result.last_weights == storage.join(out, "last.pt")
     assert result.best_weights == storage.join(out, "best.pt")
