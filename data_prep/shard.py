@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import textwrap
 from collections import Counter
@@ -98,6 +99,9 @@ def shard(args: argparse.Namespace) -> dict:
     if bad:
         raise DatasetError(f"--opt {bad[0]!r} is not KEY=VALUE")
     args.opts = opts
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", args.out):  # never a local folder named "s3:"
+        raise DatasetError(f"--out {args.out}: a URI; data_prep.shard writes to a local folder only "
+                           "(object storage not yet: write locally, then copy the folder to the bucket)")
     unread = unread_options(args)
     if unread:
         reads = ", ".join(f"--{d.replace('_', '-')}" for d in _READER_OPTIONS if d in READS[args.format])

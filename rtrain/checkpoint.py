@@ -10,6 +10,12 @@ checkpoint or one `find_latest_complete` recognises as broken and skips. A full
 disk raises `rtrain.run_dir.StorageFullError` (one line naming the file) and
 removes the temp file; the directory it was writing then has no marker.
 
+A checkpoint directory or weights file may also be in a bucket (s3://..., `rtrain.storage`):
+Ray Train uploads the directory one object per file, in any order, so a driver killed during
+the upload can leave the marker without state.pt or state.pt without the marker; both are
+skipped, and the marker's size and sha256 refuse any other mix. Reading, verifying and
+`find_latest_complete` work the same on both; `save_checkpoint` writes a local directory only.
+
 Weights file (`best.pt`, `last.pt`): torch.save of
     {"format": "rtrain.weights", "version": 1, "model": state_dict, "config": dict,
      "class_names": [str], "extra": dict}
@@ -36,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rtrain import storage
 from rtrain.errors import RtrainError
 from rtrain.run_dir import atomic_write_bytes, full_storage
 
@@ -103,12 +110,15 @@ def _serialize(obj) -> bytes:
     return buf.getvalue()
 
 
-def _safe_load(path: Path, map_location) -> object:
-    """torch.load(weights_only=True) with every failure turned into a one-line CheckpointError."""
-    if not path.is_file():
+def _safe_load(path: Path | str, map_location) -> object:
+    """torch.load(weights_only=True) with every failure turned into a one-line CheckpointError.
+
+    `path` is a local Path or a bucket URI (read whole into memory, `rtrain.storage`)."""
+    if not storage.is_file(path):
         raise CheckpointError(f"{path}: file not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        source = io.BytesIO(storage.read_bytes(path)) if storage.is_bucket(path) else path
+        return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "Weights only load failed" in msg:
@@ -124,7 +134,9 @@ def _safe_load(path: Path, map_location) -> object:
         raise CheckpointError(f"{path}: not a torch file, or corrupt/truncated ({first})") from None
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path | str) -> str:
+    if storage.is_bucket(path):
+        return hashlib.sha256(storage.read_bytes(path)).hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -215,11 +227,11 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, state: Mapping) -> Path:
 
 def read_marker(ckpt_dir: str | os.PathLike) -> dict:
     """The parsed COMPLETE marker of `ckpt_dir`; CheckpointError if it is missing or malformed."""
-    marker = Path(ckpt_dir) / MARKER_FILE
-    if not marker.is_file():
+    marker = storage.child(ckpt_dir, MARKER_FILE)
+    if not storage.is_file(marker):
         raise CheckpointError(f"{marker}: no COMPLETE marker (the save was interrupted or never finished)")
     try:
-        info = json.loads(marker.read_text())
+        info = json.loads(storage.read_bytes(marker).decode())
         for key in ("sha256", "epoch", "step"):
             info[key]  # noqa: B018 - presence check
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
@@ -230,10 +242,10 @@ def read_marker(ckpt_dir: str | os.PathLike) -> dict:
 def verify_checkpoint(ckpt_dir: str | os.PathLike) -> dict:
     """Check marker, size and sha256 of state.pt without loading it; returns the marker."""
     info = read_marker(ckpt_dir)
-    path = Path(ckpt_dir) / STATE_FILE
-    if not path.is_file():
+    path = storage.child(ckpt_dir, STATE_FILE)
+    if not storage.is_file(path):
         raise CheckpointError(f"{path}: file not found (COMPLETE marker present)")
-    size = path.stat().st_size
+    size = storage.size(path)
     if "size" in info and size != info["size"]:
         raise CheckpointError(
             f"{path}: size {size} bytes, marker says {info['size']} (truncated or replaced)"
@@ -257,26 +269,31 @@ def _load_dict(path: Path, map_location, required, what: str, missing_msg: str) 
 def load_checkpoint(ckpt_dir: str | os.PathLike, map_location="cpu") -> dict:
     """Verify and load `ckpt_dir`/state.pt (weights_only). Raises CheckpointError with one line."""
     verify_checkpoint(ckpt_dir)
-    path = Path(ckpt_dir) / STATE_FILE
+    path = storage.child(ckpt_dir, STATE_FILE)
     return _load_dict(path, map_location, REQUIRED_STATE_KEYS, "a dict", "missing keys {}")
 
 
-def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
-    """Ray Train's `checkpoint_*` directories in a run dir, sorted (not checkpoint_manager_snapshot.json)."""
+def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path] | list[str]:
+    """Ray Train's `checkpoint_*` directories in a run dir, sorted (not checkpoint_manager_snapshot.json).
+
+    Local Paths for a local run dir, URIs for one in a bucket."""
+    if storage.is_bucket(run_dir):
+        found = [storage.child(run_dir, n) for n in storage.list_dir(run_dir) if n.startswith("checkpoint_")]
+        return [d for d in found if storage.is_dir(d)]
     run_dir = Path(run_dir)
     return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir()) if run_dir.is_dir() else []
 
 
 def find_latest_complete(
     dirs: Iterable[str | os.PathLike],
-) -> tuple[Path | None, list[tuple[Path, str]]]:
+) -> tuple[Path | str | None, list[tuple[Path | str, str]]]:
     """The newest (by epoch, step in the marker) verified checkpoint among `dirs`, and the skipped ones.
 
     Returns (dir or None, [(dir, one-line reason), ...]). Broken dirs without a marker are always
     reported; verified-older dirs are not looked at once a newer one verifies. The caller warns.
     """
     candidates, skipped = [], []
-    for d in map(Path, dirs):
+    for d in map(storage.location, dirs):
         try:
             info = read_marker(d)
             candidates.append((int(info["epoch"]), int(info["step"]), d))
@@ -312,6 +329,8 @@ def save_weights(
         "extra": dict(extra or {}),
     }
     _check_plain(obj, "weights")
+    if storage.is_bucket(path):
+        return storage.write_bytes(path, _serialize(obj))  # one object upload, whole or not at all
     p = Path(path)
     _make_dir(p.parent)
     _atomic_write(p, _serialize(obj))
@@ -324,8 +343,8 @@ def load_weights(path: str | os.PathLike, map_location="cpu") -> dict:
     Also accepts a checkpoint directory: its EMA weights when it has them (what best.pt/last.pt
     hold, and what is evaluated), else the raw model weights; extra = {"source", "epoch", "step"}.
     """
-    p = Path(path)
-    if p.is_dir():
+    p = storage.location(path)
+    if storage.is_dir(p):
         state = load_checkpoint(p, map_location)
         ema = state.get("ema")
         use_ema = isinstance(ema, dict) and isinstance(ema.get("model"), dict)

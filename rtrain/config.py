@@ -328,10 +328,15 @@ def merge(base: dict, overrides: dict) -> dict:
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
-    """A YAML mapping read with safe_load; one-line ConfigError naming the file otherwise."""
-    path = Path(path)
+    """A YAML mapping read with safe_load; one-line ConfigError naming the file otherwise.
+
+    `path` may be a bucket URI (s3://..., `rtrain.storage`), e.g. a run's config.yaml."""
+    from rtrain import storage
+
+    path = storage.location(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = storage.read_bytes(path).decode("utf-8") if storage.is_bucket(path) else path.read_text(
+            encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from None
     try:
@@ -359,10 +364,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         raise
 
 
-def dump_config(cfg: Config, path: str | os.PathLike) -> Path:
-    """Write the resolved config as YAML atomically (temp file + rename)."""
+def dump_config(cfg: Config, path: str | os.PathLike) -> Path | str:
+    """Write the resolved config as YAML atomically (temp file + rename; in a bucket one upload)."""
+    from rtrain import storage
+
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    if storage.is_bucket(path):
+        return storage.write_bytes(path, text.encode("utf-8"))
     path = Path(path)
-    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_text_atomic(path, text)
     return path
 
 

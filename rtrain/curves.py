@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from data_prep.shard_format import ShardError, read_manifest
+from rtrain import storage
 from rtrain.errors import RtrainError
 from rtrain.run_dir import CONFIG_YAML, METRICS_JSONL, atomic_write_bytes, read_metrics
 
@@ -56,10 +57,15 @@ class CompareError(RtrainError, ValueError):
 class RunData:
     """One run directory as read: its rows, config and what was skipped (reason -> count)."""
 
-    path: Path
+    path: Path | str  # a local Path, or the run's s3:// URI
     rows: list[dict]
     config: dict
     skipped: Counter = field(default_factory=Counter)
+
+    @property
+    def name(self) -> str:
+        """The run directory's own name (the last part of its path or URI)."""
+        return str(self.path).rstrip("/").rsplit("/", 1)[-1]
     label: str = ""
 
 
@@ -90,12 +96,12 @@ def read_run(path: str | os.PathLike) -> RunData:
 
     Skipped lines are counted by reason, e.g. "line not JSON (truncated?)" or "row not a JSON object".
     """
-    p = Path(path)
+    p = storage.location(path)  # a run in a bucket too (s3://...)
     run = RunData(path=p, rows=[], config={})
-    cfg_path = p / CONFIG_YAML
-    if cfg_path.is_file():
+    cfg_path = storage.child(p, CONFIG_YAML)
+    if storage.is_file(cfg_path):
         try:
-            loaded = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+            loaded = yaml.safe_load(storage.read_bytes(cfg_path).decode("utf-8"))
             run.config = loaded if isinstance(loaded, dict) else {}
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             logger.warning("%s: config not readable (%s); legend falls back to the dir name", cfg_path, exc)
@@ -266,14 +272,14 @@ def legend_labels(runs: Sequence[RunData], max_keys: int = 3) -> list[str]:
     labels = []
     for run, flat in zip(runs, flats, strict=True):
         if not run.config or not differing:
-            labels.append(run.path.name)
+            labels.append(run.name)
             continue
         parts = [f"{k}={flat.get(k, '<absent>')}" for k in differing[:max_keys]]
         if len(differing) > max_keys:
             parts.append(f"+{len(differing) - max_keys} more")
         labels.append(", ".join(parts))
     counts = Counter(labels)
-    return [f"{lab} ({run.path.name})" if counts[lab] > 1 else lab
+    return [f"{lab} ({run.name})" if counts[lab] > 1 else lab
             for lab, run in zip(labels, runs, strict=True)]
 
 
@@ -298,7 +304,7 @@ def format_table(series: Sequence[Series], metric: str, axis: str) -> str:
     lines = [head + "  legend"]
     for s in series:
         f = summarize(s, metric)
-        name = s.run.path.name if len(s.run.path.name) <= 40 else s.run.path.name[:37] + "..."
+        name = s.run.name if len(s.run.name) <= 40 else s.run.name[:37] + "..."
         if f["points"]:
             lines.append(f"{name:<40} {f['points']:>6} {f['final']:>14.4f} {_fmt_x(f['final_x']):>10} "
                          f"{f['best']:>12.4f} {_fmt_x(f['best_x']):>10}  {s.run.label}")
@@ -375,10 +381,10 @@ def compare_runs(
         run.label = label
     series, left_out = [], []
     for run in runs:
-        if not run.path.is_dir():
+        if not storage.is_dir(run.path):
             left_out.append((run.path, "not a directory"))
             continue
-        if not (run.path / METRICS_JSONL).is_file():
+        if not storage.is_file(storage.child(run.path, METRICS_JSONL)):
             left_out.append((run.path, f"no {METRICS_JSONL}"))
             continue
         s = make_series(run, metric, x, smooth)

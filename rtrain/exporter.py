@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from data_prep.atomic import atomic_path, write_text_atomic
-from rtrain import inference
+from rtrain import inference, storage
 from rtrain.errors import RtrainError
 
 logger = logging.getLogger(__name__)
@@ -232,6 +232,9 @@ def export_weights(
     size = int(size or loaded.config.data.img_size)
     if size % 32 or size < 32:
         raise ExportError(f"--size {size} is not a positive multiple of 32")
+    if not out and storage.is_bucket(weights):
+        raise ExportError(f"--weights {weights}: pass --out (the export is written to local disk, not "
+                          "beside weights in a bucket)")
     out_path = Path(out) if out else Path(weights).with_suffix(SUFFIX[fmt])
     if Path(weights).is_dir() and not out:
         out_path = Path(weights) / f"model{SUFFIX[fmt]}"

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from rtrain import storage
 from rtrain.checkpoint import CheckpointError, IncompatibleCheckpointError, load_weights
 from rtrain.config import Config, ConfigError, config_from_dict, merge, parse_overrides, read_yaml
 from rtrain.models import build_model
@@ -39,7 +40,7 @@ class LoadedDetector:
     model: torch.nn.Module
     config: Config
     class_names: list[str]
-    path: Path
+    path: Path | str  # a local Path, or the weights' bucket URI
     extra: dict
 
     @property
@@ -134,7 +135,7 @@ def load_detector(
     Raises CheckpointError (missing/corrupt file), IncompatibleCheckpointError (weights of another
     architecture: says which tensors differ), ConfigError (bad overrides).
     """
-    p = Path(path)
+    p = storage.location(path)  # a local Path, or an s3:// URI (rtrain.storage)
     obj = load_weights(p)
     cfg = resolve_config(obj["config"], config_file, overrides, where=str(p))
     names = list(obj["class_names"])
@@ -158,7 +159,7 @@ MIN_BACKBONE_FIT = 0.5  # below this fraction of backbone tensors fitting, the w
 class InitReport:
     """What `init_from_weights` did: model tensors loaded and left at their fresh initialisation."""
 
-    path: Path
+    path: Path | str
     loaded: list[str]
     left: list[str]  # model tensors not loaded (absent, other shape, or re-initialised logits)
     unused: list[str]  # tensors of the file the model has no place for
@@ -198,7 +199,7 @@ def init_from_weights(model: torch.nn.Module, path: str | os.PathLike, class_nam
     `MIN_BACKBONE_FIT` of the backbone tensors fit (another architecture). Logs `summary()`
     (unless `log` is False).
     """
-    p = Path(path)
+    p = storage.location(path)  # a local Path, or an s3:// URI (rtrain.storage)
     obj = load_weights(p)
     saved = obj["model"]
     source_classes = list(obj["class_names"])

@@ -40,6 +40,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from data_prep.atomic import atomic_file
+from rtrain import storage
 from rtrain.augment import Sample, letterbox, rect_canvas
 from rtrain.inference import read_image
 from rtrain.ray_session import start_ray  # noqa: F401  (rtrain.predictor.start_ray: re-exported)
@@ -274,12 +275,13 @@ def _manifest_ids(shard_dir: Path, class_names: list[str]) -> tuple[list[int] | 
         return None, f"{shard_dir}: a category_id is not an integer"
 
 
-def _training_dirs(data_paths: list[str], weights: Path) -> list[Path]:
+def _training_dirs(data_paths: list[str], weights: str | os.PathLike) -> list[Path]:
     """Where the weights' own train/val shards may be: each path as written (from the working
     directory), else from the weights file's folder and the folders above it (runs/NAME/best.pt
     written from the project folder), first hit per path."""
     out = []
-    base = weights.resolve().parent
+    # weights in a bucket (s3://...): only the working directory is a local place to look from
+    base = Path.cwd() if storage.is_bucket(weights) else Path(weights).resolve().parent
     for raw in data_paths:
         if not raw:
             continue
@@ -303,7 +305,7 @@ def category_ids(source: Source, class_names: list[str], data_paths: list[str] |
     """
     why = []
     dirs = [source.shard_dir] if source.kind == "shards" else []
-    dirs += _training_dirs(list(data_paths or []), Path(weights))
+    dirs += _training_dirs(list(data_paths or []), weights)
     for d in dirs:
         ids, reason = _manifest_ids(Path(d), class_names)
         if ids is not None:

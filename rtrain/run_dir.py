@@ -15,6 +15,10 @@ Layout of RUN = <storage>/<name> (Ray Train writes its `checkpoint_*` dirs there
 Every file is written to a temp name and renamed, so a crash never leaves half a file. A write
 that finds the disk full (ENOSPC, or EDQUOT: over quota) removes its temp file, leaves the old
 file as it was, and raises `StorageFullError`: one line naming the file.
+
+RUN may be a bucket URI (s3://bucket/runs/NAME): the same files, each written as one object
+upload, which appears whole or not at all (`rtrain.storage`). The functions here take a local
+path or such a URI.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from data_prep.atomic import write_bytes_atomic
+from rtrain import storage
 
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
@@ -110,6 +115,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def write_file(path: Path | str, data: bytes) -> None:
+    """`atomic_write_bytes` for a local path; one object upload for a bucket URI (`rtrain.storage`)."""
+    if storage.is_bucket(path):
+        storage.write_bytes(path, data)
+    else:
+        atomic_write_bytes(Path(path), data)
+
+
 def _plain(value):
     """JSON-safe scalars: NaN/Inf become None (JSON has no NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -128,10 +141,10 @@ def read_metrics(run_dir: str | os.PathLike, *, strict: bool = True,
     not JSON or not a JSON object are skipped and counted by reason in `skipped`, e.g.
     "line not JSON (truncated or garbled)" or "row not a JSON object".
     """
-    path = Path(run_dir) / METRICS_JSONL
-    if not path.is_file():
+    path = storage.child(run_dir, METRICS_JSONL)
+    if not storage.is_file(path):
         return []
-    text = path.read_bytes().decode("utf-8", errors="strict" if strict else "replace")
+    text = storage.read_bytes(path).decode("utf-8", errors="strict" if strict else "replace")
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -152,9 +165,9 @@ def read_metrics(run_dir: str | os.PathLike, *, strict: bool = True,
     return rows
 
 
-def _write_rows(run_dir: Path, rows: Sequence[Mapping]) -> None:
+def _write_rows(run_dir: Path | str, rows: Sequence[Mapping]) -> None:
     text = "".join(json.dumps(_plain(dict(r)), sort_keys=False) + "\n" for r in rows)
-    atomic_write_bytes(run_dir / METRICS_JSONL, text.encode("utf-8"))
+    write_file(storage.child(run_dir, METRICS_JSONL), text.encode("utf-8"))
     columns: list[str] = []
     for r in rows:
         columns.extend(k for k in r if k not in columns and not isinstance(r[k], Mapping))
@@ -163,22 +176,22 @@ def _write_rows(run_dir: Path, rows: Sequence[Mapping]) -> None:
     writer.writeheader()
     for r in rows:
         writer.writerow({k: _plain(r.get(k)) for k in columns})
-    atomic_write_bytes(run_dir / METRICS_CSV, buf.getvalue().encode("utf-8"))
+    write_file(storage.child(run_dir, METRICS_CSV), buf.getvalue().encode("utf-8"))
 
 
 def truncate_metrics(run_dir: str | os.PathLike, from_epoch: int) -> int:
     """Drop rows with epoch >= `from_epoch` (a resumed run redoes them); returns rows kept."""
-    run_dir = Path(run_dir)
+    run_dir = storage.location(run_dir)
     rows = read_metrics(run_dir)
     kept = [r for r in rows if int(r.get("epoch", -1)) < from_epoch]
-    if len(kept) != len(rows) or (rows and not (run_dir / METRICS_CSV).is_file()):
+    if len(kept) != len(rows) or (rows and not storage.is_file(storage.child(run_dir, METRICS_CSV))):
         _write_rows(run_dir, kept)
     return len(kept)
 
 
 def append_metrics(run_dir: str | os.PathLike, row: Mapping) -> None:
     """Add one epoch's row (replacing a row of the same epoch, if any) to metrics.jsonl and .csv."""
-    run_dir = Path(run_dir)
+    run_dir = storage.location(run_dir)
     rows = [r for r in read_metrics(run_dir) if r.get("epoch") != row.get("epoch")]
     rows.append(dict(row))
     _write_rows(run_dir, rows)
@@ -187,10 +200,10 @@ def append_metrics(run_dir: str | os.PathLike, row: Mapping) -> None:
 # --------------------------------------------------------------------------- plots
 
 
-def _savefig(fig, path: Path) -> Path:
+def _savefig(fig, path: Path | str) -> Path | str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
+    write_file(path, buf.getvalue())
     return path
 
 
@@ -218,7 +231,7 @@ def plot_curves(rows: Sequence[Mapping], path: str | os.PathLike) -> Path:
     axes[2].legend()
     fig.tight_layout()
     try:
-        return _savefig(fig, Path(path))
+        return _savefig(fig, storage.location(path))
     finally:
         plt.close(fig)
 
@@ -271,6 +284,6 @@ def plot_predictions(
     fig.suptitle("val: predicted (solid) vs true (dashed)")
     fig.tight_layout()
     try:
-        return _savefig(fig, Path(path))
+        return _savefig(fig, storage.location(path))
     finally:
         plt.close(fig)

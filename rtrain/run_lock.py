@@ -17,6 +17,14 @@ A lock whose holder is gone is taken over with a one-line warning naming the old
 The lock is released on a normal exit, on an exception and on Ctrl-C (the `with` block, and an
 atexit hook for a lock that was never released); a SIGKILLed holder leaves it for the takeover.
 No Ray here: `rtrain.runner.fit` and the sweep driver take the lock before Ray starts.
+
+In a bucket (RUN = s3://bucket/runs/NAME) there is no O_EXCL create and no rename, so RUN/.lock is
+a lease (`BucketLease`): the same JSON, read first (a live holder refuses, a gone one is taken
+over with the same warning), then written, then read back after `LEASE_SETTLE_S` (2 s): only the
+process whose token is still there holds it. Of two drivers that start together both write, and
+both read back the last writer's token, so one proceeds and the other is refused. This relies on
+the bucket's read-after-write consistency (S3 has it) and on each driver's check-then-write taking
+far less than the settle time. Holders on other hosts are judged by their heartbeat, as on disk.
 """
 
 from __future__ import annotations
@@ -33,9 +41,12 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+from rtrain import storage
+
 logger = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
+LEASE_SETTLE_S = 2.0  # a bucket lease: wait this long after writing it before reading it back
 HEARTBEAT_S = 10.0
 STALE_S = float(os.environ.get("RTRAIN_LOCK_STALE_S", "60"))
 UNREADABLE_GRACE_S = 5.0  # a lock file that does not parse is being written, until it is this old
@@ -195,6 +206,111 @@ class RunLock:
         self.release()
 
 
+class BucketLease:
+    """A held RUN/.lock in a bucket (see the module doc): heartbeat thread, `release()` (idempotent)."""
+
+    def __init__(self, uri: str, info: dict, heartbeat_s: float) -> None:
+        self.path = uri
+        self.info = info
+        self._stop = threading.Event()
+        self._io = threading.Lock()
+        self._thread = threading.Thread(target=self._beat, name=f"run-lease-heartbeat {uri}", daemon=True)
+        self._heartbeat_s = heartbeat_s
+        self._thread.start()
+        atexit.register(self.release)
+
+    @property
+    def held(self) -> bool:
+        return not self._stop.is_set()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._heartbeat_s):
+            with self._io:
+                if self._stop.is_set():
+                    return
+                try:
+                    self.refresh()
+                except OSError as exc:  # the bucket unreachable for a while: the lease ages, stays ours
+                    logger.warning("%s: heartbeat not written (%s)", self.path, exc)
+
+    def refresh(self) -> None:
+        """Write a new heartbeat, unless the lease is gone or another process holds it now."""
+        current = _read_lease(self.path)
+        if not current or current.get("token") != self.info["token"]:
+            logger.warning("%s: the lease is now held by %s; this process no longer holds it", self.path,
+                           describe(current) if current else "nobody")
+            self._stop.set()
+            return
+        self.info["heartbeat"] = time.time()
+        storage.write_bytes(self.path, json.dumps(self.info).encode())
+
+    def release(self) -> None:
+        with self._io:
+            if self._stop.is_set():
+                return
+            self._stop.set()
+            try:
+                current = _read_lease(self.path)
+                if current and current.get("token") == self.info["token"]:
+                    storage.remove(self.path)
+            except OSError as exc:
+                logger.warning("%s: lease not removed (%s); it goes stale after %.0f s", self.path, exc,
+                               STALE_S)
+        atexit.unregister(self.release)
+
+    def __enter__(self) -> BucketLease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_lease(uri: str) -> dict | None:
+    """The lease's JSON; None when there is none, {} when it does not parse (an object is whole, so
+    that is garbage, not a write in progress)."""
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        return None
+    try:
+        info = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def acquire_lease(directory: str, *, what: str = "run", command: str | None = None,
+                  heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S,
+                  settle_s: float = LEASE_SETTLE_S) -> BucketLease:
+    """Take the lease DIRECTORY/.lock in a bucket (module doc); RunLockError naming a live holder."""
+    uri = storage.join(directory, LOCK_FILE)
+    info = _new_info(command)
+    for _ in range(5):
+        try:
+            holder = _read_lease(uri)
+            if holder is not None:
+                why = holder_gone(holder, stale_s=stale_s) if holder else "the lease is unreadable"
+                who = describe(holder) if holder else "an unreadable lease"
+                if why is None:
+                    beat = holder.get("heartbeat")
+                    ago = time.time() - beat if isinstance(beat, int | float) else None
+                    beat_text = f", heartbeat {ago:.0f} s ago" if ago is not None else ""
+                    raise RunLockError(
+                        f"{directory}: this {what} is in use by {who}{beat_text}; two writers would mix "
+                        "its metrics and checkpoints: wait for it to end or stop it (a dead holder is "
+                        "taken over)")
+                logger.warning("%s: taking over the lease of %s: %s", uri, who, why)
+            info["heartbeat"] = time.time()
+            storage.write_bytes(uri, json.dumps(info).encode())
+            time.sleep(settle_s)
+            now = _read_lease(uri)
+        except OSError as exc:
+            raise RunLockError(f"{uri}: cannot take the {what} lease ({exc})") from None
+        if now and now.get("token") == info["token"]:
+            return BucketLease(uri, info, heartbeat_s)
+    raise RunLockError(f"{uri}: could not take the {what} lease (other processes keep taking it)")
+
+
 def _new_info(command: str | None) -> dict:
     pid = os.getpid()
     return {"host": socket.gethostname(), "pid": pid, "start_time": _proc_start_time(pid),
@@ -245,7 +361,12 @@ def _move_aside_if_unchanged(path: Path, seen: bytes) -> bool:
 
 def acquire(directory: str | os.PathLike, *, what: str = "run", command: str | None = None,
             heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S) -> RunLock:
-    """Take DIRECTORY/.lock (creating DIRECTORY); RunLockError naming the holder while it is alive."""
+    """Take DIRECTORY/.lock (creating DIRECTORY); RunLockError naming the holder while it is alive.
+
+    DIRECTORY in a bucket (s3://...): `acquire_lease`."""
+    if storage.is_bucket(directory):
+        return acquire_lease(str(directory), what=what, command=command, heartbeat_s=heartbeat_s,
+                             stale_s=stale_s)
     directory = Path(directory)
     path = directory / LOCK_FILE
     try:
@@ -300,4 +421,5 @@ def hold(directory: str | os.PathLike, *, error: type[Exception] | None = None, 
         lock.release()
 
 
-__all__ = ["LOCK_FILE", "RunLock", "RunLockError", "acquire", "describe", "hold", "holder_gone"]
+__all__ = ["LOCK_FILE", "BucketLease", "RunLock", "RunLockError", "acquire", "acquire_lease", "describe",
+           "hold", "holder_gone"]

@@ -25,7 +25,7 @@ One writer per run: before anything is written and before Ray, `fit` takes RUN/.
 job) it is refused with one line naming that process's host and pid. A killed driver's lock
 is taken over with a warning.
 
-Multi-node clusters: storage must be a path every node sees (shared filesystem),
+Multi-node clusters: storage must be a path every node sees (shared filesystem) or a bucket,
 because rank 0 writes metrics and weights there directly.
 
 Preemption (`preemptible=True`, what `python -m rtrain.fit` passes): a SIGTERM to the driver
@@ -34,6 +34,14 @@ while it trains asks the workers to checkpoint at the next resumable step and en
 SIGTERM or a worker's node drain) raises `PreemptedError` (exit code 75) whose one line says
 where it stopped and the `--resume` command. Past the grace the process exits with code 75
 after one line naming the checkpoint that is kept.
+
+Object storage: `storage="s3://bucket/runs"` puts the whole run in the bucket (`rtrain.storage`):
+Ray Train gets the bucket as its `storage_filesystem`, rank 0 writes metrics and weights there,
+`resume` finds the run and its checkpoints there, RUN/.lock is a lease (`rtrain.run_lock`). The
+driver and every worker need the AWS variables (credentials, region, AWS_ENDPOINT_URL for a
+server other than AWS): a local Ray started by `fit` passes its environment on; on a cluster set
+them on every node. Not yet with a bucket: data.train/data.val (local shard folders) and
+run.loggers (TensorBoard/MLflow write local files).
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from rtrain import run_dir, run_lock, trackers
+from rtrain import storage as store  # `storage` is fit's argument
 from rtrain.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
 from rtrain.errors import BAD_INPUT, FAILED, PREEMPTED, RtrainError
 
@@ -101,13 +110,13 @@ def _grace_expired_line(cfg: Config, out_dir: Path) -> str:
 
 @dataclass
 class FitResult:
-    """What a finished `fit` leaves behind (paths are absolute)."""
+    """What a finished `fit` leaves behind (paths are absolute; s3:// URI strings for a bucket)."""
 
-    run_dir: Path
+    run_dir: Path | str
     name: str
     config: Config
-    best_weights: Path | None  # RUN/best.pt: EMA weights of the best-mAP evaluation
-    last_weights: Path | None  # RUN/last.pt: EMA weights after the last epoch
+    best_weights: Path | str | None  # RUN/best.pt: EMA weights of the best-mAP evaluation
+    last_weights: Path | str | None  # RUN/last.pt: EMA weights after the last epoch
     best_metrics: dict  # the metrics.jsonl row with the highest mAP (evaluated rows only)
     last_metrics: dict  # the last metrics.jsonl row
     epochs_done: int
@@ -127,7 +136,7 @@ class FitResult:
             best_line,
             f"best weights: {self.best_weights}",
             f"last weights: {self.last_weights}",
-            f"metrics:      {self.run_dir / run_dir.METRICS_JSONL}",
+            f"metrics:      {store.child(self.run_dir, run_dir.METRICS_JSONL)}",
         ]
         lines += [f"plot:         {p}" for p in self.plots]
         spec = trackers.spec_for_run(self.config, self.name)
@@ -155,15 +164,46 @@ def _merge_overrides(data: dict, overrides: list[str] | None) -> dict:
     return merge(data, parse_overrides(overrides))
 
 
-def check_storage(storage: Path) -> Path:
-    """Create `storage` if needed and prove it is writable; FitError (one line) otherwise."""
+def check_location(location: str, what: str, *, bucket: bool = True) -> None:
+    """FitError (one line) for a scheme `rtrain.storage` does not support, and (bucket=False) for a
+    bucket URI where only local paths work yet: a URI never becomes a local folder."""
+    if not location:
+        return
     try:
-        storage.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=storage, prefix=".write-test-"):
+        store.check(location, what)
+    except store.StorageError as exc:
+        raise FitError(str(exc)) from None
+    if store.is_bucket(location) and not bucket:
+        raise FitError(f"{what} {location}: object storage is not supported here yet "
+                       "(use a local or shared path)")
+
+
+def local_only(location: str, what: str) -> None:
+    """`check_location(..., bucket=False)`."""
+    check_location(location, what, bucket=False)
+
+
+def check_storage(location: Path | str) -> Path | str:
+    """Create `storage` if needed and prove it is writable; FitError (one line) otherwise.
+
+    A bucket URI: a test object is written and removed (credentials, bucket, permissions)."""
+    if store.is_bucket(location):
+        probe = store.join(location, f".write-test-{os.getpid()}-{time.time_ns()}")
+        try:
+            store.write_bytes(probe, b"")
+            store.remove(probe)
+        except OSError as exc:
+            first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+            raise FitError(f"{location}: storage is not writable ({first})") from None
+        return location
+    storage_dir = location
+    try:
+        storage_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=storage_dir, prefix=".write-test-"):
             pass
     except OSError as exc:
-        raise FitError(f"{storage}: storage is not writable ({exc.strerror or exc})") from None
-    return storage
+        raise FitError(f"{storage_dir}: storage is not writable ({exc.strerror or exc})") from None
+    return storage_dir
 
 
 def check_data(cfg: Config) -> tuple[list[dict], int]:
@@ -197,16 +237,35 @@ def check_data(cfg: Config) -> tuple[list[dict], int]:
 
 
 def _absolute(path: str) -> str:
-    return str(Path(path).expanduser().resolve()) if path else path
+    if not path or store.is_bucket(path):
+        return path
+    return str(Path(path).expanduser().resolve())
 
 
-def _is_run(path: Path) -> bool:
+def _is_run(path: Path | str) -> bool:
+    if store.is_bucket(path):
+        from rtrain.checkpoint import checkpoint_dirs
+
+        return store.is_file(store.child(path, run_dir.CONFIG_YAML)) or bool(checkpoint_dirs(path))
     return (path / run_dir.CONFIG_YAML).is_file() or any(path.glob("checkpoint_*"))
 
 
-def latest_run(storage: Path) -> Path | None:
-    """The most recently modified run directory under `storage` (None if there is none)."""
-    runs = [p for p in storage.iterdir() if p.is_dir() and _is_run(p)] if storage.is_dir() else []
+def _latest_run_in_bucket(uri: str) -> str | None:
+    runs = [store.child(uri, n) for n in store.list_dir(uri) if not n.startswith(".")]
+    runs = [r for r in runs if store.is_dir(r) and _is_run(r)]
+
+    def mtime(r: str) -> float:
+        files = [store.child(r, run_dir.METRICS_JSONL), store.child(r, run_dir.CONFIG_YAML)]
+        return max([store.mtime(f) or 0.0 for f in files if store.is_file(f)] + [0.0])
+
+    return max(runs, key=mtime) if runs else None
+
+
+def latest_run(storage_dir: Path | str) -> Path | str | None:
+    """The most recently modified run directory under `storage_dir` (None if there is none)."""
+    if store.is_bucket(storage_dir):
+        return _latest_run_in_bucket(storage_dir)
+    runs = [p for p in storage_dir.iterdir() if p.is_dir() and _is_run(p)] if storage_dir.is_dir() else []
     if not runs:
         return None
 
@@ -217,20 +276,25 @@ def latest_run(storage: Path) -> Path | None:
     return max(runs, key=mtime)
 
 
-def resolve_run(cfg_source, overrides, name: str | None, storage: Path, resume: bool) -> tuple[Config, str]:
+def _base_name(path: Path | str) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def resolve_run(cfg_source, overrides, name: str | None, storage_dir: Path | str,
+                resume: bool) -> tuple[Config, str]:
     """The config and run name to use (see the module doc for the rules)."""
     if resume:
         if name:
-            path = storage / name
+            path = store.child(storage_dir, name)
             if not _is_run(path):
-                raise FitError(f"{path}: no run named {name!r} to resume under {storage}")
+                raise FitError(f"{path}: no run named {name!r} to resume under {storage_dir}")
         else:
-            path = latest_run(storage)
+            path = latest_run(storage_dir)
             if path is None:
-                raise FitError(f"{storage}: no run to resume (start one without --resume)")
-            name = path.name
+                raise FitError(f"{storage_dir}: no run to resume (start one without --resume)")
+            name = _base_name(path)
         if cfg_source is None:
-            cfg = load_config(path / run_dir.CONFIG_YAML, overrides)
+            cfg = load_config(store.child(path, run_dir.CONFIG_YAML), overrides)
         else:
             cfg = _as_config(cfg_source, overrides)
         return cfg, name
@@ -241,14 +305,14 @@ def resolve_run(cfg_source, overrides, name: str | None, storage: Path, resume: 
     if not name:
         stem = Path(cfg_source).stem if isinstance(cfg_source, (str, os.PathLike)) else "run"
         name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = storage / name
-    if path.exists() and _is_run(path):
+    path = store.child(storage_dir, name)
+    if store.exists(path) and _is_run(path):
         raise FitError(f"{path}: a run named {name!r} exists; pass resume=True (--resume) to continue it "
                        "or choose another name")
     return cfg, name
 
 
-def check_resume(cfg: Config, out_dir: Path, class_names: list[str]) -> Path | None:
+def check_resume(cfg: Config, out_dir: Path | str, class_names: list[str]) -> Path | str | None:
     """Before Ray starts: the run's latest complete checkpoint must fit this config and these classes.
 
     Returns that checkpoint dir (None when the run has none yet). FitError with one line otherwise.
@@ -296,8 +360,8 @@ def _start_ray(cfg: Config) -> bool:
 def build_trainer(
     cfg: Config,
     name: str,
-    storage: Path,
-    out_dir: Path,
+    storage_dir: Path | str,
+    out_dir: Path | str,
     classes: list[dict],
     num_images: int,
     *,
@@ -363,7 +427,7 @@ def build_trainer(
         ),
         run_config=RunConfig(
             name=name,
-            storage_path=str(storage),
+            **_ray_storage(storage_dir),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.run.keep_last, checkpoint_score_attribute=SCORE_METRIC,
                 checkpoint_score_order="max",
@@ -376,6 +440,15 @@ def build_trainer(
                                   execution_options=_ingest_options(cfg, decode, num_workers)),
     )
     return trainer, clock
+
+
+def _ray_storage(storage_dir: Path | str) -> dict:
+    """RunConfig's storage arguments: a local path, or the bucket's pyarrow filesystem and the path
+    in it (the filesystem `rtrain.storage` opens, so Ray and rtrain see the same objects)."""
+    if store.is_bucket(storage_dir):
+        fs, path = store.filesystem(storage_dir)
+        return {"storage_path": path, "storage_filesystem": fs}
+    return {"storage_path": str(storage_dir)}
 
 
 # A time-limited run does not know its epoch count: its stream holds at most this many epochs
@@ -489,27 +562,37 @@ def fit(
     }
     run_overrides = {k: v for k, v in run_overrides.items() if v is not None}
     base = load_config(None, overrides) if config is None and not resume else None
-    storage_path = Path(run_overrides.get("storage") or (base.run.storage if base else "runs"))
+    storage_text = run_overrides.get("storage") or (base.run.storage if base else "runs")
     if config is not None and "storage" not in run_overrides:
-        storage_path = Path(_as_config(config, overrides).run.storage)
-    storage_path = check_storage(storage_path.expanduser().resolve())
+        storage_text = _as_config(config, overrides).run.storage
+    check_location(storage_text, "run.storage")  # before Path(): Path("s3://b/x") is the folder ./s3:/b/x
+    if store.is_bucket(storage_text):
+        storage_path = check_storage(store.normalize(storage_text))
+    else:
+        storage_path = check_storage(Path(storage_text).expanduser().resolve())
     cfg, name = resolve_run(config, overrides, name, storage_path, resume)
     run_section = {**config_to_dict(cfg)["run"], **run_overrides, "name": name, "storage": str(storage_path)}
     try:
         cfg = dataclasses.replace(cfg, run=config_from_dict({"run": run_section}).run)
     except ConfigError as exc:
         raise FitError(str(exc)) from None
+    local_only(cfg.data.train, "data.train")
+    local_only(cfg.data.val, "data.val")
+    check_location(cfg.model.init, "model.init")
+    if store.is_bucket(storage_path) and cfg.run.loggers:
+        raise FitError(f"run.loggers {cfg.run.loggers}: not supported with storage in a bucket yet "
+                       f"({storage_path}); they write local files")
     # Absolute shard paths: Ray workers (and a later --resume) may run from another directory.
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, train=_absolute(cfg.data.train), val=_absolute(cfg.data.val)),
         model=dataclasses.replace(cfg.model, init=_absolute(cfg.model.init)))
-    out_dir = storage_path / name
+    out_dir = store.child(storage_path, name)
     # one writer per run name, checked before anything is written and before Ray
     with run_lock.hold(out_dir, what="run", error=FitError):
         return _fit_locked(cfg, name, storage_path, out_dir, resume, plots, preemptible)
 
 
-def _fit_locked(cfg: Config, name: str, storage_path: Path, out_dir: Path, resume: bool,
+def _fit_locked(cfg: Config, name: str, storage_path: Path | str, out_dir: Path | str, resume: bool,
                 plots: bool, preemptible: bool = False) -> FitResult:
     """The rest of `fit`, while this process holds RUN/.lock (rtrain.run_lock)."""
     try:  # run.loggers: a missing package is one line before Ray
@@ -529,10 +612,11 @@ def _fit_locked(cfg: Config, name: str, storage_path: Path, out_dir: Path, resum
         logger.info("resuming %s from %s", name, latest or "its start (no complete checkpoint yet)")
     if cfg.model.init and latest is None:
         check_init(cfg, [c["name"] for c in classes])
+    config_file = store.child(out_dir, run_dir.CONFIG_YAML)
     try:
-        dump_config(cfg, out_dir / run_dir.CONFIG_YAML)
+        dump_config(cfg, config_file)
     except OSError as exc:
-        raise FitError(f"{out_dir / run_dir.CONFIG_YAML}: cannot write ({exc.strerror or exc})") from None
+        raise FitError(f"{config_file}: cannot write ({exc.strerror or exc})") from None
     logger.info("run %s: %d train images, %d classes -> %s", name, num_images, len(classes), out_dir)
 
     import ray
@@ -586,7 +670,7 @@ def _fit_locked(cfg: Config, name: str, storage_path: Path, out_dir: Path, resum
     return _finish(cfg, name, out_dir, [c["name"] for c in classes], checkpoint, plots)
 
 
-def storage_full_error(exc: BaseException, out_dir: Path) -> FitError | None:
+def storage_full_error(exc: BaseException, out_dir: Path | str) -> FitError | None:
     """A training failure that is a full disk, as one FitError line: the file, what is kept, --resume."""
     from rtrain.checkpoint import checkpoint_dirs, find_latest_complete, read_marker
 
@@ -596,22 +680,24 @@ def storage_full_error(exc: BaseException, out_dir: Path) -> FitError | None:
     latest, _ = find_latest_complete(checkpoint_dirs(out_dir))
     kept = (f"the last complete checkpoint (epoch {int(read_marker(latest)['epoch']) + 1}) is kept"
             if latest is not None else "no complete checkpoint was written")
-    resume = f"python -m rtrain.fit --resume --name {out_dir.name} --storage {out_dir.parent}"
+    parent = str(out_dir).rstrip("/").rsplit("/", 1)[0]
+    resume = f"python -m rtrain.fit --resume --name {_base_name(out_dir)} --storage {parent}"
     return FitError(f"training stopped, the disk is full: {line}; {kept}; free space, then `{resume}` "
                     "continues")
 
 
 def _finish(
-    cfg: Config, name: str, out_dir: Path, class_names: list[str], checkpoint, plots: bool
+    cfg: Config, name: str, out_dir: Path | str, class_names: list[str], checkpoint, plots: bool
 ) -> FitResult:
     rows = run_dir.read_metrics(out_dir)
     evaluated = [r for r in rows if r.get("evaluated")]
     best = max(evaluated, key=lambda r: r.get("mAP", -1.0)) if evaluated else {}
-    best_w, last_w = out_dir / run_dir.BEST_WEIGHTS, out_dir / run_dir.LAST_WEIGHTS
+    best_w = store.child(out_dir, run_dir.BEST_WEIGHTS)
+    last_w = store.child(out_dir, run_dir.LAST_WEIGHTS)
     result = FitResult(
         run_dir=out_dir, name=name, config=cfg,
-        best_weights=best_w if best_w.is_file() else None,
-        last_weights=last_w if last_w.is_file() else None,
+        best_weights=best_w if store.is_file(best_w) else None,
+        last_weights=last_w if store.is_file(last_w) else None,
         best_metrics=best, last_metrics=rows[-1] if rows else {}, epochs_done=len(rows),
         checkpoint=checkpoint,
     )
@@ -627,8 +713,8 @@ def _finish(
     return result
 
 
-def make_plots(out_dir: Path, cfg: Config, class_names: list[str], weights: Path | None,
-               num_images: int = 8) -> list[Path]:
+def make_plots(out_dir: Path | str, cfg: Config, class_names: list[str], weights: Path | str | None,
+               num_images: int = 8) -> list[Path | str]:
     """RUN/plots/curves.png and (with weights) RUN/plots/val_predictions.png."""
     import itertools
 
@@ -639,8 +725,8 @@ def make_plots(out_dir: Path, cfg: Config, class_names: list[str], weights: Path
     from rtrain.loading import build_detector
     from rtrain.predict_loop import predict_batches
 
-    plots_dir = out_dir / run_dir.PLOTS_DIR
-    paths = [run_dir.plot_curves(run_dir.read_metrics(out_dir), plots_dir / "curves.png")]
+    plots_dir = store.child(out_dir, run_dir.PLOTS_DIR)
+    paths = [run_dir.plot_curves(run_dir.read_metrics(out_dir), store.child(plots_dir, "curves.png"))]
     if weights is None:
         return paths
     model = build_detector(cfg, len(class_names))
@@ -654,5 +740,5 @@ def make_plots(out_dir: Path, cfg: Config, class_names: list[str], weights: Path
             preds += dets
             truths += batch_to_targets(batch, "cpu")
     paths.append(run_dir.plot_predictions(images, preds, truths, class_names,
-                                          plots_dir / "val_predictions.png"))
+                                          store.child(plots_dir, "val_predictions.png")))
     return paths

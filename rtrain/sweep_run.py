@@ -65,7 +65,7 @@ from rtrain import run_lock, trackers
 from rtrain.config import TrainConfig, config_from_dict, config_to_dict, dump_config
 from rtrain.errors import FAILED, RtrainError
 from rtrain.ray_session import start_ray
-from rtrain.runner import FitError, check_data, check_storage
+from rtrain.runner import FitError, check_data, check_storage, local_only
 from rtrain.sweep import EARLY_METRICS, TIME_ATTR, SweepError, SweepSpec, apply_params, effective_lr
 from rtrain.sweep_report import (
     BEST_YAML,
@@ -398,7 +398,10 @@ def run_sweep(
     Raises SweepError / FitError (one line) on bad input before any trial starts.
     """
     if storage is None:
-        storage = Path(spec.base["run"]["storage"]) / "sweeps" if spec is not None else Path("runs/sweeps")
+        base_storage = spec.base["run"]["storage"] if spec is not None else "runs"
+        local_only(str(base_storage), "base run.storage")  # before Path() mangles a URI
+        storage = Path(base_storage) / "sweeps"
+    local_only(str(storage), "--storage")
     storage_path = check_storage(Path(storage).expanduser().resolve())
     sweep_dir = resolve_sweep_dir(spec, storage_path, name, resume)
     # one driver per sweep directory, checked before anything is written and before Ray

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rtrain import engine, preempt, run_dir, trackers
+from rtrain import engine, preempt, run_dir, storage, trackers
 from rtrain.augment import rescale_batch
 from rtrain.autobatch import resolve_batch_size
 from rtrain.checkpoint import (
@@ -227,7 +227,7 @@ def train_loop(loop_config: dict) -> None:
     classes = loop_config["classes"]
     class_names = [c["name"] for c in classes]
     category_ids = [int(c["category_id"]) for c in classes]
-    out_dir = Path(loop_config["run_dir"])
+    out_dir = storage.location(loop_config["run_dir"])  # a local Path, or an s3:// URI
     clock = loop_config.get("epoch_clock")
 
     ctx = ray.train.get_context()
@@ -558,9 +558,9 @@ def _write_epoch_files(ckpt_dir, out_dir, cfg_dict, class_names, model, ema, opt
     weights = ema.module.state_dict()
     last_map = extra["last_map"]
     info = {"epoch": epoch, "step": step, "mAP": last_map if metrics["evaluated"] else None}
-    save_weights(out_dir / run_dir.LAST_WEIGHTS, weights, cfg_dict, class_names, info)
-    best_file = out_dir / run_dir.BEST_WEIGHTS
-    if metrics["evaluated"] and (last_map >= extra["best_map"] or not best_file.exists()):
+    save_weights(storage.child(out_dir, run_dir.LAST_WEIGHTS), weights, cfg_dict, class_names, info)
+    best_file = storage.child(out_dir, run_dir.BEST_WEIGHTS)
+    if metrics["evaluated"] and (last_map >= extra["best_map"] or not storage.is_file(best_file)):
         save_weights(best_file, weights, cfg_dict, class_names, info)
 
 

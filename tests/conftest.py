@@ -53,3 +53,47 @@ def one_thread():
     from inference_fixtures import one_thread as single
 
     yield from single()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto's server mode) on 127.0.0.1 for the whole session.
+
+    Sets the AWS variables (fake credentials, region, AWS_ENDPOINT_URL) in this process's
+    environment and puts them back at the end; a Ray cluster started after this fixture gives
+    them to its workers, so request it before `ray_session`. Yields the endpoint URL.
+    Known limit of moto 5.2 with pyarrow 26: a multipart upload (an object of 10 MB or more)
+    fails (pyarrow reads moto's CompleteMultipartUpload reply as an error), so tests keep every
+    object smaller; real S3 is not affected.
+    """
+    moto_server = pytest.importorskip("moto.server")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server._server.server_port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield endpoint
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request) -> str:
+    """A fresh, empty bucket on the session's S3 server: yields "s3://NAME"."""
+    import re
+    import uuid
+
+    import boto3
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"

@@ -62,6 +62,24 @@ def test_checks_before_ray(tiny_shards, tmp_path):
         fit(cfg, storage=blocker / "runs", name="y", plots=False)
 
 
+def test_storage_uris_are_checked_in_one_line_never_made_local(tiny_shards, tmp_path, monkeypatch, s3_server):
+    """An unsupported scheme, a bucket that cannot be written and bucket shards (not yet supported)
+    are each one line before Ray, and no `./s3:/...` folder appears (it did before)."""
+    monkeypatch.chdir(tmp_path)
+    train, val = tiny_shards
+    cfg = tiny_fit_config(train, val, 1, tmp_path / "runs")
+    cases = [({}, {"storage": "gs://bucket/runs"}, "run.storage gs://bucket/runs: the gs:// scheme is not"),
+             ({}, {"storage": "s3://no-such-bucket/r"}, "s3://no-such-bucket/r: storage is not writable ("),
+             ({"run": {**cfg["run"], "storage": "hdfs://nn/r"}}, {}, "run.storage hdfs://nn/r: the hdfs:// "),
+             ({"data": {**cfg["data"], "train": "s3://b/train"}}, {}, "data.train s3://b/train: object "),
+             ({"model": {"name": "compact_n", "init": "gs://b/best.pt"}}, {}, "model.init gs://b/best.pt: ")]
+    for change, kwargs, start in cases:
+        with pytest.raises(FitError) as info:
+            fit({**cfg, **change}, name="x", plots=False, **kwargs)
+        assert str(info.value).startswith(start) and "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["runs"] if (tmp_path / "runs").exists() else [])
+
+
 def test_resume_with_another_model_or_classes_is_refused_before_ray(tiny_shards, tmp_path):
     from rtrain.checkpoint import capture_rng_state, save_checkpoint
     from rtrain.config import dump_config

@@ -156,3 +156,19 @@ def test_interrupted_sweep_resumes_unfinished_trial_from_its_checkpoint(ray_sess
     # so a resume in a new Ray session finds its checkpoints too.
     info = json.loads((unfinished.parent / "rtrain_trial.json").read_text())
     assert Path(info["run_dir"]) == unfinished
+
+
+def test_a_sweep_in_a_bucket_is_refused_in_one_line_before_ray(tmp_path, monkeypatch):
+    """Sweeps do not run in a bucket yet: one line, and no local `s3:` folder (no Ray needed)."""
+    from rtrain.runner import FitError
+    from rtrain.sweep_run import run_sweep
+
+    monkeypatch.chdir(tmp_path)
+    spec = load_sweep(_sweep_yaml(tmp_path / "sweep.yaml", tmp_path / "train", tmp_path / "val"))
+    with pytest.raises(FitError) as info:
+        run_sweep(spec, storage="s3://bucket/sweeps")
+    assert str(info.value).startswith("--storage s3://bucket/sweeps: object storage is not supported here")
+    spec.base["run"]["storage"] = "gs://bucket/runs"
+    with pytest.raises(FitError, match=r"^base run.storage gs://bucket/runs: the gs:// scheme is not"):
+        run_sweep(spec)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]

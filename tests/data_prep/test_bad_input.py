@@ -165,6 +165,17 @@ def test_bad_command_lines_exit_2_one_line(tmp_path, capsys, argv, needle, monke
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("out", ["s3://bucket/shards/train", "gs://bucket/x", "file:///tmp/x"])
+def test_an_out_uri_is_refused_in_one_line_never_made_local(tmp_path, capsys, monkeypatch, out):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "voc").mkdir()
+    assert shard.main(["--format", "voc", "--root", "voc", "--out", out, "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"data_prep.shard: error: --out {out}: a URI; data_prep.shard writes to a local folder "
+                   "only (object storage not yet: write locally, then copy the folder to the bucket)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["voc"]
+
+
 def test_empty_and_all_unusable_datasets_fail(tmp_path, capsys):
     ann = _coco(tmp_path, {}, {})
     assert shard.main(["--format", "coco", "--annotations", str(ann), "--images", str(tmp_path / "img"),
