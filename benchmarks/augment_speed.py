@@ -1,6 +1,6 @@
-"""Per-image CPU cost of decode and augment: the PIL path (`rtrain.data.DecodeAugment`: PIL decode
-+ numpy/PIL `Augmenter`) against torchvision.io decode + `rtrain.augment_tensor.TensorAugmenter`
-(`rtrain.device_data.DeviceDecodeAugment`), on the same shard rows, one thread.
+"""Per-image CPU cost of decode and augment: the PIL path (`rtrain.data.batches.DecodeAugment`: PIL decode
++ numpy/PIL `Augmenter`) against torchvision.io decode + `rtrain.data.augment_tensor.TensorAugmenter`
+(`rtrain.data.device_decode.DeviceDecodeAugment`), on the same shard rows, one thread.
 
 Shards: BCCD when ../shared/data/bccd exists, else the synthetic shapes, stored at --stored px,
 written to a temp dir. Each figure is the best of --repeats passes over the same batches.
@@ -30,20 +30,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_shards import make_bench_shards, read_rows, row_batches  # noqa: E402
-from rtrain.augment import Augmenter, AugmentParams, Sample  # noqa: E402
-from rtrain.augment_tensor import TensorAugmenter  # noqa: E402
-from rtrain.device_data import DeviceDecodeAugment, decode_jpegs, raw_collate  # noqa: E402
+from rtrain.data.augment import Augmenter, AugmentParams, Sample  # noqa: E402
+from rtrain.data.augment_tensor import TensorAugmenter  # noqa: E402
+from rtrain.data.device_decode import DeviceDecodeAugment, decode_jpegs, raw_collate  # noqa: E402
 
 MODES = {"val": (False, 0.0), "train": (True, 0.0), "train_mosaic": (True, 0.5)}
 
 
-def _pil_decode(jpeg: bytes) -> np.ndarray:  # as rtrain.data._decode
+def _pil_decode(jpeg: bytes) -> np.ndarray:  # as rtrain.data.batches._decode
     with Image.open(io.BytesIO(jpeg)) as im:
         return np.asarray(im.convert("RGB"))
 
 
 def time_pil(batches, train: bool, params: AugmentParams, size: int) -> dict[str, float]:
-    from rtrain.data import DecodeAugment  # imports Ray's collate base; the PIL path needs it anyway
+    from rtrain.data.batches import DecodeAugment  # imports Ray's collate base; the PIL path needs it anyway
 
     aug = Augmenter(size, train, params, seed=0)
     end_to_end = DecodeAugment(train=train, img_size=size, aug=params, seed=0, epoch=0)

@@ -2,7 +2,7 @@
 synthetic shapes of `data_prep.synthetic`; read back with pyarrow as Ray's numpy batches (no Ray).
 
     shard_dir, source = make_bench_shards(tmp, images=64, stored=640)
-    rows = read_rows(shard_dir)            # dict of numpy columns, `rtrain.device_data.RAW_COLUMNS`
+    rows = read_rows(shard_dir)            # dict of numpy columns, `rtrain.data.device_decode.RAW_COLUMNS`
     for batch in row_batches(rows, 32): ...
 """
 
@@ -71,7 +71,7 @@ def num_classes(shard_dir: Path) -> int:
 
 def read_rows(shard_dir: Path, limit: int | None = None) -> dict[str, np.ndarray]:
     """All rows of the shards (at most `limit`) as one numpy batch of the raw columns."""
-    from rtrain.device_data import RAW_COLUMNS, numpy_batch_from_table
+    from rtrain.data.device_decode import RAW_COLUMNS, numpy_batch_from_table
 
     tables = [pq.read_table(p, columns=list(RAW_COLUMNS)) for p in sorted(Path(shard_dir).glob("*.parquet"))]
     table = pa.concat_tables(tables)

@@ -1,9 +1,9 @@
 """Images/s of rtrain's Ray Data path against a torch DataLoader over the raw JPEG files.
 
 Both sides do the same work per image: decode a 640x480 BCCD JPEG, apply the same train recipe
-(`rtrain.augment.Augmenter`: letterbox, random affine, HSV, flip), collate to the same batch
-dict (`rtrain.data.collate`). Ray: Parquet shards (written by `python -m data_prep.shard` in a
-temp dir) -> the train stream `rtrain.fit` uses (`rtrain.epoch_stream`, N decode tasks, one
+(`rtrain.data.augment.Augmenter`: letterbox, random affine, HSV, flip), collate to the same batch
+dict (`rtrain.data.batches.collate`). Ray: Parquet shards (written by `python -m data_prep.shard` in a
+temp dir) -> the train stream `rtrain.fit` uses (`rtrain.data.epoch_stream`, N decode tasks, one
 execution over all epochs) -> `iter_torch_batches`. DataLoader: a map-style Dataset over the
 JPEG files + VOC XML, `num_workers` = N persistent workers, shuffled. The first epoch of each
 is a warm-up (process start, imports); the figure is over the following epochs. Also printed:
@@ -32,8 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rtrain.augment import Augmenter, AugmentParams, Sample  # noqa: E402
-from rtrain.data import DetectionCollate, collate  # noqa: E402
+from rtrain.data.augment import Augmenter, AugmentParams, Sample  # noqa: E402
+from rtrain.data.batches import DetectionCollate, collate  # noqa: E402
 
 BCCD = ROOT.parent / "shared" / "data" / "bccd"
 CLASSES = ["RBC", "WBC", "Platelets"]
@@ -109,11 +109,11 @@ def collate_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def run_ray(shards: Path, args, aug: AugmentParams) -> list[tuple[float, int]]:
-    """rtrain's train stream (rtrain.epoch_stream): one execution over all epochs, as fit runs it."""
+    """rtrain's train stream (rtrain.data.epoch_stream): one execution over all epochs, as fit runs it."""
     import itertools
 
-    from rtrain.data import decode_augment_batch
-    from rtrain.epoch_stream import StreamPlan, build_train_stream
+    from rtrain.data.batches import decode_augment_batch
+    from rtrain.data.epoch_stream import StreamPlan, build_train_stream
 
     plan = StreamPlan.from_shards(shards, batch_rows=args.batch_size, world_size=1, seed=0)
     kwargs = {"train": True, "img_size": args.img_size, "aug": aug, "seed": 0}

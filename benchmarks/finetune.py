@@ -4,14 +4,14 @@
     python benchmarks/finetune.py --pretrain-min 10 --budget-min 12
     python benchmarks/finetune.py --smoke            # about 3 minutes on 2 cores: tiny data, 15 s runs
 
-1. Pretrain: the synthetic shapes (`rtrain.quickstart.prepare_synthetic`, its recipe, the model
+1. Pretrain: the synthetic shapes (`rtrain.training.quickstart.prepare_synthetic`, its recipe, the model
    variant `--model`) for `--pretrain-min` minutes; its last.pt (EMA weights) is the init.
 2. Fine-tune: configs/bccd.yaml with `model.init=<that last.pt>` (6 synthetic classes -> 3 BCCD
    classes: every tensor but the class logits is loaded) for `--budget-min` minutes.
 3. Scratch: the same config, the same budget, no init.
 Both BCCD runs train on the BCCD `train` split (shards made here with `python -m data_prep.shard`
 in a temp dir), are scored by pycocotools on the `test` split in original pixels
-(`rtrain.evaluator.evaluate_weights` on their last.pt) and evaluate nothing before the end (no
+(`rtrain.evaluation.weights.evaluate_weights` on their last.pt) and evaluate nothing before the end (no
 selection on the test split). Budgets count from the first training batch (`train.time_limit_min`).
 One local Ray serves the three runs. The last line is one JSON object; `mAP_gain` = fine-tuned
 minus scratch mAP.
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench_shards import shard_bccd_splits  # noqa: E402
 
-from rtrain.runner import FitError  # noqa: E402
+from rtrain.training.runner import FitError  # noqa: E402
 
 CONFIG = ROOT / "configs" / "bccd.yaml"
 # BCCD beside the checkout (../shared/data/bccd), or beside the worktrees' parent.
@@ -39,7 +39,7 @@ BCCD_CANDIDATES = [ROOT.parent / "shared" / "data" / "bccd", ROOT.parents[1] / "
 
 
 def _fit(config, overrides: list[str], work: Path, name: str):
-    from rtrain.runner import fit
+    from rtrain.training.runner import fit
 
     result = fit(config, overrides=overrides, workers=1, storage=work / "runs", name=name, plots=False)
     weights = result.last_weights or result.best_weights
@@ -49,7 +49,7 @@ def _fit(config, overrides: list[str], work: Path, name: str):
 
 
 def pretrain(work: Path, model: str, minutes: float, images: int) -> Path:
-    from rtrain.quickstart import prepare_synthetic, quickstart_config_dict
+    from rtrain.training.quickstart import prepare_synthetic, quickstart_config_dict
 
     prepare_synthetic(work / "synthetic", images=images)
     cfg = quickstart_config_dict(work / "synthetic")
@@ -62,8 +62,8 @@ def pretrain(work: Path, model: str, minutes: float, images: int) -> Path:
 
 def bccd_run(work: Path, name: str, model: str, minutes: float, train_dir: Path, test_dir: Path,
              init: Path | None) -> dict:
-    from rtrain import run_dir
-    from rtrain.evaluator import evaluate_weights
+    from rtrain.evaluation.weights import evaluate_weights
+    from rtrain.runs import run_dir
 
     overrides = [f"model.name={model}", f"train.time_limit_min={minutes}", "train.epochs=100000",
                  "eval.interval=100000", f"data.train={train_dir}", f"data.val={test_dir}"]

@@ -2,10 +2,10 @@
 
 Makes shards in a temp dir (BCCD when ../shared/data/bccd exists, else the synthetic shapes) at
 --img-size px, reads them with pyarrow (no Ray), and a background thread prefetches batches of
-raw rows (`rtrain.device_data.raw_collate`). Decode (nvJPEG on CUDA) and augment
+raw rows (`rtrain.data.device_decode.raw_collate`). Decode (nvJPEG on CUDA) and augment
 (`DeviceDecodeAugment`, train recipe) run on the device, in that thread on its own CUDA stream
 (`--augment-in thread`, default) or in the training loop (`--augment-in loop`), feeding
-`rtrain.engine.train_one_epoch` (bf16 autocast on CUDA) for two models on the same path:
+`rtrain.training.engine.train_one_epoch` (bf16 autocast on CUDA) for two models on the same path:
 rtrain's `compact_s` and torchvision's `ssdlite320_mobilenet_v3_large` (random init). Per model:
 warm-up steps, then measured steps. Also the data path alone (decode + augment, no model).
 
@@ -41,10 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_shards import make_bench_shards, num_classes, read_rows, row_batches  # noqa: E402
-from rtrain.augment import AugmentParams  # noqa: E402
-from rtrain.device_data import DeviceDecodeAugment, raw_collate  # noqa: E402
-from rtrain.engine import train_one_epoch  # noqa: E402
+from rtrain.data.augment import AugmentParams  # noqa: E402
+from rtrain.data.device_decode import DeviceDecodeAugment, raw_collate  # noqa: E402
 from rtrain.models import build_model  # noqa: E402
+from rtrain.training.engine import train_one_epoch  # noqa: E402
 
 SYNC_WARNING = "synchroniz"  # set_sync_debug_mode("warn") messages: "called a synchronizing CUDA operation"
 

@@ -14,7 +14,7 @@ neighbour slows every runner alike; median of the iterations):
   TorchScript (`torch.jit.trace`) and ONNX Runtime (CPUExecutionProvider). SSDLite: normalise +
   backbone + head (its own `forward` minus transform and postprocess).
 - `full`: images in, detections out. rtrain eager: `forward_raw` + `Detector.postprocess`;
-  rtrain ONNX: ORT + `rtrain.inference.decode` (numpy); SSDLite: its eval `forward` with its
+  rtrain ONNX: ORT + `rtrain.deploy.inference.decode` (numpy); SSDLite: its eval `forward` with its
   transform fixed to the benchmark size (no resize).
 Untrained weights (torchvision `weights=None, weights_backbone=None`): speed does not depend on
 the values, except for NMS, which sees few boxes from either untrained model at these thresholds.
@@ -37,8 +37,8 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rtrain import inference  # noqa: E402
-from rtrain.exporter import export_model  # noqa: E402
+from rtrain.deploy import inference  # noqa: E402
+from rtrain.deploy.exporter import export_model  # noqa: E402
 from rtrain.models import build_model  # noqa: E402
 
 

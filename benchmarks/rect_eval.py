@@ -9,10 +9,10 @@ to its central 640x360 band (16:9), boxes clipped to the band and kept when at l
 their area is inside; written as COCO JSON + JPEGs in a work folder (never into the shared data)
 and sharded with data_prep.shard (--size 640, classes from the train shards). The model:
 configs/bccd.yaml (compact_s, 416 px, its recipe) trained in this process (the training loop's
-engine, LR schedule and EMA over `rtrain.data.iter_batches_local`, no Ray) on the BCCD `train`
+engine, LR schedule and EMA over `rtrain.data.batches.iter_batches_local`, no Ray) on the BCCD `train`
 split for `--budget-min` minutes (nothing of the wide set is seen in training), or `--weights`.
 
-Both modes score the same weights on the same shards with `rtrain.evaluator.evaluate_weights`
+Both modes score the same weights on the same shards with `rtrain.evaluation.weights.evaluate_weights`
 (`eval.rect=false` / `true`; pycocotools in original pixels, so the mAPs are comparable):
 - grey: the share of input pixels that are letterbox padding (exact, from each image's resized
   size and its batch canvas);
@@ -99,15 +99,15 @@ def shard_coco(ann: Path, images: Path, out: Path, classes_from: Path | None = N
 def train(work: Path, train_dir: Path, minutes: float) -> Path:
     """configs/bccd.yaml's model and recipe trained in this process for `minutes` (no Ray: the
     training loop's engine, schedule and EMA on `iter_batches_local`), saved as a weights file."""
-    from rtrain.augment import AugmentParams
-    from rtrain.checkpoint import save_weights
     from rtrain.config import config_to_dict, load_config
-    from rtrain.data import iter_batches_local, read_manifest
-    from rtrain.ema import ModelEMA
-    from rtrain.engine import train_one_epoch
-    from rtrain.loading import build_from_config
-    from rtrain.optim import build_optimizer
-    from rtrain.schedule import LRSchedule
+    from rtrain.data.augment import AugmentParams
+    from rtrain.data.batches import iter_batches_local, read_manifest
+    from rtrain.runs.checkpoint import save_weights
+    from rtrain.runs.loading import build_from_config
+    from rtrain.training.ema import ModelEMA
+    from rtrain.training.engine import train_one_epoch
+    from rtrain.training.optim import build_optimizer
+    from rtrain.training.schedule import LRSchedule
 
     cfg = load_config(CONFIG, [f"data.train={train_dir}", f"train.time_limit_min={minutes}"])
     names = [c["name"] for c in read_manifest(train_dir)["classes"]]
@@ -139,7 +139,7 @@ def train(work: Path, train_dir: Path, minutes: float) -> Path:
 
 def padding(batches, size: int) -> tuple[float, float]:
     """(grey share of the input pixels, input pixels per image) of collated val batches."""
-    from rtrain.augment import resized_shape
+    from rtrain.data.augment import resized_shape
 
     image_px = canvas_px = n = 0
     for b in batches:
@@ -155,10 +155,10 @@ def padding(batches, size: int) -> tuple[float, float]:
 def compare(weights: Path, wide: Path, reps: int) -> dict:
     import torch
 
-    from rtrain import predict_loop
-    from rtrain.evaluator import evaluate_weights
-    from rtrain.loading import load_detector
-    from rtrain.sharded_eval import val_batches
+    from rtrain.evaluation import predict_loop
+    from rtrain.evaluation.sharded import val_batches
+    from rtrain.evaluation.weights import evaluate_weights
+    from rtrain.runs.loading import load_detector
 
     loaded = load_detector(weights, device="cpu")
     cfg = loaded.config

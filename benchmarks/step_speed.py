@@ -1,7 +1,7 @@
 """Train-step time of the engine's step loop against an old-style loop that reads the host each step.
 
 Both run the same detector (`compact_n` by default), batches, schedule-free SGD step, grad
-clipping and EMA on one device. New: `rtrain.engine.train_one_epoch` (padded targets, fused SGD,
+clipping and EMA on one device. New: `rtrain.training.engine.train_one_epoch` (padded targets, fused SGD,
 device-side skip flag, foreach EMA, metrics read at the end). Old-style: the loop this engine
 replaced, re-created here: per-image target dicts, `bool(isfinite(loss))`, `float(grad_norm)`,
 `float()` per loss part, a foreach (non-fused) SGD and a per-tensor EMA walk over `state_dict()`.
@@ -26,12 +26,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rtrain.data import batch_to_targets  # noqa: E402
-from rtrain.ema import ModelEMA  # noqa: E402
-from rtrain.engine import train_one_epoch  # noqa: E402
+from rtrain.data.batches import batch_to_targets  # noqa: E402
 from rtrain.models import build_model  # noqa: E402
-from rtrain.optim import build_optimizer, param_groups  # noqa: E402
 from rtrain.precision import images_to_float  # noqa: E402
+from rtrain.training.ema import ModelEMA  # noqa: E402
+from rtrain.training.engine import train_one_epoch  # noqa: E402
+from rtrain.training.optim import build_optimizer, param_groups  # noqa: E402
 
 
 def make_batches(n: int, batch: int, size: int, boxes: int = 6, seed: int = 0) -> list[dict]:

@@ -8,16 +8,16 @@ Both train on the BCCD `train` split and are scored by pycocotools on the `test`
 (ImageSets/Main/test.txt) in ORIGINAL pixels, from the same Parquet shards (made here in a temp dir
 with data_prep.shard, test with --classes-from train) and the same GT (`coco_gt_from_shards`).
 
-- rtrain: `rtrain.runner.fit(configs/bccd.yaml, workers=1)` with `train.time_limit_min=BUDGET`,
+- rtrain: `rtrain.training.runner.fit(configs/bccd.yaml, workers=1)` with `train.time_limit_min=BUDGET`,
   data.val = the test shards and `eval.interval` so large that the only evaluation is the one after
   the last epoch: nothing is selected on the test split. Its last.pt (EMA) is then scored with
-  `rtrain.evaluator.evaluate_weights`. Ray Train worker: 1 torch thread, decode in a Ray task.
+  `rtrain.evaluation.weights.evaluate_weights`. Ray Train worker: 1 torch thread, decode in a Ray task.
 - SSDLite: `ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=4)`
   (labels 1..3, 0 is background) trained in-process (torch.set_num_threads(2)) with torchvision's
   reference recipe: SGD momentum 0.9, weight decay 4e-5, lr 0.15 at global batch 192 scaled linearly
   to our batch, linear warm-up from 0.001x over min(1000, steps/epoch - 1) steps, cosine to 0 fitted
   to the time budget, horizontal flip, 320x320 input, its own loss (`model(images, targets)`).
-  Images come from `rtrain.data.iter_batches_local` letterboxed to 320 (the reference stretches to
+  Images come from `rtrain.data.batches.iter_batches_local` letterboxed to 320 (the reference stretches to
   320x320 instead); predictions (its default score 0.001, 300 per image) are mapped back to
   original pixels with `evaluation.to_coco_results` and scored with `evaluation.coco_evaluate`.
 Both budgets count from the first training batch (rtrain's schedule does so: Ray's start-up is not
@@ -46,10 +46,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench_shards import shard_bccd_splits  # noqa: E402
 
-from rtrain.augment import AugmentParams  # noqa: E402
-from rtrain.data import iter_batches_local, list_shards, read_manifest  # noqa: E402
-from rtrain.evaluation import coco_evaluate, coco_gt_from_shards, to_coco_results  # noqa: E402
-from rtrain.runner import FitError  # noqa: E402
+from rtrain.data.augment import AugmentParams  # noqa: E402
+from rtrain.data.batches import iter_batches_local, list_shards, read_manifest  # noqa: E402
+from rtrain.evaluation.coco import coco_evaluate, coco_gt_from_shards, to_coco_results  # noqa: E402
+from rtrain.training.runner import FitError  # noqa: E402
 
 BCCD = ROOT.parent / "shared" / "data" / "bccd"
 CONFIG = ROOT / "configs" / "bccd.yaml"
@@ -62,11 +62,11 @@ SSD_LR_REF, SSD_BATCH_REF = 0.15, 192  # torchvision references/detection: 8 GPU
 
 
 def run_rtrain(train_dir: Path, test_dir: Path, budget_min: float, work: Path) -> dict:
-    from rtrain import run_dir
-    from rtrain.evaluator import evaluate_weights
+    from rtrain.evaluation.weights import evaluate_weights
     from rtrain.models import count_gflops, count_params
-    from rtrain.runner import fit
-    from rtrain.train_loop import build_detector
+    from rtrain.runs import run_dir
+    from rtrain.training.runner import fit
+    from rtrain.training.train_loop import build_detector
 
     overrides = [f"train.time_limit_min={budget_min}", "train.epochs=100000", "eval.interval=100000",
                  f"data.train={train_dir}", f"data.val={test_dir}"]

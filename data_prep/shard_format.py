@@ -1,8 +1,8 @@
 """The shard format in one place: the Parquet schema and the manifest.json reader.
 
 Shared by the writer (data_prep.writer), the tools that read shards (data_prep.inspect,
---classes-from) and rtrain (rtrain.data, rtrain.evaluation, rtrain.curves), so a shard folder is
-checked by one set of rules with one set of messages. rtrain imports this module; it imports
+--classes-from) and rtrain (rtrain.data.batches, rtrain.evaluation.coco, rtrain.runs.compare), so a
+shard folder is checked by one set of rules with one set of messages. rtrain imports this module; it imports
 nothing of rtrain.
 
     from data_prep.shard_format import SCHEMA, ShardError, check_schema, read_manifest

@@ -7,7 +7,7 @@ The question the project started from: on a small detection set and a fixed time
 batch of 1 (more, noisier updates) or a batch of 16 (fewer, steadier ones) get further? Both runs use
 configs/bccd.yaml with only `train.batch_size` changed (the LR is scaled linearly to the batch by
 rtrain, `train.nominal_batch_size`), and `train.time_limit_min` ends each run. The comparison is
-`rtrain.curves.compare_runs`: loss and mAP against training time and against images seen, the
+`rtrain.runs.compare.compare_runs`: loss and mAP against training time and against images seen, the
 legend naming what differs (`train.batch_size=1` vs `=16`). The same from the shell:
 
     python -m rtrain.compare OUT/runs/bs1-* OUT/runs/bs16-* --metric mAP50 --x time --out cmp.png
@@ -22,8 +22,8 @@ from pathlib import Path
 
 from train_bccd import shard_split  # the sibling example (this folder is on sys.path when run)
 
-from rtrain.curves import CompareError, compare_runs, skipped_lines
-from rtrain.runner import FitError, fit
+from rtrain.runs.compare import CompareError, compare_runs, skipped_lines
+from rtrain.training.runner import FitError, fit
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,8 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from rtrain.quickstart import prepare_synthetic, quickstart_config_dict
-from rtrain.runner import fit
+from rtrain.training.quickstart import prepare_synthetic, quickstart_config_dict
+from rtrain.training.runner import fit
 
 
 def main() -> int:

@@ -15,13 +15,13 @@ import torch
 from data_prep.shard import build_parser as shard_parser
 from data_prep.shard import shard
 from data_prep.synthetic import make_synthetic
-from rtrain.checkpoint import load_weights
 from rtrain.config import config_from_dict
-from rtrain.data import iter_batches_local, read_manifest
-from rtrain.evaluation import coco_gt_from_shards
-from rtrain.predict_loop import evaluate
-from rtrain.runner import fit
-from rtrain.train_loop import build_detector
+from rtrain.data.batches import iter_batches_local, read_manifest
+from rtrain.evaluation.coco import coco_gt_from_shards
+from rtrain.evaluation.predict_loop import evaluate
+from rtrain.runs.checkpoint import load_weights
+from rtrain.training.runner import fit
+from rtrain.training.train_loop import build_detector
 
 
 def main() -> None:

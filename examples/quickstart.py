@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from rtrain.quickstart import prepare_synthetic, quickstart_config_dict
-from rtrain.runner import fit
+from rtrain.training.quickstart import prepare_synthetic, quickstart_config_dict
+from rtrain.training.runner import fit
 
 
 def main() -> None:

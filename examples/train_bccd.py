@@ -12,7 +12,7 @@ from pathlib import Path
 
 from data_prep.shard import build_parser as shard_parser
 from data_prep.shard import shard
-from rtrain.runner import fit
+from rtrain.training.runner import fit
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 from rtrain.cli import OneLineParser, run_cli
-from rtrain.curves import X_AXES, compare_runs, skipped_lines
+from rtrain.runs.compare import X_AXES, compare_runs, skipped_lines
 
 
 def build_parser() -> argparse.ArgumentParser:

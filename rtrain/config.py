@@ -46,7 +46,7 @@ class ModelConfig:
     reg_max: int = field(default=7, metadata=_range(1, 32))
     # Fine-tuning: a best.pt/last.pt (or checkpoint dir) of any rtrain run; every tensor whose name
     # and shape fit is loaded before training, the class logits re-initialised when the classes
-    # differ (rtrain.loading.init_from_weights). "" = from scratch. A resumed run ignores it.
+    # differ (rtrain.runs.loading.init_from_weights). "" = from scratch. A resumed run ignores it.
     init: str = ""
 
 
@@ -65,7 +65,7 @@ class DataConfig:
     scale: float = field(default=0.5, metadata=_range(0.0, 0.9))  # random affine zoom +-
     translate: float = field(default=0.1, metadata=_range(0.0, 0.5))
     mosaic: float = field(default=0.0, metadata=_range(0.0, 1.0))  # probability
-    # Close mosaic for the end of the run (rtrain.close_mosaic), so the model ends on the image
+    # Close mosaic for the end of the run (rtrain.data.close_mosaic), so the model ends on the image
     # statistics it is tested on: the last `close_mosaic` epochs of train.epochs, or, for a
     # time-limited run, the last `close_mosaic_frac` of train.time_limit_min. 0 = mosaic to the end.
     close_mosaic: int = field(default=0, metadata=_range(0, 100_000))
@@ -74,12 +74,12 @@ class DataConfig:
     # worker on its device (torchvision.io + batched tensor ops; Ray Data streams compact rows),
     # "auto" = gpu when the workers have GPUs.
     decode: Literal["auto", "cpu", "gpu"] = "auto"
-    # Concurrent CPU decode tasks; 0 = the CPUs Ray Train leaves free (rtrain.runner.decode_tasks).
+    # Concurrent CPU decode tasks; 0 = the CPUs Ray Train leaves free (rtrain.training.runner.decode_tasks).
     num_actors: int = field(default=0, metadata=_range(0, 1024))
     cpus_per_actor: float = field(default=1.0, metadata=_range(0.05, 64))
     prefetch_batches: int = field(default=2, metadata=_range(0, 64))
     # Compact (undecoded) rows one read task shuffles together each epoch; the order of the
-    # windows and the files in them changes every epoch too (rtrain.epoch_stream).
+    # windows and the files in them changes every epoch too (rtrain.data.epoch_stream).
     shuffle_window: int = field(default=4096, metadata=_range(1, 10_000_000))
     # An extra shuffle buffer of DECODED rows in each worker (0 = none, the default: rows are
     # already shuffled before decode). Ignored in deterministic runs.
@@ -97,10 +97,10 @@ class TrainConfig:
 
     batch_size: per worker; an int, or "auto": the largest batch whose forward+backward fits
         `autobatch_fraction` of the GPU's memory, measured on the real model at the training
-        image size (`rtrain.autobatch`); 16 on CPU. All workers use the smallest pick; it is
+        image size (`rtrain.training.autobatch`); 16 on CPU. All workers use the smallest pick; it is
         at most the images one worker sees per epoch, and a fractional Ray GPU counts its share.
     lr: the peak LR at `nominal_batch_size`. It is scaled to the global batch (batch_size x
-        workers) by the optimiser's rule (`rtrain.schedule.scale_lr`): linearly for SGD,
+        workers) by the optimiser's rule (`rtrain.training.schedule.scale_lr`): linearly for SGD,
         by the square root of the ratio for AdamW.
     Warm-up (the first `warmup_epochs`): the LR rises linearly from `warmup_start_ratio` x peak
     to the peak; bias parameters start at the absolute LR `warmup_bias_lr` (SGD; under AdamW
@@ -123,7 +123,7 @@ class TrainConfig:
     final_lr_ratio: float = field(default=0.05, metadata=_range(0.0, 1.0))
     ema_decay: float = field(default=0.9998, metadata=_range(0.0, 1.0))
     # EMA warm-up ramp length in optimizer steps; 0 = auto: fit the run so the averaging window at
-    # its end is ~20% of its expected total steps (rtrain.ema.ema_tau_for_run, at most 2000).
+    # its end is ~20% of its expected total steps (rtrain.training.ema.ema_tau_for_run, at most 2000).
     ema_tau: float = field(default=0.0, metadata=_range(0.0, 1e9))
     grad_clip: float = field(default=10.0, metadata=_range(0.0, 1e6))  # 0 disables
     amp: bool = True  # bf16/fp16 autocast on GPU; ignored on CPU
@@ -166,11 +166,11 @@ class RunConfig:
     # them on different nodes (STRICT_SPREAD fails to start if there are too few nodes).
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     # Experiment trackers fed every epoch's metrics row, the config and, at the end, the best
-    # weights and plots (rtrain.trackers): TensorBoard event files in RUN/tensorboard/, MLflow to
+    # weights and plots (rtrain.training.trackers): TensorBoard event files in RUN/tensorboard/, MLflow to
     # `mlflow_uri` ("" = file:<storage>/mlruns, beside the run; a sweep's beside the sweep).
     loggers: list[Literal["tensorboard", "mlflow"]] = field(default_factory=list)
     mlflow_uri: str = ""
-    # Preemption (rtrain.preempt): after a SIGTERM to the driver (`python -m rtrain.fit`) the
+    # Preemption (rtrain.training.preempt): after a SIGTERM to the driver (`python -m rtrain.fit`) the
     # workers write a checkpoint at the next step boundary where the stream can resume exactly;
     # the driver waits at most `grace_s` seconds for it, then exits without one and says so.
     grace_s: float = field(default=30.0, metadata=_range(1.0, 86_400.0))

@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 @run_cli("rtrain.evaluate", also=(FileNotFoundError, ValueError), parser=build_parser)
 def main(args: argparse.Namespace) -> int:
-    from rtrain.evaluator import evaluate_weights, format_metrics
-    from rtrain.run_dir import atomic_write_bytes
+    from rtrain.evaluation.weights import evaluate_weights, format_metrics
+    from rtrain.runs.run_dir import atomic_write_bytes
 
     metrics = evaluate_weights(args.weights, args.shards, batch_size=args.batch_size,
                                overrides=args.overrides, config_file=args.config, device=args.device,

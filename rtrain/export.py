@@ -6,7 +6,7 @@
 
 Exports `forward_raw` (input float32 [B, 3, S, S] RGB 0..1; outputs cls_logits, box_dist; NMS is
 left outside) and writes `<file>.json` beside it (class names, size, strides, reg_max, pre- and
-post-processing conventions): `rtrain.inference.load_exported(file)` runs it without rtrain's
+post-processing conventions): `rtrain.deploy.inference.load_exported(file)` runs it without rtrain's
 training code. Then PyTorch and the exported file run on the same letterboxed images: the largest
 raw-output difference is printed and the final detections must match.
 Exit status: 0 done, 1 parity check failed, 2 bad input (one line on stderr).
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @run_cli("rtrain.export", also=(OSError,), parser=build_parser)
 def main(args: argparse.Namespace) -> int:
-    from rtrain.exporter import export_weights, format_report
+    from rtrain.deploy.exporter import export_weights, format_report
 
     report = export_weights(args.weights, args.format, size=args.size, dynamic_batch=args.dynamic_batch,
                             out=args.out, check_images=args.check_images, overrides=args.overrides,

@@ -50,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_ray_terminal(verbose=args.verbose)
-    from rtrain.runner import PreemptedError, fit
+    from rtrain.training.runner import PreemptedError, fit
 
     config = args.config
     try:
         if config is None and not args.resume:
-            from rtrain import quickstart
+            from rtrain.training import quickstart
 
             root = args.data_root or quickstart.DEFAULT_ROOT
             quickstart.prepare_synthetic(root)

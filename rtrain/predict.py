@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 @run_cli("rtrain.predict", also=(ValueError,), parser=build_parser)
 def main(args: argparse.Namespace) -> int:
-    from rtrain.predictor import predict, start_ray, wants_ray
-    from rtrain.sources import resolve_source
+    from rtrain.deploy.predictor import predict, start_ray, wants_ray
+    from rtrain.deploy.sources import resolve_source
 
     if not 0.0 <= args.conf <= 1.0 or not 0.0 <= args.iou <= 1.0:
         print("rtrain.predict: error: --conf and --iou must be in [0, 1]", file=sys.stderr)

@@ -22,13 +22,13 @@ starts the cluster.
 Atomic writes, the same promise on disk and in a bucket: a reader sees the old file or the whole
 new one, never part of one.
 - local: `data_prep.atomic` (hidden temp name in the same folder, fsync, rename); a full disk
-  raises `rtrain.run_dir.StorageFullError` naming the file.
+  raises `StorageFullError` naming the file.
 - bucket: one object upload. An S3 object appears only once its upload has finished (a single
   PutObject, or the CompleteMultipartUpload of a large one), so there is no temp name to rename;
   a killed writer leaves the previous object. The filesystem is opened with
   `allow_delayed_open`, so an object under pyarrow's part size (10 MB) is one PutObject.
 Several files that belong together (a checkpoint directory, a shard set) are complete only once
-their marker file exists, written last, on disk and in a bucket alike (`rtrain.checkpoint`).
+their marker file exists, written last, on disk and in a bucket alike (`rtrain.runs.checkpoint`).
 
 A bucket has no directories: `is_dir` is true when some object's key starts with `PATH/`, and
 `list_dir` lists the next level of key names.
@@ -36,18 +36,58 @@ A bucket has no directories: `is_dir` is true when some object's key starts with
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
 from functools import lru_cache
 from pathlib import Path
 
+from data_prep.atomic import write_bytes_atomic
 from rtrain.errors import RtrainError
 
 logger = logging.getLogger(__name__)
 
 BUCKET_SCHEMES = ("s3",)
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
+
+
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class StorageFullError(OSError):
+    """A write failed because the disk (or the quota) is full; str() is one line naming the file.
+
+    An OSError with errno ENOSPC/EDQUOT and `filename` set, so `except OSError` still catches it;
+    it pickles (it crosses from a Ray worker to the driver).
+    """
+
+    def __str__(self) -> str:
+        what = "over its disk quota" if self.errno == errno.EDQUOT else "no space left on the device"
+        return f"{self.filename}: {what}"
+
+
+def full_storage(exc: BaseException, path: str | os.PathLike) -> StorageFullError | None:
+    """`exc` as a StorageFullError naming `path` when it is ENOSPC/EDQUOT; None otherwise."""
+    if isinstance(exc, StorageFullError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in FULL_ERRNOS:
+        return StorageFullError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path))
+    return None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (data_prep.atomic: hidden temp name, fsync, rename).
+
+    A full disk (ENOSPC/EDQUOT) raises StorageFullError naming `path`; the temp file is removed.
+    """
+    try:
+        write_bytes_atomic(path, data)
+    except OSError as exc:
+        full = full_storage(exc, path)
+        if full is not None:
+            raise full from None
+        raise
 
 
 class StorageError(RtrainError, ValueError):
@@ -217,8 +257,6 @@ def write_bytes(location: str | os.PathLike, data: bytes) -> str:
     """
     text = check(location)
     if not is_bucket(text):
-        from rtrain.run_dir import atomic_write_bytes
-
         atomic_write_bytes(local_path(text), data)
         return text
     fs, path = filesystem(text)

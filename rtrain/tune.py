@@ -6,8 +6,8 @@
     python -m rtrain.tune --resume [--name SWEEP]      # continue the latest (or named) sweep
 
 Writes SWEEP = <storage>/<name>: results.csv/.md (printed at the end), pareto.png, best.yaml
-(train it: python -m rtrain.fit --config SWEEP/best.yaml). See rtrain.sweep (spec format) and
-rtrain.sweep_run (trials, resources, the placement-group workaround).
+(train it: python -m rtrain.fit --config SWEEP/best.yaml). See rtrain.search.spec (spec format) and
+rtrain.search.driver (trials, resources, the placement-group workaround).
 
 Ray dashboard: a sweep that starts its own Ray turns it on at http://127.0.0.1:8265 (this machine
 only; the REST API wants `Authorization: Bearer $(ray get-auth-token)`). Each running trial is an
@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     quiet_ray_terminal(verbose=args.verbose)
-    from rtrain.sweep import SweepError, load_sweep
-    from rtrain.sweep_run import run_sweep
+    from rtrain.search.driver import run_sweep
+    from rtrain.search.spec import SweepError, load_sweep
 
     flags = {"num_samples": args.num_samples, "gpus_per_trial": args.gpus_per_trial,
              "workers_per_trial": args.workers_per_trial, "cpus_per_worker": args.cpus_per_worker,

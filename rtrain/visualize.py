@@ -14,7 +14,7 @@ import logging
 import sys
 
 from rtrain.cli import OneLineParser, run_cli
-from rtrain.feature_maps import load_detector, visualize
+from rtrain.runs.feature_maps import load_detector, visualize
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rtrain.augment import Sample
+from rtrain.data.augment import Sample
 
 COLOURS = {0: (255, 0, 0), 1: (0, 255, 0), 2: (0, 0, 255), 3: (255, 255, 0)}
 TOL = 1.01  # px: bilinear resampling blurs an edge by up to one pixel

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def tiny_fit_config(train: Path, val: Path, epochs: int, storage: Path | None = None, **run) -> dict:
-    """A config dict for `rtrain.runner.fit`; `run` adds or overrides keys of its run section."""
+    """A config dict for `rtrain.training.runner.fit`; `run` adds or overrides keys of its run section."""
     config = {
         "model": {"name": "compact_n"},
         "data": {"train": str(train), "val": str(val), "img_size": 128, "num_actors": 1,

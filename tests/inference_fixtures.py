@@ -1,6 +1,6 @@
 """Helpers for the evaluate/predict/export/inference tests: real weights files and tiny real shards.
 
-Weights are a freshly built model saved with `rtrain.checkpoint.save_weights` (the real file
+Weights are a freshly built model saved with `rtrain.runs.checkpoint.save_weights` (the real file
 format). Its output convs are re-drawn with a larger spread (seeded) so that scores differ
 clearly between points: an untrained head gives every point sigmoid ~0.01, and detections of
 near-equal scores would make parity tests depend on float noise. The tests are about plumbing
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rtrain.checkpoint import save_weights
 from rtrain.config import config_from_dict, config_to_dict
 from rtrain.models import build_model
+from rtrain.runs.checkpoint import save_weights
 
 BCCD_CLASSES = ["Platelets", "RBC", "WBC"]  # data_prep.voc's order: every name seen, sorted
 BCCD_IDS = ["BloodImage_00000", "BloodImage_00002", "BloodImage_00014", "BloodImage_00017",

@@ -3,17 +3,17 @@
 import pytest
 
 from data_prep.shard_format import ShardError
-from rtrain.checkpoint import CheckpointError, IncompatibleCheckpointError
 from rtrain.cli import run_cli
 from rtrain.config import ConfigError
-from rtrain.curves import CompareError
+from rtrain.deploy.exporter import ExportError
+from rtrain.deploy.sources import SourceError
 from rtrain.errors import RtrainError
-from rtrain.exporter import ExportError
-from rtrain.feature_maps import VisualizeError
-from rtrain.guard import NonFiniteLossError
-from rtrain.runner import FitError
-from rtrain.sources import SourceError
-from rtrain.sweep import SweepError
+from rtrain.runs.checkpoint import CheckpointError, IncompatibleCheckpointError
+from rtrain.runs.compare import CompareError
+from rtrain.runs.feature_maps import VisualizeError
+from rtrain.search.spec import SweepError
+from rtrain.training.guard import NonFiniteLossError
+from rtrain.training.runner import FitError
 
 
 @pytest.mark.parametrize("cls, old_base", [

@@ -160,5 +160,5 @@ def test_every_shipped_config_loads():
     root = Path(__file__).resolve().parents[1] / "configs"
     for path in sorted(root.glob("*.yaml")):
         data = yaml.safe_load(path.read_text())
-        if "search" not in data:  # sweep specs are checked in tests/test_sweep.py
+        if "search" not in data:  # sweep specs are checked in tests/search/test_sweep.py
             load_config(path)

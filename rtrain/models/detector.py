@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rtrain.box_ops import level_sizes, make_points
+from rtrain.models.box_ops import level_sizes, make_points
 
 from .backbone import Backbone
 from .head import Head
@@ -44,11 +44,11 @@ class DetectorSpec:
 
 
 def _make_loss(num_classes: int, reg_max: int) -> nn.Module | None:
-    # Imported lazily: rtrain.losses is developed alongside and may be absent in a partial checkout.
-    if importlib.util.find_spec("rtrain.losses") is None:
-        log.debug("rtrain.losses not found: Detector built without loss_fn")
+    # Imported lazily: rtrain.models.losses is developed alongside and may be absent in a partial checkout.
+    if importlib.util.find_spec("rtrain.models.losses") is None:
+        log.debug("rtrain.models.losses not found: Detector built without loss_fn")
         return None
-    from rtrain.losses import DetectionLoss
+    from rtrain.models.losses import DetectionLoss
 
     return DetectionLoss(num_classes, reg_max)
 
@@ -91,11 +91,11 @@ class Detector(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Loss dict {"loss", "loss_cls", "loss_box", "loss_dfl"} from raw outputs and targets.
 
-        targets: a list of per-image dicts or the padded batch dict (see `rtrain.losses`).
+        targets: a list of per-image dicts or the padded batch dict (see `rtrain.models.losses`).
         Points and strides are float32 even under autocast (bf16 cannot hold 8.5 * 32 exactly).
         """
         if self.loss_fn is None:
-            raise RuntimeError("Detector has no loss_fn: rtrain.losses is not importable")
+            raise RuntimeError("Detector has no loss_fn: rtrain.models.losses is not importable")
         key = (int(image_size[0]), int(image_size[1]), cls_logits.device)
         if key not in self._points_cache:  # a handful of sizes (multi-scale): built once each
             self._points_cache[key] = self.points(image_size, cls_logits.device, torch.float32)
@@ -131,7 +131,8 @@ class Detector(nn.Module):
         """Training: loss dict (targets required). Eval: list (len B) of detection dicts.
 
         targets: a list of B per-image dicts, or the padded batch dict {"boxes" [B, M, 4],
-        "labels" [B, M] (-1 = padding), "iscrowd" [B, M]} that `rtrain.engine.targets_from_batch` gives.
+        "labels" [B, M] (-1 = padding), "iscrowd" [B, M]} that
+        `rtrain.training.engine.targets_from_batch` gives.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torchvision.ops import batched_nms
 
-from rtrain.box_ops import dist_to_ltrb, ltrb_to_boxes
+from rtrain.models.box_ops import dist_to_ltrb, ltrb_to_boxes
 
 
 def decode_boxes(

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from rtrain.box_ops import level_sizes
 from rtrain.models import build_model, count_gflops, count_params, list_variants, register_variant
 from rtrain.models.__main__ import main as models_cli
 from rtrain.models.blocks import make_divisible, scale_depth
+from rtrain.models.box_ops import level_sizes
 from rtrain.models.summary import layer_table, trunk_convs, variant_table
 
 NUM_CLASSES = 3

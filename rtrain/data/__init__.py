@@ -1,0 +1,1 @@
+"""The data path: shard files -> decoded, augmented batches (CPU and on-device), and the Ray stream."""

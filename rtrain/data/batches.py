@@ -1,0 +1,494 @@
+"""Training data path: Parquet shards -> decode + augment -> fixed-size batches of tensors.
+
+    files = list_shards(shard_dir)                       # checks every shard's footer and schema
+    ds = build_dataset(shard_dir, train=True, img_size=320, aug=AugmentParams(), epoch=clock)
+    for batch in ds.iter_torch_batches(batch_size=16, collate_fn=DetectionCollate(),
+                                       local_shuffle_buffer_size=64):
+        images = batch["images"].float().div_(255)        # uint8 [B, 3, S, S] -> float on device
+        targets = batch_to_targets(batch, device)        # list of {boxes, labels, iscrowd}
+
+Rows after `DecodeAugment` (one per image): `image` uint8 [S, S, 3] (rectangular val: [H, W, 3],
+one canvas per decode call); `boxes` float32 flat [x1, y1, x2, y2, ...] in input pixels; `labels`
+int32; `iscrowd` bool; `image_id` int64; `scale` float32 and `pad` float32 [2] (left, top) with
+`input = stored * scale + pad` (exact in val mode); `stored_size` and `orig_size` int32 [2] as
+(width, height). Ragged columns are 1-D arrays (Ray keeps them as Arrow lists); nested lists would
+fall back to pickle.
+
+Training reads these rows through `rtrain.data.epoch_stream` (one Ray Data execution over all
+epochs; each row carries its `epoch`, which seeds its augmentation). `build_dataset` is the
+one-pass dataset for validation, inference and tests: its `epoch` is an int or an EpochClock
+actor (`make_epoch_clock()`, `set_epoch(clock, e)`) read once per decode batch, so the
+augmentation of image i in epoch e depends only on (seed, e, i) whatever the task or worker
+(mosaic partners come from the same batch; see `rtrain.data.augment.Augmenter`).
+
+Compute: decode/augment runs as Ray tasks (`pool="tasks"`, default; at most `num_actors` at a
+time, `cpus_per_actor` each) on worker processes Ray reuses across executions. An actor pool
+(`pool="actors"`) is re-created by Ray Data for every execution and pays process start +
+imports each time. Shards are read with Ray's V1 Parquet reader (2.60's V2 reader runs a slow
+ListFiles step every execution). Blocks are cut to `batch_rows` rows so every task gets work.
+
+Resources (2-core machines): Ray Data's read step asks for a whole CPU and Ray Train takes its
+workers' CPUs out of Ray Data's budget, so 2 Train workers on `ray.init(num_cpus=2)` deadlock.
+Start Ray with more logical CPUs than cores (`ray.init(num_cpus=4)`, as the tests'
+`ray_session` fixture and the fit CLI on small machines do). Without Ray,
+`iter_batches_local` runs the same decode/augment/collate in-process.
+
+A box with non-finite coordinates, outside its image or (given `num_classes`) with a label
+outside 0..C-1 is dropped at decode (`rtrain.data.target_checks`); each row counts its drops in
+`dropped_targets`, which the collate passes on per image.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+# The shard format (schema, manifest reader, ShardError) lives in data_prep.shard_format, shared with
+# the writer; re-exported here under the names rtrain has always used.
+from data_prep.shard_format import (  # noqa: F401
+    MANIFEST,
+    SCHEMA,
+    SHARD_GLOB,
+    ShardError,
+    check_schema,
+    read_manifest,
+)
+from rtrain.data.augment import Augmenter, AugmentParams, Sample, rect_canvas
+from rtrain.data.close_mosaic import mosaic_on
+from rtrain.data.target_checks import clean_targets
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------- shards and manifest
+
+
+def list_shards(shard_dir: str | Path) -> list[str]:
+    """Sorted shard paths of `shard_dir`, after reading every shard's footer and schema (cheap).
+
+    Raises ShardError naming the file: missing dir, no shards, truncated/corrupt Parquet, wrong
+    schema. Hidden files (writers' temp names) are ignored.
+    """
+    shard_dir = Path(shard_dir)
+    if not shard_dir.is_dir():
+        raise ShardError(f"{shard_dir}: shard directory not found")
+    files = sorted(str(p) for p in shard_dir.glob(SHARD_GLOB) if not p.name.startswith("."))
+    if not files:
+        raise ShardError(f"{shard_dir}: no {SHARD_GLOB} shards")
+    for path in files:
+        try:
+            meta = pq.read_metadata(path)
+        except (OSError, pa.ArrowException) as e:
+            raise ShardError(f"{path}: unreadable Parquet (truncated?): {str(e).splitlines()[0]}") from None
+        check_schema(meta.schema.to_arrow_schema(), path)
+    return files
+
+
+def num_classes(shard_dir: str | Path) -> int:
+    return len(read_manifest(shard_dir)["classes"])
+
+
+# ---------------------------------------------------------------- decode + augment
+
+
+class EpochClock:
+    """State of the tiny actor the train loop and the decode tasks share (`make_epoch_clock`).
+
+    `set`/`get`: the epoch (the stream's start epoch, or build_dataset's current epoch).
+    `no_mosaic_from` / `close_mosaic` / `restore_mosaic`: the first mosaic-free epoch F of a
+    time-limited run (`rtrain.data.close_mosaic`). Calls to one actor run one at a time, so F, once
+    decided, is later than every epoch a decode task was already answered for.
+    `set_start` / `get_start`: the training stream's start point, (epoch, blocks of that epoch
+    already trained) for a resume inside an epoch (`rtrain.data.epoch_stream`).
+    `request_stop` / `stop_requested`: a preemption the driver was told about (`rtrain.training.preempt`);
+    the workers poll it.
+    """
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.skip_blocks = 0
+        self.first_free: int | None = None
+        self.answered = -1  # newest epoch a decode task asked about
+        self.stop_reason: str | None = None
+
+    def set(self, epoch: int) -> int:
+        self.epoch = int(epoch)
+        self.skip_blocks = 0
+        return self.epoch
+
+    def get(self) -> int:
+        return self.epoch
+
+    def set_start(self, epoch: int, skip_blocks: int = 0) -> tuple[int, int]:
+        self.epoch, self.skip_blocks = int(epoch), int(skip_blocks)
+        return self.epoch, self.skip_blocks
+
+    def get_start(self) -> tuple[int, int]:
+        return self.epoch, self.skip_blocks
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = str(reason)
+
+    def stop_requested(self) -> str | None:
+        return self.stop_reason
+
+    def no_mosaic_from(self, epoch: int) -> int | None:
+        """A decode task about to augment rows of epochs <= `epoch`: F, or None (undecided)."""
+        self.answered = max(self.answered, int(epoch))
+        return self.first_free
+
+    def close_mosaic(self, epoch: int) -> int:
+        """Decide F (the first caller decides; later calls get the same F): `epoch`, or the epoch
+        after the newest one decode tasks were answered for, whichever is later."""
+        if self.first_free is None:
+            self.first_free = max(int(epoch), self.answered + 1)
+        return self.first_free
+
+    def restore_mosaic(self, first_free: int | None) -> None:
+        """Before a (re)started stream: F as the checkpoint recorded it; nothing decoded yet."""
+        self.first_free = None if first_free is None else int(first_free)
+        self.answered = -1
+
+
+def make_epoch_clock():
+    """A tiny actor (`EpochClock`) shared by the train loop and the decode tasks."""
+    import ray
+
+    return ray.remote(num_cpus=0)(EpochClock).remote()
+
+
+def set_epoch(clock, epoch: int) -> None:
+    """Call before iterating an epoch (every worker may call it; it is idempotent)."""
+    import ray
+
+    ray.get(clock.set.remote(epoch))
+
+
+def _decode(jpeg: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(jpeg)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+class DecodeAugment:
+    """Callable for `map_batches(batch_format="numpy")`: decodes each row's JPEG, augments (train)
+    or letterboxes (val) to img_size x img_size, and returns the row format of the module doc.
+
+    `epoch`: an int, or an EpochClock actor handle read once per batch. A row whose JPEG fails to
+    decode is dropped with a warning (counted in `self.skipped`).
+    `no_mosaic_from`: rows of epochs >= this one are augmented without mosaic (`rtrain.data.close_mosaic`);
+    None = never, an int, or an EpochClock handle asked once per batch (time-limited runs).
+    `rect` (val only): each call's images share one canvas of `rtrain.data.augment.rect_canvas` (the
+    call's largest resized height and width rounded up to 32) instead of img_size x img_size.
+    """
+
+    def __init__(
+        self, *, train: bool, img_size: int, aug: AugmentParams | None = None, seed: int = 0, epoch=0,
+        num_classes: int | None = None, no_mosaic_from=None, rect: bool = False,
+    ) -> None:
+        if rect and train:
+            raise ValueError("DecodeAugment: rect=True is for evaluation only (train=False)")
+        self.rect = rect
+        params = aug or AugmentParams()
+        self.augmenter = Augmenter(img_size=img_size, train=train, params=params, seed=seed)
+        self.plain = Augmenter(img_size=img_size, train=train, params=replace(params, mosaic=0.0), seed=seed)
+        self.no_mosaic_from = no_mosaic_from
+        self.epoch = epoch
+        self.num_classes = num_classes
+        self.skipped = 0
+        self.dropped_targets = 0
+
+    def _current_epoch(self) -> int:
+        if isinstance(self.epoch, int | np.integer):
+            return int(self.epoch)
+        import ray
+
+        return int(ray.get(self.epoch.get.remote()))
+
+    def _first_free(self, newest_epoch: int) -> int | None:
+        source = self.no_mosaic_from
+        if source is None or isinstance(source, int | np.integer):
+            return source
+        import ray
+
+        return ray.get(source.no_mosaic_from.remote(int(newest_epoch)))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        epoch = 0 if "epoch" in batch else self._current_epoch()
+        samples, rows, dropped_per_row = [], [], []
+        for i in range(len(batch["image_id"])):
+            try:
+                image = _decode(batch["jpeg"][i])
+            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                self.skipped += 1
+                log.warning(
+                    "image_id %s (%s): undecodable JPEG skipped: %s",
+                    batch["image_id"][i],
+                    batch["file_name"][i],
+                    e,
+                )
+                continue
+            boxes, labels, crowd, dropped = clean_targets(
+                batch["boxes"][i], batch["labels"][i], batch["iscrowd"][i], image.shape[1], image.shape[0],
+                self.num_classes,
+            )
+            if dropped:
+                self.dropped_targets += dropped
+                log.warning("image_id %s (%s): %d box(es) with non-finite coordinates, outside the image "
+                            "or with a label outside 0..C-1 dropped", batch["image_id"][i],
+                            batch["file_name"][i], dropped)
+            samples.append(Sample(image, boxes, labels, crowd))
+            dropped_per_row.append(dropped)
+            rows.append(i)
+        ids = [int(batch["image_id"][i]) for i in rows]
+        if "epoch" in batch:  # rows of the train stream carry their epoch (rtrain.data.epoch_stream)
+            epochs = [int(batch["epoch"][i]) for i in rows]
+        else:
+            epochs = [epoch] * len(rows)
+        first_free = self._first_free(max(epochs)) if epochs and self.no_mosaic_from is not None else None
+        canvas = rect_canvas([s.image.shape[:2] for s in samples], self.augmenter.img_size) \
+            if self.rect else None
+        out = [(self.augmenter if mosaic_on(epochs[k], first_free) else self.plain).one(
+            samples, k, ids[k], epochs[k], canvas) for k in range(len(samples))]
+        size = self.augmenter.img_size
+        n = len(out)
+        return {
+            "image": np.stack([s.image for s in out]) if n else np.zeros((0, size, size, 3), np.uint8),
+            "boxes": _ragged([s.boxes.reshape(-1) for s in out], np.float32),
+            "labels": _ragged([s.labels for s in out], np.int32),
+            "iscrowd": _ragged([s.iscrowd for s in out], bool),
+            "image_id": np.asarray(ids, np.int64),
+            "scale": np.asarray([s.scale for s in out], np.float32),
+            "pad": np.asarray([s.pad for s in out], np.float32).reshape(n, 2),
+            "stored_size": np.asarray(
+                [(batch["width"][i], batch["height"][i]) for i in rows], np.int32
+            ).reshape(n, 2),
+            "orig_size": np.asarray(
+                [(batch["orig_width"][i], batch["orig_height"][i]) for i in rows], np.int32
+            ).reshape(n, 2),
+            "dropped_targets": np.asarray(dropped_per_row, np.int32),
+        }
+
+
+def _ragged(arrays: list[np.ndarray], dtype) -> np.ndarray:
+    """An object array of 1-D arrays (built by hand so numpy never makes it 2-D)."""
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = np.asarray(a, dtype=dtype).reshape(-1)
+    return out
+
+
+# ---------------------------------------------------------------- collate
+
+
+class DetectionCollate(NumpyBatchCollateFn):
+    """Numpy batch of DecodeAugment rows -> dict of tensors, boxes padded to the batch's max M.
+
+    images uint8 [B, 3, S, S]; boxes float32 [B, M, 4] xyxy input px (0 where padded);
+    labels int64 [B, M] (-1 where padded); iscrowd bool [B, M]; image_id int64 [B];
+    scale float32 [B]; pad float32 [B, 2] (left, top); orig_size, stored_size int64 [B, 2]
+    (width, height); dropped_targets int64 [B] (boxes the decode step dropped). M >= 1 so
+    reductions over the box axis never see an empty dimension.
+    """
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return collate(batch)
+
+
+def collate(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """See DetectionCollate."""
+    images = np.asarray(batch["image"])
+    if images.ndim != 4:  # a ragged-looking object column of equal-shaped images
+        images = np.stack(list(images))
+    b = images.shape[0]
+    labels_in = [np.asarray(x, np.int64).reshape(-1) for x in batch["labels"]]
+    m = max([1] + [len(x) for x in labels_in])
+    boxes = np.zeros((b, m, 4), np.float32)
+    labels = np.full((b, m), -1, np.int64)
+    iscrowd = np.zeros((b, m), bool)
+    for i in range(b):
+        k = len(labels_in[i])
+        boxes[i, :k] = np.asarray(batch["boxes"][i], np.float32).reshape(-1, 4)
+        labels[i, :k] = labels_in[i]
+        iscrowd[i, :k] = np.asarray(batch["iscrowd"][i], bool).reshape(-1)
+    return {
+        "images": torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
+        "boxes": torch.from_numpy(boxes),
+        "labels": torch.from_numpy(labels),
+        "iscrowd": torch.from_numpy(iscrowd),
+        "image_id": torch.tensor(
+            np.asarray(batch["image_id"], np.int64)
+        ),  # copies: Ray's arrays are read-only
+        "scale": torch.tensor(np.asarray(batch["scale"], np.float32)),
+        "pad": torch.as_tensor(np.stack([np.asarray(p, np.float32) for p in batch["pad"]]).reshape(b, 2)),
+        "orig_size": torch.as_tensor(
+            np.stack([np.asarray(p, np.int64) for p in batch["orig_size"]]).reshape(b, 2)
+        ),
+        "stored_size": torch.as_tensor(
+            np.stack([np.asarray(p, np.int64) for p in batch["stored_size"]]).reshape(b, 2)
+        ),
+        # boxes dropped from each image at decode (rtrain.data.target_checks); absent means none
+        "dropped_targets": torch.as_tensor(np.asarray(batch.get("dropped_targets", np.zeros(b)), np.int64)),
+    }
+
+
+def batch_to_targets(batch: dict[str, torch.Tensor], device=None) -> list[dict[str, torch.Tensor]]:
+    """Unpadded per-image targets: [{boxes float32 [M, 4] xyxy input px, labels int64 [M],
+    iscrowd bool [M]}], on `device`."""
+    out = []
+    for boxes, labels, crowd in zip(batch["boxes"], batch["labels"], batch["iscrowd"], strict=True):
+        keep = labels >= 0
+        out.append(
+            {
+                "boxes": boxes[keep].to(device),
+                "labels": labels[keep].to(device),
+                "iscrowd": crowd[keep].to(device),
+            }
+        )
+    return out
+
+
+def boxes_to_original(boxes: torch.Tensor, scale, pad, stored_size, orig_size) -> torch.Tensor:
+    """Map boxes [..., 4] xyxy from input (letterboxed) px of one image back to original px:
+    stored = (input - pad) / scale, then x * orig_w / stored_w, y * orig_h / stored_h."""
+    pad = torch.as_tensor(pad, dtype=boxes.dtype, device=boxes.device).reshape(2).repeat(2)
+    ratio = (
+        torch.as_tensor(orig_size, dtype=boxes.dtype, device=boxes.device).reshape(2)
+        / torch.as_tensor(stored_size, dtype=boxes.dtype, device=boxes.device).reshape(2)
+    ).repeat(2)
+    return (boxes - pad) / float(scale) * ratio
+
+
+# ---------------------------------------------------------------- datasets
+
+
+READ_COLUMNS = list(SCHEMA.names)
+
+
+def build_dataset(
+    shard_dir: str | Path,
+    *,
+    train: bool,
+    img_size: int,
+    aug: AugmentParams | None = None,
+    seed: int = 0,
+    epoch=0,
+    num_actors: int = 1,
+    cpus_per_actor: float = 1.0,
+    batch_rows: int = 16,
+    shuffle_files: bool | None = None,
+    pool: str = "tasks",
+):
+    """ray.data.Dataset of DecodeAugment rows (module doc) from the shards of `shard_dir`.
+
+    Checks the manifest and every shard first (ShardError). `epoch`: int or EpochClock handle.
+    `batch_rows`: rows per decode call (also the pool mosaic partners come from).
+    `shuffle_files` (default: = train) shuffles the file order each execution.
+    `pool`: "tasks" (default) runs decode/augment as up to `num_actors` concurrent Ray tasks on
+    reused worker processes; "actors" uses an ActorPoolStrategy of `num_actors` DecodeAugment
+    actors, which Ray Data starts afresh for every execution, i.e. every epoch (seconds of
+    process start + imports each epoch on a small machine; see benchmarks/data_speed.py).
+    """
+    import ray
+
+    read_manifest(shard_dir)
+    files = list_shards(shard_dir)
+    shuffle = train if shuffle_files is None else shuffle_files
+    ctx = ray.data.DataContext.get_current()
+    v2 = ctx.use_datasource_v2
+    # Ray 2.60's V2 Parquet reader runs a ListFiles task every epoch that took 35-45 s of wall time
+    # (0.2 s CPU) here, against 2-5 s for a whole epoch read with V1: read with V1.
+    ctx.use_datasource_v2 = False
+    try:
+        ds = ray.data.read_parquet(files, shuffle="files" if shuffle else None)
+    finally:
+        ctx.use_datasource_v2 = v2
+    ds = ds.select_columns(READ_COLUMNS)
+    # The reader merges small shards into one block, and an actor pool works one block per actor:
+    # cut blocks to batch_rows (a streaming op, no all-to-all) so every actor gets work.
+    ds = ds.repartition(target_num_rows_per_block=batch_rows)
+    kwargs = {"train": train, "img_size": img_size, "aug": aug, "seed": seed, "epoch": epoch}
+    if pool == "actors":
+        fn, how = DecodeAugment, {"fn_constructor_kwargs": kwargs,
+                                  "compute": ray.data.ActorPoolStrategy(size=num_actors)}
+    elif pool == "tasks":
+        fn, how = decode_augment_batch, {"fn_kwargs": kwargs,
+                                         "compute": ray.data.TaskPoolStrategy(size=num_actors)}
+    else:
+        raise ValueError(f"pool must be 'tasks' or 'actors', got {pool!r}")
+    return ds.map_batches(fn, batch_size=batch_rows, batch_format="numpy", num_cpus=cpus_per_actor, **how)
+
+
+_FN_CACHE: dict[tuple, DecodeAugment] = {}
+
+
+def decode_augment_batch(batch: dict[str, np.ndarray], **kwargs) -> dict[str, np.ndarray]:
+    """Task form of DecodeAugment (same arguments); reuses one instance per worker process."""
+    key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+    fn = _FN_CACHE.get(key)
+    if fn is None:
+        fn = _FN_CACHE[key] = DecodeAugment(**kwargs)
+    return fn(batch)
+
+
+def iter_batches_local(
+    shard_dir: str | Path,
+    *,
+    batch_size: int,
+    train: bool,
+    img_size: int,
+    aug: AugmentParams | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle: bool = False,
+    drop_last: bool = False,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """In-process twin of build_dataset + DetectionCollate (pyarrow, no Ray): yields collated
+    batches. `shuffle` permutes the files and the rows within each file with a generator seeded by
+    (seed, epoch); one shard is held in memory at a time."""
+    read_manifest(shard_dir)
+    files = list_shards(shard_dir)
+    fn = DecodeAugment(train=train, img_size=img_size, aug=aug, seed=seed, epoch=epoch)
+    rng = np.random.default_rng([seed % 2**63, epoch % 2**63])
+    if shuffle:  # files in random order, rows shuffled within each file: one shard in memory at a time
+        files = [files[k] for k in rng.permutation(len(files))]
+    pending: list[pa.Table] = []  # rows carried over to the next file so batches stay full
+    for path in files:
+        table = pq.read_table(path, columns=READ_COLUMNS)
+        if shuffle:
+            table = table.take(pa.array(rng.permutation(table.num_rows)))
+        pending.append(table)
+        table = pa.concat_tables(pending, promote_options="permissive")
+        full = table.num_rows - table.num_rows % batch_size
+        for start in range(0, full, batch_size):
+            yield from _local_batch(fn, table.slice(start, batch_size))
+        pending = [table.slice(full)] if full < table.num_rows else []
+    if pending and not drop_last:
+        yield from _local_batch(fn, pending[0])
+
+
+def _local_batch(fn: DecodeAugment, chunk: pa.Table) -> Iterator[dict[str, torch.Tensor]]:
+    out = fn({name: _column_numpy(chunk.column(name)) for name in READ_COLUMNS})
+    if len(out["image_id"]):
+        yield collate(out)
+
+
+def _column_numpy(col: pa.ChunkedArray) -> np.ndarray:
+    """Like Ray's numpy batches: scalars as arrays, binaries and lists as object arrays."""
+    t = col.type
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        arr = col.combine_chunks()
+        values, offsets = arr.values.to_numpy(zero_copy_only=False), arr.offsets.to_numpy()
+        return _ragged([values[offsets[i] : offsets[i + 1]] for i in range(len(arr))], None)
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_string(t):
+        return np.asarray(col.to_pylist(), dtype=object)
+    return col.to_numpy()

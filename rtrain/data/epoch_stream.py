@@ -1,0 +1,261 @@
+"""The training stream: one Ray Data execution that yields every epoch, shuffled before decode.
+
+    plan = StreamPlan.from_shards(shard_dir, batch_rows=16, world_size=2, seed=0, window_rows=4096)
+    ds = build_train_stream(plan, epochs=30, clock=clock, decode_fn=..., ...)   # see below
+    set_start_epoch(clock, start_epoch)            # every worker, before its first batch
+    it = iter(shard.iter_torch_batches(batch_size=16, ...))   # ONE iterator for the whole run
+    for epoch in ...: train on itertools.islice(it, plan.steps_per_epoch)
+
+Why one execution: Ray Data restarts a dataset's pipeline (read, schedule, first decode) every
+time it is iterated. Iterating a dataset that already holds all epochs keeps the decode tasks
+busy while the loop evaluates and checkpoints, so the next epoch's first batch is ready.
+
+Order (a pure function of the shards, `seed` and the epoch; `plan_epoch`):
+- epoch e permutes the shard files with `default_rng([seed, e])`, concatenates their rows and
+  keeps the first `rows_per_epoch` (a multiple of batch_rows x world_size; a dataset smaller
+  than one global batch is repeated to fill it);
+- those rows are cut into windows of `window_rows` rows (a multiple of batch_rows), and each
+  window is shuffled with `default_rng([seed, e, w])`. A window is the unit one read task
+  holds in memory: for datasets smaller than a window the shuffle is global;
+- a window is emitted as blocks of exactly `batch_rows` compact rows (JPEG bytes, boxes,
+  labels, plus an `epoch` int64 column), so decode tasks see random neighbours (mosaic
+  partners) every epoch, and under `preserve_order` Ray's OutputSplitter hands block k to
+  worker k mod world: worker r's rows in epoch e are the same in every run and restart.
+
+Resume: the stream always starts at epoch 0; a read task skips (reads nothing for) the epochs
+before the EpochClock's start epoch, which the workers set before they iterate. A resume
+inside epoch e (a mid-epoch or preemption checkpoint after k steps of it, `rtrain.training.preempt`)
+also skips the first `skip_blocks` = k x batch x world / batch_rows blocks of epoch e
+(`set_start_epoch(clock, e, skip_blocks)`; a whole number, since such checkpoints are taken only
+where a worker's k batches end on a block edge). Under `preserve_order` block j of the epoch
+goes to worker j mod world, so the rest of epoch e brings every worker exactly the batches
+the uninterrupted run trained on; without it the same remaining rows arrive, dealt to the
+workers in whichever order Ray hands blocks out.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+# Compact columns a decode step needs (the shard schema, rtrain.data.batches.SCHEMA), plus the epoch.
+EPOCH_COLUMN = "epoch"
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """What every read task needs to place epoch e's rows (plain data: it travels to tasks)."""
+
+    files: tuple[str, ...]
+    row_counts: tuple[int, ...]
+    columns: tuple[str, ...]
+    batch_rows: int
+    world_size: int
+    seed: int
+    window_rows: int
+
+    @classmethod
+    def from_shards(
+        cls, shard_dir: str | Path, *, batch_rows: int, world_size: int, seed: int, window_rows: int = 4096
+    ) -> StreamPlan:
+        from rtrain.data.batches import READ_COLUMNS, list_shards, read_manifest
+
+        read_manifest(shard_dir)
+        files = list_shards(shard_dir)
+        counts = [pq.read_metadata(f).num_rows for f in files]
+        if sum(counts) == 0:
+            from rtrain.data.batches import ShardError
+
+            raise ShardError(f"{shard_dir}: the shards hold no rows")
+        return cls(tuple(files), tuple(counts), tuple(READ_COLUMNS), int(batch_rows), int(world_size),
+                   int(seed), int(window_rows))
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.row_counts)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_rows * self.world_size
+
+    @property
+    def rows_per_epoch(self) -> int:
+        """Rows each epoch emits: whole global batches (at least one)."""
+        return max(1, self.num_rows // self.global_batch) * self.global_batch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Batches of `batch_rows` each worker takes per epoch."""
+        return self.rows_per_epoch // self.global_batch
+
+    @property
+    def rows_per_window(self) -> int:
+        return max(1, self.window_rows // self.batch_rows) * self.batch_rows
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return math.ceil(self.rows_per_epoch / self.rows_per_window)
+
+
+def _seed(*parts: int) -> list[int]:
+    return [int(p) % 2**63 for p in parts]
+
+
+def plan_epoch(plan: StreamPlan, epoch: int) -> list[list[tuple[int, int, int]]]:
+    """Epoch `epoch`'s windows: each a list of (file index, start row, stop row) spans, in order."""
+    order = np.random.default_rng(_seed(plan.seed, epoch)).permutation(len(plan.files))
+    spans: list[tuple[int, int, int]] = []
+    need = plan.rows_per_epoch
+    while need > 0:  # more than once only when the dataset is smaller than one global batch
+        for f in order:
+            take = min(plan.row_counts[f], need)
+            if take:
+                spans.append((int(f), 0, take))
+                need -= take
+            if need == 0:
+                break
+    windows, current, filled = [], [], 0
+    for f, start, stop in spans:
+        while start < stop:
+            take = min(stop - start, plan.rows_per_window - filled)
+            current.append((f, start, start + take))
+            start += take
+            filled += take
+            if filled == plan.rows_per_window:
+                windows.append(current)
+                current, filled = [], 0
+    if current:
+        windows.append(current)
+    return windows
+
+
+class _TableCache:
+    """The last shard read by this process: neighbouring windows often share an edge file."""
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.table: pa.Table | None = None
+
+    def get(self, path: str, columns: tuple[str, ...]) -> pa.Table:
+        if path != self.path:
+            self.table = pq.read_table(path, columns=list(columns))
+            self.path = path
+        return self.table
+
+
+_CACHE = _TableCache()
+
+
+def read_window(plan: StreamPlan, epoch: int, window: int) -> pa.Table:
+    """Window `window` of epoch `epoch`: its compact rows, shuffled, with an `epoch` column."""
+    spans = plan_epoch(plan, epoch)[window]
+    parts = [_CACHE.get(plan.files[f], plan.columns).slice(start, stop - start) for f, start, stop in spans]
+    table = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
+    perm = np.random.default_rng(_seed(plan.seed, epoch, window)).permutation(table.num_rows)
+    table = table.take(pa.array(perm))
+    return table.append_column(EPOCH_COLUMN, pa.array(np.full(table.num_rows, epoch, np.int64)))
+
+
+def emit_items(batch: dict[str, np.ndarray], *, plan: StreamPlan, clock=None):
+    """map_batches UDF over item ids (epoch * windows_per_epoch + window): yields the blocks of
+    `batch_rows` compact rows of every window at or after the clock's start point (module doc):
+    the start epoch without its first `skip_blocks` blocks, then every later epoch whole.
+    `clock`: an EpochClock handle, an int start epoch, an (epoch, skip_blocks) pair, or None."""
+    per_epoch = plan.windows_per_epoch
+    blocks_per_window = plan.rows_per_window // plan.batch_rows
+    for item in np.asarray(batch["id"]).tolist():
+        epoch, window = divmod(int(item), per_epoch)
+        # Asked per window: the clock dies with the run that made it, and then this raises, which
+        # ends a stream whose consumers are gone (e.g. a Tune trial that ASHA stopped) instead of
+        # letting it decode on until the object store budget is full.
+        start, skip = _start_point(clock)
+        if epoch < start:
+            continue
+        first = window * blocks_per_window  # this window's first block within the epoch
+        if epoch == start and first + blocks_per_window <= skip:
+            continue  # trained before the checkpoint: not even read
+        table = read_window(plan, epoch, window)
+        for j, offset in enumerate(range(0, table.num_rows, plan.batch_rows)):
+            if epoch == start and first + j < skip:
+                continue
+            yield table.slice(offset, plan.batch_rows)
+
+
+def _start_point(clock) -> tuple[int, int]:
+    if clock is None or isinstance(clock, int | np.integer):
+        return int(clock or 0), 0
+    if isinstance(clock, tuple | list):
+        return int(clock[0]), int(clock[1])
+    import ray
+
+    epoch, skip = ray.get(clock.get_start.remote())
+    return int(epoch), int(skip)
+
+
+def resume_skip_blocks(steps_done: int, batch_size: int, world_size: int, batch_rows: int) -> int:
+    """Blocks of an epoch that `steps_done` steps of `batch_size` per worker on `world_size`
+    workers consumed. ValueError unless they end on a block edge (see `pause_every`)."""
+    rows = int(steps_done) * int(batch_size)
+    if rows % int(batch_rows):
+        raise ValueError(f"{steps_done} steps of {batch_size} rows do not end on a block of "
+                         f"{batch_rows} rows")
+    return rows // int(batch_rows) * int(world_size)
+
+
+def pause_every(batch_size: int, batch_rows: int) -> int:
+    """Steps between the points where a worker's batches end on a stream block edge: the only
+    steps inside an epoch a checkpoint can be resumed from exactly."""
+    return math.lcm(int(batch_size), int(batch_rows)) // int(batch_size)
+
+
+def set_start_epoch(clock, epoch: int, skip_blocks: int = 0) -> None:
+    """Before the first batch of a (re)started run: the stream skips the epochs before `epoch` and
+    the first `skip_blocks` blocks of `epoch`. Every worker may call it (idempotent)."""
+    import ray
+
+    ray.get(clock.set_start.remote(epoch, skip_blocks))
+
+
+def build_train_stream(
+    plan: StreamPlan,
+    *,
+    epochs: int,
+    clock=None,
+    decode_fn=None,
+    decode_kwargs: dict | None = None,
+    decode_tasks: int = 1,
+    cpus_per_task: float = 1.0,
+):
+    """ray.data.Dataset of `epochs` epochs of the plan's rows (module doc).
+
+    `decode_fn` (a numpy-batch UDF such as `rtrain.data.batches.decode_augment_batch`): applied as up to
+    `decode_tasks` concurrent Ray tasks of `cpus_per_task` CPUs on blocks of `batch_rows` rows;
+    None streams the compact rows as they are (decoding then happens in the train worker).
+    """
+    import ray
+
+    items = epochs * plan.windows_per_epoch
+    ds = ray.data.range(items, override_num_blocks=max(1, min(epochs, 10_000)))
+    # One execution lasts the whole run: its progress bars would print for hours into job logs.
+    ds.context.enable_progress_bars = False
+    # Range read, window read and the cut into batch blocks fuse into one operator; Ray Data
+    # never fuses a repartition into the map after it, so decode still spreads over tasks.
+    ds = ds.map_batches(emit_items, fn_kwargs={"plan": plan, "clock": clock}, batch_size=None,
+                        batch_format="numpy")
+    # Ray buffers a task's outputs into blocks of up to 128 MB: cut them back to batch_rows rows
+    # (a streaming step) so decode spreads over tasks and the splitter deals whole batches.
+    ds = ds.repartition(target_num_rows_per_block=plan.batch_rows)
+    if decode_fn is None:
+        return ds
+    return ds.map_batches(
+        decode_fn, fn_kwargs=decode_kwargs or {}, batch_size=plan.batch_rows, batch_format="numpy",
+        compute=ray.data.TaskPoolStrategy(size=max(1, int(decode_tasks))), num_cpus=cpus_per_task,
+    )

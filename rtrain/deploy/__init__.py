@@ -1,0 +1,1 @@
+"""Inference and export: the predictor, the exporter and the standalone runtime (imports no rtrain)."""

@@ -1,0 +1,1 @@
+"""COCO evaluation: the pycocotools adapter, weights -> metrics, validation sharded across ranks."""

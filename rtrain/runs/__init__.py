@@ -1,0 +1,1 @@
+"""A run on disk: its directory layout, checkpoints, weights loading, locks, comparison and pictures."""

@@ -1,0 +1,1 @@
+"""Training: the Ray Train trainer and worker loop, the step engine, EMA, optimiser, schedule, guards."""
