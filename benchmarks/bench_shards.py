@@ -9,7 +9,9 @@ synthetic shapes of `data_prep.synthetic`; read back with pyarrow as Ray's numpy
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,32 @@ import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parents[1]
 BCCD = ROOT.parent / "shared" / "data" / "bccd"
+# BCCD beside the checkout (../shared/data/bccd), or beside the worktrees' parent.
+BCCD_CANDIDATES = [BCCD, ROOT.parents[1] / "shared" / "data" / "bccd"]
+
+
+@contextlib.contextmanager
+def work_dir(keep: str | None, prefix: str):
+    """The benchmark's working folder: `keep` (--work, made if absent, kept) or a temp dir removed after."""
+    if keep:
+        path = Path(keep)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
+
+
+def find_bccd(explicit: str | None, prog: str) -> Path | None:
+    """The BCCD root: `explicit` (--bccd) or the first candidate found; None after one stderr line."""
+    import sys
+
+    found = next((c for c in BCCD_CANDIDATES if c.is_dir()), BCCD_CANDIDATES[0])
+    bccd = Path(explicit) if explicit else found
+    if not bccd.is_dir():
+        print(f"{prog}: {bccd}: BCCD not found (--bccd PATH)", file=sys.stderr)
+        return None
+    return bccd
 
 
 def shard_bccd_splits(bccd: Path, out_root: Path, n_train: int | None, n_test: int | None,

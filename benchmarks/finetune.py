@@ -22,19 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_shards import shard_bccd_splits  # noqa: E402
+from bench_shards import find_bccd, shard_bccd_splits, work_dir  # noqa: E402
 
 from rtrain.training.runner import FitError  # noqa: E402
 
 CONFIG = ROOT / "configs" / "bccd.yaml"
-# BCCD beside the checkout (../shared/data/bccd), or beside the worktrees' parent.
-BCCD_CANDIDATES = [ROOT.parent / "shared" / "data" / "bccd", ROOT.parents[1] / "shared" / "data" / "bccd"]
 
 
 
@@ -88,18 +85,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.pretrain_min, args.budget_min = min(args.pretrain_min, 0.25), min(args.budget_min, 0.25)
-    found = next((c for c in BCCD_CANDIDATES if c.is_dir()), BCCD_CANDIDATES[0])
-    bccd = Path(args.bccd) if args.bccd else found
-    if not bccd.is_dir():
-        print(f"finetune: {bccd}: BCCD not found (--bccd PATH)", file=sys.stderr)
+    bccd = find_bccd(args.bccd, "finetune")
+    if bccd is None:
         return 2
     import ray
 
     from rtrain.ray_session import start_ray
 
-    with tempfile.TemporaryDirectory(prefix="finetune-") as tmp:
-        work = Path(args.work) if args.work else Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
+    with work_dir(args.work, "finetune-") as work:
         n_train, n_test = (32, 16) if args.smoke else (None, None)
         train_dir, test_dir = shard_bccd_splits(bccd, work / "bccd", n_train, n_test, "finetune")
         started = start_ray()  # one Ray for the three runs (fit reuses an initialised one)

@@ -30,7 +30,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -38,8 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_shards import find_bccd, work_dir  # noqa: E402
+
 CONFIG = ROOT / "configs" / "bccd.yaml"
-BCCD_CANDIDATES = [ROOT.parent / "shared" / "data" / "bccd", ROOT.parents[1] / "shared" / "data" / "bccd"]
 CLASSES = ["RBC", "WBC", "Platelets"]
 BAND = 360  # crop height of the 640-wide BCCD images: 16:9
 
@@ -206,14 +206,10 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    found = next((c for c in BCCD_CANDIDATES if c.is_dir()), BCCD_CANDIDATES[0])
-    bccd = Path(args.bccd) if args.bccd else found
-    if not bccd.is_dir():
-        print(f"rect_eval: {bccd}: BCCD not found (--bccd PATH)", file=sys.stderr)
+    bccd = find_bccd(args.bccd, "rect_eval")
+    if bccd is None:
         return 2
-    with tempfile.TemporaryDirectory(prefix="rect-eval-") as tmp:
-        work = Path(args.work) if args.work else Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
+    with work_dir(args.work, "rect-eval-") as work:
         split = {s: (bccd / "ImageSets" / "Main" / f"{s}.txt").read_text().split()
                  for s in ("train", "val", "test")}
         if args.smoke:

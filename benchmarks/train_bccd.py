@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_shards import shard_bccd_splits  # noqa: E402
+from bench_shards import shard_bccd_splits, work_dir  # noqa: E402
 
 from rtrain.data.augment import AugmentParams  # noqa: E402
 from rtrain.data.batches import iter_batches_local, list_shards, read_manifest  # noqa: E402
@@ -196,9 +195,7 @@ def main(argv=None) -> int:
         print(f"train_bccd: {BCCD}: BCCD not found", file=sys.stderr)
         return 2
     torch.set_num_threads(2)
-    with tempfile.TemporaryDirectory(prefix="train-bccd-") as tmp:
-        work = Path(args.work) if args.work else Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
+    with work_dir(args.work, "train-bccd-") as work:
         train_dir, test_dir = shard_bccd_splits(
             BCCD, work, 32 if args.smoke else None, 16 if args.smoke else None, "train_bccd")
         print(f"SSDLite: training {args.budget_min:g} min in-process ...", flush=True)

@@ -97,3 +97,14 @@ def s3_bucket(s3_server, request) -> str:
     name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """Torch on one thread for a whole test module, given back after (the setting is process-wide)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

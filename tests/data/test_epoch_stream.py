@@ -7,22 +7,14 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from fit_configs import stream_shards
 
 from rtrain.data.epoch_stream import EPOCH_COLUMN, StreamPlan, emit_items, plan_epoch, read_window
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    # 3 shards (20 + 20 + 10 rows), so file order and windows both matter
-    root = tmp_path_factory.mktemp("stream")
-    from data_prep.shard import main as shard_main
-    from data_prep.synthetic import make_synthetic
-
-    make_synthetic(root, images=50, seed=1, size=96, val_fraction=0.0)
-    shard_main(["--format", "coco", "--annotations", str(root / "annotations.json"), "--images",
-                str(root / "images"), "--out", str(root / "shards"), "--size", "96", "--rows-per-shard", "20",
-                "--workers", "1"])
-    return root / "shards"
+    return stream_shards(tmp_path_factory.mktemp("stream"))
 
 
 def _ids(plan: StreamPlan, epoch: int) -> list[int]:

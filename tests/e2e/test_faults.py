@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fit_configs import deterministic_fit_config
 
 from rtrain.runs import run_dir
 from rtrain.runs.checkpoint import checkpoint_dirs, find_latest_complete, load_weights
@@ -37,16 +38,8 @@ def shards(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _config(train: Path, val: Path) -> dict:
-    return {
-        "model": {"name": "compact_n"},
-        "data": {"train": str(train), "val": str(val), "img_size": 128, "num_actors": 1,
-                 "cpus_per_actor": 0.5, "shuffle_buffer": 16, "deterministic": True},
-        "train": {"epochs": EPOCHS, "batch_size": 4, "optimizer": "adamw", "lr": 0.002,
-                  "nominal_batch_size": 8, "warmup_epochs": 0.5, "seed": 7},
-        "eval": {"interval": 1, "batch_size": 8},
-        "run": {"workers": 2, "cpus_per_worker": 1.0, "keep_last": 2, "max_failures": 2,
-                "placement_strategy": "STRICT_SPREAD"},
-    }
+    return deterministic_fit_config(train, val, EPOCHS, img_size=128, workers=2, max_failures=2,
+                                    placement_strategy="STRICT_SPREAD")
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fit_configs import deterministic_fit_config
 from test_faults import _assert_same_weights, _train_worker_pids, _wait_for_epoch_checkpoint
 
 from rtrain.errors import PREEMPTED
@@ -65,16 +66,8 @@ def shards(tmp_path_factory) -> tuple[Path, Path]:
 def _config(train: Path, val: Path) -> dict:
     # 128 train images, 4 per worker-batch, 2 workers: 16 steps per epoch; stream blocks of 16
     # rows, so a checkpoint can be resumed exactly every 4 steps (pause_every)
-    return {
-        "model": {"name": "compact_n"},
-        "data": {"train": str(train), "val": str(val), "img_size": 96, "num_actors": 1,
-                 "cpus_per_actor": 0.5, "deterministic": True},
-        "train": {"epochs": EPOCHS, "batch_size": 4, "optimizer": "adamw", "lr": 0.002,
-                  "nominal_batch_size": 8, "warmup_epochs": 0.5, "seed": 3},
-        "eval": {"interval": 1, "batch_size": 8},
-        "run": {"workers": 2, "cpus_per_worker": 1.0, "keep_last": 2, "max_failures": 0,
-                "checkpoint_every_min": 0.001, "grace_s": 120},
-    }
+    return deterministic_fit_config(train, val, EPOCHS, img_size=96, workers=2, seed=3, shuffle_buffer=None,
+                                    max_failures=0, checkpoint_every_min=0.001, grace_s=120)
 
 
 @pytest.fixture(scope="module")

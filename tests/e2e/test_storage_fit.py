@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fit_configs import deterministic_fit_config
 
 from rtrain import storage
 from rtrain.runs import run_dir
@@ -30,15 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _config(train: Path, val: Path) -> dict:
-    return {
-        "model": {"name": "compact_n"},
-        "data": {"train": str(train), "val": str(val), "img_size": 96, "num_actors": 1,
-                 "cpus_per_actor": 0.5, "shuffle_buffer": 16, "deterministic": True},
-        "train": {"epochs": EPOCHS, "batch_size": 4, "optimizer": "adamw", "lr": 0.002,
-                  "nominal_batch_size": 8, "warmup_epochs": 0.5, "seed": 7},
-        "eval": {"interval": 1, "batch_size": 8},
-        "run": {"workers": 1, "cpus_per_worker": 1.0, "keep_last": 2},
-    }
+    return deterministic_fit_config(train, val, EPOCHS, img_size=96, workers=1)
 
 
 def _wait_for_checkpoint(out: str, epoch: int, driver, timeout: float = 300.0) -> None:

@@ -16,7 +16,7 @@ import yaml
 
 from rtrain.search.spec import EARLY_METRICS, TIME_ATTR, SweepError, TuneSettings, load_sweep
 
-CURVES = json.loads((Path(__file__).resolve().parent / "fixtures" / "asha_curves.json").read_text())
+CURVES = json.loads((Path(__file__).resolve().parents[1] / "fixtures" / "asha_curves.json").read_text())
 
 
 @dataclass(frozen=True)

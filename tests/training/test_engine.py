@@ -15,14 +15,7 @@ from rtrain.training.guard import NonFiniteGuard, NonFiniteLossError
 from rtrain.training.optim import build_optimizer
 from rtrain.training.schedule import LRSchedule
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread for these small steps, given back after: the setting is process-wide."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # small steps: one thread, given back after
 
 
 class TinyBoxRegressor(nn.Module):

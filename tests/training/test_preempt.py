@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from fit_configs import stream_shards
 from test_engine import TinyBoxRegressor, make_batches, to_targets
 
 from rtrain.data.epoch_stream import StreamPlan, emit_items, pause_every, resume_skip_blocks
@@ -26,13 +27,7 @@ from rtrain.training.runner import preempted_line
 from rtrain.training.schedule import LRSchedule
 from rtrain.training.train_loop import EPOCH_SHAPE, EPOCH_STEPS, _resume_state, _write_epoch_files
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")  # small steps: one thread, given back after
 
 
 # ------------------------------------------------------------------------------- pause requests
@@ -150,15 +145,7 @@ def test_worker_sigterm_asks_for_a_stop_and_a_second_one_reaches_the_previous_ha
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from data_prep.shard import main as shard_main
-    from data_prep.synthetic import make_synthetic
-
-    root = tmp_path_factory.mktemp("stream")
-    make_synthetic(root, images=50, seed=1, size=96, val_fraction=0.0)
-    shard_main(["--format", "coco", "--annotations", str(root / "annotations.json"), "--images",
-                str(root / "images"), "--out", str(root / "shards"), "--size", "96", "--rows-per-shard", "20",
-                "--workers", "1"])
-    return root / "shards"
+    return stream_shards(tmp_path_factory.mktemp("stream"))
 
 
 def _blocks(plan, clock, epochs):
