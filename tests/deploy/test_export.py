@@ -57,7 +57,8 @@ def test_exported_file_is_usable_alone_and_agrees_with_predict(images, tmp_path)
     model = load_exported(edge / "best.onnx")
     cls_logits, box_dist = model.raw(np.zeros((3, 3, SIZE, SIZE), np.float32))  # dynamic batch
     assert cls_logits.shape[0] == box_dist.shape[0] == 3 and cls_logits.shape[2] == 3
-    report = predict(weights, images, out_dir=tmp_path / "pred", conf=0.3, iou=0.5, draw=False)
+    # an export has a fixed square input: predict on the same square canvas (rect=False) to compare
+    report = predict(weights, images, out_dir=tmp_path / "pred", conf=0.3, iou=0.5, draw=False, rect=False)
     data = json.loads(report.json_path.read_text())
     for im in data["images"]:
         det = model.detect(images / im["file_name"], conf=0.3, iou=0.5)
