@@ -20,7 +20,7 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(request):
     """One Ray cluster of two nodes (on this machine) for the whole test session, always shut down.
 
     Two nodes so that the multi-node tests place workers on different nodes and every
@@ -30,8 +30,15 @@ def ray_session():
     in all a 2-worker run deadlocks (rtrain.ray_session.local_num_cpus).
     Tests that need the address use `ray.get_runtime_context().gcs_address`.
     """
+    import importlib.util
+
     import ray
     from ray.cluster_utils import Cluster
+
+    # The nodes start with the S3 test server's AWS variables, as a real cluster's nodes are set up
+    # for its bucket: a bucket run's Train controller and workers read them from their environment.
+    if importlib.util.find_spec("moto") is not None:
+        request.getfixturevalue("s3_server")
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     node = {"num_cpus": 2, "object_store_memory": 256 * 1024**2}
@@ -61,7 +68,7 @@ def s3_server():
 
     Sets the AWS variables (fake credentials, region, AWS_ENDPOINT_URL) in this process's
     environment and puts them back at the end; a Ray cluster started after this fixture gives
-    them to its workers, so request it before `ray_session`. Yields the endpoint URL.
+    them to its workers (`ray_session` requests it first). Yields the endpoint URL.
     Known limit of moto 5.2 with pyarrow 26: a multipart upload (an object of 10 MB or more)
     fails (pyarrow reads moto's CompleteMultipartUpload reply as an error), so tests keep every
     object smaller; real S3 is not affected.

@@ -107,6 +107,10 @@ def test_ray_job_submit_trains_and_the_run_shows_in_the_train_api(tmp_path):
              "--disable-usage-stats"],
             env=head_env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
         assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
+        # the quick start's synthetic data, made small here (the job finds it and makes none)
+        from rtrain.training.quickstart import prepare_synthetic
+
+        prepare_synthetic(tmp_path / "data", images=40, size=128)
         entry = ["python", "-m", "rtrain.fit", "--name", "jobrun", "--storage", str(tmp_path / "runs"),
                  "--data-root", str(tmp_path / "data"), "--no-plots", "--set", "train.epochs=1"]
         submit = [*RAY, "job", "submit", "--address", dashboard, "--", *entry]

@@ -26,7 +26,7 @@ from rtrain.training.runner import fit
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-EPOCHS = 4
+EPOCHS = 3
 REPO = Path(__file__).resolve().parents[2]
 
 

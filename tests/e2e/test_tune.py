@@ -108,12 +108,12 @@ def test_interrupted_sweep_resumes_unfinished_trial_from_its_checkpoint(ray_sess
     from rtrain.search.driver import run_sweep
 
     # Epochs of a few seconds (not the 1 s of tiny_shards), so the interrupt lands mid-trial.
-    train, val = prepare_synthetic(tmp_path / "data", images=80, size=128, seed=6)
+    train, val = prepare_synthetic(tmp_path / "data", images=64, size=128, seed=6)
     path = _sweep_yaml(tmp_path / "sweep.yaml", train, val)
     doc = yaml.safe_load(path.read_text())
     doc["base"]["data"]["img_size"] = 128
     doc["base"]["train"]["batch_size"] = 4
-    doc["base"]["train"]["epochs"] = EPOCHS_RESUMED = 5  # Tune takes seconds to stop on Ctrl-C
+    doc["base"]["train"]["epochs"] = EPOCHS_RESUMED = 4  # Tune takes seconds to stop on Ctrl-C
     doc["search"] = {"model.width": {"grid": [0.25, 0.5]}}
     doc["tune"].update(grace_period=EPOCHS_RESUMED)  # ASHA stops nothing: both trials run every epoch
     path.write_text(yaml.safe_dump(doc))
