@@ -100,6 +100,7 @@ def _trial_runs(sweep_dir: Path) -> list[Path]:
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.soak  # about 6 of the suite's 31 minutes on 2 cores: run with -m soak
 def test_interrupted_sweep_resumes_unfinished_trial_from_its_checkpoint(ray_session, tmp_path):
     """Ctrl-C (SIGINT) to `rtrain.tune` while trial 2 trains, then --resume: trial 1 is not rerun,
     trial 2 continues from its last complete checkpoint (no epoch redone from the start)."""
