@@ -137,29 +137,23 @@ def _read(path: Path) -> tuple[bytes, dict | None]:
     return data, None
 
 
-class RunLock:
-    """A held RUN/.lock; `release()` (idempotent) removes it if it is still this holder's."""
+class _Held:
+    """What a held lock on disk and a lease in a bucket share: the heartbeat thread, `held`,
+    an idempotent `release()` (the subclass's `_remove_if_ours`), the `with` block."""
 
-    def __init__(self, path: Path, info: dict, heartbeat_s: float) -> None:
+    def __init__(self, path, info: dict, heartbeat_s: float, kind: str) -> None:
         self.path = path
         self.info = info
         self.heartbeat_s = heartbeat_s
         self._stop = threading.Event()
         self._io = threading.Lock()
-        self._thread = threading.Thread(target=self._beat, name=f"run-lock-heartbeat {path}", daemon=True)
+        self._thread = threading.Thread(target=self._beat, name=f"run-{kind}-heartbeat {path}", daemon=True)
         self._thread.start()
         atexit.register(self.release)
 
     @property
     def held(self) -> bool:
         return not self._stop.is_set()
-
-    def _ours(self) -> bool:
-        try:
-            _, info = _read(self.path)
-        except OSError:
-            return False
-        return info is not None and info.get("token") == self.info["token"]
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -170,8 +164,42 @@ class RunLock:
                     self.refresh()
                 except FileNotFoundError:  # moved aside for a moment by a process checking it; retry
                     continue
-                except OSError as exc:  # e.g. a full disk: the lock stays, with an older heartbeat
+                except OSError as exc:  # a full disk, a bucket out of reach: still ours, older heartbeat
                     logger.warning("%s: heartbeat not written (%s)", self.path, exc.strerror or exc)
+
+    def refresh(self) -> None:
+        raise NotImplementedError
+
+    def _remove_if_ours(self) -> None:
+        raise NotImplementedError
+
+    def release(self) -> None:
+        with self._io:
+            if self._stop.is_set():
+                return
+            self._stop.set()
+            self._remove_if_ours()
+        atexit.unregister(self.release)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class RunLock(_Held):
+    """A held RUN/.lock; `release()` (idempotent) removes it if it is still this holder's."""
+
+    def __init__(self, path: Path, info: dict, heartbeat_s: float) -> None:
+        super().__init__(path, info, heartbeat_s, "lock")
+
+    def _ours(self) -> bool:
+        try:
+            _, info = _read(self.path)
+        except OSError:
+            return False
+        return info is not None and info.get("token") == self.info["token"]
 
     def refresh(self) -> None:
         """Write a new heartbeat into the lock, in place (never re-creating a lock that is gone)."""
@@ -190,48 +218,16 @@ class RunLock:
             fh.write(json.dumps(self.info).encode())
             fh.truncate()
 
-    def release(self) -> None:
-        with self._io:
-            if self._stop.is_set():
-                return
-            self._stop.set()
-            if self._ours():
-                self.path.unlink(missing_ok=True)
-        atexit.unregister(self.release)
-
-    def __enter__(self) -> RunLock:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def _remove_if_ours(self) -> None:
+        if self._ours():
+            self.path.unlink(missing_ok=True)
 
 
-class BucketLease:
+class BucketLease(_Held):
     """A held RUN/.lock in a bucket (see the module doc): heartbeat thread, `release()` (idempotent)."""
 
     def __init__(self, uri: str, info: dict, heartbeat_s: float) -> None:
-        self.path = uri
-        self.info = info
-        self._stop = threading.Event()
-        self._io = threading.Lock()
-        self._thread = threading.Thread(target=self._beat, name=f"run-lease-heartbeat {uri}", daemon=True)
-        self._heartbeat_s = heartbeat_s
-        self._thread.start()
-        atexit.register(self.release)
-
-    @property
-    def held(self) -> bool:
-        return not self._stop.is_set()
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self._heartbeat_s):
-            with self._io:
-                if self._stop.is_set():
-                    return
-                try:
-                    self.refresh()
-                except OSError as exc:  # the bucket unreachable for a while: the lease ages, stays ours
-                    logger.warning("%s: heartbeat not written (%s)", self.path, exc)
+        super().__init__(uri, info, heartbeat_s, "lease")
 
     def refresh(self) -> None:
         """Write a new heartbeat, unless the lease is gone or another process holds it now."""
@@ -244,25 +240,14 @@ class BucketLease:
         self.info["heartbeat"] = time.time()
         storage.write_bytes(self.path, json.dumps(self.info).encode())
 
-    def release(self) -> None:
-        with self._io:
-            if self._stop.is_set():
-                return
-            self._stop.set()
-            try:
-                current = _read_lease(self.path)
-                if current and current.get("token") == self.info["token"]:
-                    storage.remove(self.path)
-            except OSError as exc:
-                logger.warning("%s: lease not removed (%s); it goes stale after %.0f s", self.path, exc,
-                               STALE_S)
-        atexit.unregister(self.release)
-
-    def __enter__(self) -> BucketLease:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def _remove_if_ours(self) -> None:
+        try:
+            current = _read_lease(self.path)
+            if current and current.get("token") == self.info["token"]:
+                storage.remove(self.path)
+        except OSError as exc:
+            logger.warning("%s: lease not removed (%s); it goes stale after %.0f s", self.path, exc,
+                           STALE_S)
 
 
 def _read_lease(uri: str) -> dict | None:
