@@ -112,13 +112,13 @@ def run_ray(shards: Path, args, aug: AugmentParams) -> list[tuple[float, int]]:
     """rtrain's train stream (rtrain.data.epoch_stream): one execution over all epochs, as fit runs it."""
     import itertools
 
-    from rtrain.data.batches import decode_augment_batch
+    from rtrain.data.batches import DecodeAugment
     from rtrain.data.epoch_stream import StreamPlan, build_train_stream
 
     plan = StreamPlan.from_shards(shards, batch_rows=args.batch_size, world_size=1, seed=0)
     kwargs = {"train": True, "img_size": args.img_size, "aug": aug, "seed": 0}
-    ds = build_train_stream(plan, epochs=args.epochs, decode_fn=decode_augment_batch, decode_kwargs=kwargs,
-                            decode_tasks=args.actors, cpus_per_task=1.0)
+    ds = build_train_stream(plan, epochs=args.epochs, decode_fn=DecodeAugment, decode_kwargs=kwargs,
+                            decode_actors=args.actors, cpus_per_actor=1.0)
     stream = iter(ds.iter_torch_batches(batch_size=args.batch_size, collate_fn=DetectionCollate(),
                                         prefetch_batches=2))
     times = []
@@ -188,6 +188,7 @@ def main() -> None:
         decode_limit = decode_only_img_s(shards)
         dl = run_dataloader(args, aug)
         ray.init(
+            address="local",  # its own cluster, even where another is running
             num_cpus=4,
             include_dashboard=False,
             object_store_memory=512 * 1024**2,

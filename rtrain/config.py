@@ -74,7 +74,8 @@ class DataConfig:
     # worker on its device (torchvision.io + batched tensor ops; Ray Data streams compact rows),
     # "auto" = gpu when the workers have GPUs.
     decode: Literal["auto", "cpu", "gpu"] = "auto"
-    # Concurrent CPU decode tasks; 0 = the CPUs Ray Train leaves free (rtrain.training.runner.decode_tasks).
+    # CPU decode actors of the train stream; 0 = the CPUs Ray Train leaves free
+    # (rtrain.training.runner.decode_actors).
     num_actors: int = field(default=0, metadata=_range(0, 1024))
     cpus_per_actor: float = field(default=1.0, metadata=_range(0.05, 64))
     prefetch_batches: int = field(default=2, metadata=_range(0, 64))

@@ -21,11 +21,13 @@ actor (`make_epoch_clock()`, `set_epoch(clock, e)`) read once per decode batch, 
 augmentation of image i in epoch e depends only on (seed, e, i) whatever the task or worker
 (mosaic partners come from the same batch; see `rtrain.data.augment.Augmenter`).
 
-Compute: decode/augment runs as Ray tasks (`pool="tasks"`, default; at most `num_actors` at a
-time, `cpus_per_actor` each) on worker processes Ray reuses across executions. An actor pool
-(`pool="actors"`) is re-created by Ray Data for every execution and pays process start +
-imports each time. Shards are read with Ray's V1 Parquet reader (2.60's V2 reader runs a slow
-ListFiles step every execution). Blocks are cut to `batch_rows` rows so every task gets work.
+Compute (this one-pass dataset; the train stream of `rtrain.data.epoch_stream` always uses an
+actor pool, which lives as long as its one execution): decode/augment runs as Ray tasks
+(`pool="tasks"`, default; at most `num_actors` at a time, `cpus_per_actor` each) on worker
+processes Ray reuses across executions. An actor pool (`pool="actors"`) is re-created by Ray
+Data for every execution and pays process start + imports each time. Shards are read with Ray's
+V1 Parquet reader (2.60's V2 reader runs a slow ListFiles step every execution). Blocks are cut
+to `batch_rows` rows so every task gets work.
 
 Resources (2-core machines): Ray Data's read step asks for a whole CPU and Ray Train takes its
 workers' CPUs out of Ray Data's budget, so 2 Train workers on `ray.init(num_cpus=2)` deadlock.

@@ -7,7 +7,7 @@
     for epoch in ...: train on itertools.islice(it, plan.steps_per_epoch)
 
 Why one execution: Ray Data restarts a dataset's pipeline (read, schedule, first decode) every
-time it is iterated. Iterating a dataset that already holds all epochs keeps the decode tasks
+time it is iterated. Iterating a dataset that already holds all epochs keeps the decode actors
 busy while the loop evaluates and checkpoints, so the next epoch's first batch is ready.
 
 Order (a pure function of the shards, `seed` and the epoch; `plan_epoch`):
@@ -18,7 +18,7 @@ Order (a pure function of the shards, `seed` and the epoch; `plan_epoch`):
   window is shuffled with `default_rng([seed, e, w])`. A window is the unit one read task
   holds in memory: for datasets smaller than a window the shuffle is global;
 - a window is emitted as blocks of exactly `batch_rows` compact rows (JPEG bytes, boxes,
-  labels, plus an `epoch` int64 column), so decode tasks see random neighbours (mosaic
+  labels, plus an `epoch` int64 column), so decode actors see random neighbours (mosaic
   partners) every epoch, and under `preserve_order` Ray's OutputSplitter hands block k to
   worker k mod world: worker r's rows in epoch e are the same in every run and restart.
 
@@ -231,14 +231,18 @@ def build_train_stream(
     clock=None,
     decode_fn=None,
     decode_kwargs: dict | None = None,
-    decode_tasks: int = 1,
-    cpus_per_task: float = 1.0,
+    decode_actors: int = 1,
+    cpus_per_actor: float = 1.0,
 ):
     """ray.data.Dataset of `epochs` epochs of the plan's rows (module doc).
 
-    `decode_fn` (a numpy-batch UDF such as `rtrain.data.batches.decode_augment_batch`): applied as up to
-    `decode_tasks` concurrent Ray tasks of `cpus_per_task` CPUs on blocks of `batch_rows` rows;
-    None streams the compact rows as they are (decoding then happens in the train worker).
+    `decode_fn`: a callable class over numpy batches such as `rtrain.data.batches.DecodeAugment`,
+    built with `decode_kwargs` once per actor of a pool of `decode_actors` actors of
+    `cpus_per_actor` CPUs, each called on blocks of `batch_rows` rows; None streams the compact
+    rows as they are (decoding then happens in the train worker).
+    Why actors: the stream is one execution for the whole run, so the pool starts once, and an
+    actor runs block after block with no per-task scheduling; Ray tasks on 16-row blocks spent
+    about as long being scheduled as decoding (benchmarks/data_speed.py).
     """
     import ray
 
@@ -247,15 +251,16 @@ def build_train_stream(
     # One execution lasts the whole run: its progress bars would print for hours into job logs.
     ds.context.enable_progress_bars = False
     # Range read, window read and the cut into batch blocks fuse into one operator; Ray Data
-    # never fuses a repartition into the map after it, so decode still spreads over tasks.
+    # never fuses a repartition into the map after it, so decode still spreads over the actors.
     ds = ds.map_batches(emit_items, fn_kwargs={"plan": plan, "clock": clock}, batch_size=None,
                         batch_format="numpy")
     # Ray buffers a task's outputs into blocks of up to 128 MB: cut them back to batch_rows rows
-    # (a streaming step) so decode spreads over tasks and the splitter deals whole batches.
+    # (a streaming step) so decode spreads over the actors and the splitter deals whole batches.
     ds = ds.repartition(target_num_rows_per_block=plan.batch_rows)
     if decode_fn is None:
         return ds
     return ds.map_batches(
-        decode_fn, fn_kwargs=decode_kwargs or {}, batch_size=plan.batch_rows, batch_format="numpy",
-        compute=ray.data.TaskPoolStrategy(size=max(1, int(decode_tasks))), num_cpus=cpus_per_task,
+        decode_fn, fn_constructor_kwargs=decode_kwargs or {}, batch_size=plan.batch_rows,
+        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=max(1, int(decode_actors))),
+        num_cpus=cpus_per_actor,
     )

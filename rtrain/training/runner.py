@@ -384,7 +384,7 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from rtrain.data.augment import AugmentParams
-    from rtrain.data.batches import decode_augment_batch, make_epoch_clock
+    from rtrain.data.batches import DecodeAugment, make_epoch_clock
     from rtrain.data.close_mosaic import CloseMosaic
     from rtrain.data.epoch_stream import StreamPlan, build_train_stream
     from rtrain.runs.storage_guard import StopWhenStorageFull
@@ -402,18 +402,18 @@ def build_trainer(
     plan = StreamPlan.from_shards(cfg.data.train, batch_rows=stream_batch_rows(cfg), world_size=num_workers,
                                   seed=cfg.train.seed, window_rows=cfg.data.shuffle_window)
     decode = decode_mode(cfg)
-    tasks = decode_tasks(cfg, num_workers) if decode == "cpu" else 0
+    actors = decode_actors(cfg, num_workers) if decode == "cpu" else 0
     kwargs = {"train": True, "img_size": cfg.data.img_size, "aug": AugmentParams.from_obj(cfg.data),
               "seed": cfg.train.seed, "num_classes": len(classes),
               "no_mosaic_from": CloseMosaic.from_config(cfg).decode_source(clock)}  # rtrain.data.close_mosaic
     ds_train = build_train_stream(
         plan, epochs=stream_epochs(cfg), clock=clock,
-        decode_fn=decode_augment_batch if decode == "cpu" else None, decode_kwargs=kwargs,
-        decode_tasks=tasks, cpus_per_task=cfg.data.cpus_per_actor,
+        decode_fn=DecodeAugment if decode == "cpu" else None, decode_kwargs=kwargs,
+        decode_actors=actors, cpus_per_actor=cfg.data.cpus_per_actor,
     )
     logger.info("data: %d images, %d per epoch in batches of %d per worker; decode on %s%s", plan.num_rows,
                 plan.rows_per_epoch, plan.batch_rows, decode,
-                f" ({tasks} Ray tasks)" if decode == "cpu" else " (in the train workers)")
+                f" ({actors} Ray actors)" if decode == "cpu" else " (in the train workers)")
     trainer = TorchTrainer(
         train_fn or train_loop,
         train_loop_config={
@@ -476,7 +476,7 @@ def stream_batch_rows(cfg: Config) -> int:
 
 
 def decode_mode(cfg: Config) -> str:
-    """"cpu" (Ray Data tasks) or "gpu" (in the train worker, on its device) for `data.decode`."""
+    """"cpu" (a Ray Data actor pool) or "gpu" (in the train worker, on its device) for `data.decode`."""
     if cfg.data.decode == "auto":
         return "gpu" if cfg.run.gpus > 0 else "cpu"
     if cfg.data.decode == "gpu" and cfg.run.gpus == 0:
@@ -484,8 +484,8 @@ def decode_mode(cfg: Config) -> str:
     return cfg.data.decode
 
 
-def decode_tasks(cfg: Config, num_workers: int) -> int:
-    """Concurrent CPU decode tasks: `data.num_actors`, or (0) the CPUs Ray Train leaves free.
+def decode_actors(cfg: Config, num_workers: int) -> int:
+    """CPU decode actors of the train stream: `data.num_actors`, or (0) the CPUs Ray Train leaves free.
 
     On a one-node cluster the count is capped by the machine's cores, since a local Ray may be
     started with more logical CPUs than cores (see `_start_ray`). One CPU is left for the read
