@@ -139,7 +139,7 @@ def test_trial_table_batch_of_an_auto_trial_comes_from_its_metrics():
     assert _trial_batch({"train": {"batch_size": 8}}, rows) == 8
 
 
-@pytest.mark.parametrize("name", ["sweep_quickstart.yaml", "sweep_bccd.yaml"])
+@pytest.mark.parametrize("name", ["sweep_quickstart.yaml", "sweep_bccd.yaml", "sweep_recipe.yaml"])
 def test_shipped_sweeps_load(name):
     spec = load_sweep(REPO / "configs" / name)
     assert spec.num_trials() >= 4 and spec.base["eval"]["interval"] == 1
