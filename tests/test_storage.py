@@ -70,7 +70,7 @@ def test_bucket_object_appears_only_whole(s3_bucket):
 
 
 def test_refuses_unknown_schemes_in_one_line():
-    for uri in ("gs://bucket/runs", "hdfs://nn/x", "foo://a"):
+    for uri in ("az://bucket/runs", "hdfs://nn/x", "foo://a"):
         with pytest.raises(StorageError) as info:
             storage.check(uri, "--storage")
         msg = str(info.value)
