@@ -32,6 +32,9 @@ _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 # GCS emulators: the Python client reads STORAGE_EMULATOR_HOST, google-cloud-cpp (inside pyarrow)
 # CLOUD_STORAGE_EMULATOR_ENDPOINT; either points rtrain at one.
 GCS_EMULATOR_VARS = ("STORAGE_EMULATOR_HOST", "CLOUD_STORAGE_EMULATOR_ENDPOINT")
+# pyarrow's GCS client retries a failing request for 15 minutes by default (a missing credential
+# included); S3's gives up after 3 attempts. Bounded here so a bad setting is an error, not a hang.
+GCS_RETRY_S = 20.0
 
 
 class LocationError(DatasetError, ValueError):
@@ -113,12 +116,16 @@ def _s3(endpoint: str | None, region: str | None):
 def _gcs(emulator: str | None):
     """Real GCS with the default Google credentials, or (`emulator` = http://HOST:PORT) an
     emulator such as fake-gcs-server, anonymously."""
+    from datetime import timedelta
+
     import pyarrow.fs as pafs
 
+    retry = {"retry_time_limit": timedelta(seconds=GCS_RETRY_S)}
     if not emulator:
-        return pafs.GcsFileSystem()
+        return pafs.GcsFileSystem(**retry)
     url = urlsplit(emulator if "://" in emulator else f"http://{emulator}")
-    return pafs.GcsFileSystem(anonymous=True, scheme=url.scheme or "http", endpoint_override=url.netloc)
+    return pafs.GcsFileSystem(anonymous=True, scheme=url.scheme or "http", endpoint_override=url.netloc,
+                              **retry)
 
 
 def filesystem(location: str | os.PathLike, what: str = "location"):
@@ -190,11 +197,19 @@ def list_dir(location: str | os.PathLike) -> list[str]:
     import pyarrow.fs as pafs
 
     fs, path = filesystem(location)
+    # pyarrow 26's GCS listing leaves out "folders" that are only key prefixes (no marker object;
+    # checked against fake-gcs-server, whose reply does hold them): list all keys under a gs://
+    # path and keep the first name of each.
+    deep = scheme(location) == "gs"
     try:
-        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=False))
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True, recursive=deep))
     except (NotADirectoryError, FileNotFoundError):
         return []
-    names = {info.base_name for info in infos}
+    if deep:
+        names = {info.path[len(path):].lstrip("/").split("/", 1)[0] for info in infos}
+        names.discard("")
+    else:
+        names = {info.base_name for info in infos}
     return sorted(n for n in names if not (n.startswith(".") and n.endswith(".tmp")))
 
 
