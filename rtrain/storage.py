@@ -6,32 +6,48 @@
     storage.write_bytes("s3://bucket/runs/r1/best.pt", data)   # atomic, see below
     data = storage.read_bytes("s3://bucket/runs/r1/best.pt")   # FileNotFoundError naming the URI
     storage.exists(uri); storage.is_file(uri); storage.is_dir(uri); storage.list_dir(uri); storage.join(a, b)
+    pq.read_table(path, filesystem=fs)                  # shards: see data_prep.shard_format.read_shard_table
 
 Locations: a plain path (relative or absolute, `~` expanded) or `file://PATH` is local disk;
-`s3://bucket/key` is S3 through `pyarrow.fs.S3FileSystem`. Every other `scheme://` (gs://,
-hdfs://, ...) is refused by `check`/`filesystem` with one StorageError line naming the location
-and the supported schemes: a URI is never turned into a local folder (`Path("s3://b/x")` would
-be `./s3:/b/x`). gs:// is left out until it is tested against a server.
+`s3://bucket/key` is S3 through `pyarrow.fs.S3FileSystem`, `gs://bucket/key` Google Cloud
+Storage through `pyarrow.fs.GcsFileSystem`. Every other `scheme://` (hdfs://, az://, ...) is
+refused by `check`/`filesystem` with one StorageError line naming the location and the supported
+schemes: a URI is never turned into a local folder (`Path("s3://b/x")` would be `./s3:/b/x`).
+
+The implementation is `data_prep.locations` (data_prep imports nothing of rtrain, and
+`data_prep.shard` writes shard sets to buckets and the shard format's reader reads them there);
+this module re-exports it with rtrain's StorageError and its StorageFullError for full disks.
+What lives in a bucket: run directories (`--storage`), weights, and shard sets (`data.train`,
+`data.val`, `rtrain.evaluate --shards`, `data_prep.shard --out`).
 
 S3 settings come from the environment, as for every AWS client: credentials (AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY or the usual config files), AWS_DEFAULT_REGION / AWS_REGION, and
 AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL for an S3-protocol server other than AWS (MinIO, moto's
-server on 127.0.0.1 in the tests). Ray workers inherit the environment of the process that
-starts the cluster.
+server on 127.0.0.1 in the tests). GCS: the default Google credentials, or an emulator named by
+STORAGE_EMULATOR_HOST (the Python clients' variable) or CLOUD_STORAGE_EMULATOR_ENDPOINT (the one
+pyarrow's C++ client reads), used anonymously (fake-gcs-server on 127.0.0.1 in the tests); a GCS
+request that keeps failing gives up after 20 s (pyarrow's default is 15 minutes, which a missing
+credential would spend). Tested on GCS: this module's calls and the shard writer, against the
+emulator only; the Ray runs in a bucket are tested on S3. Ray workers inherit the environment of
+the process that starts the cluster.
 
 Atomic writes, the same promise on disk and in a bucket: a reader sees the old file or the whole
 new one, never part of one.
 - local: `data_prep.atomic` (hidden temp name in the same folder, fsync, rename); a full disk
   raises `StorageFullError` naming the file.
-- bucket: one object upload. An S3 object appears only once its upload has finished (a single
-  PutObject, or the CompleteMultipartUpload of a large one), so there is no temp name to rename;
-  a killed writer leaves the previous object. The filesystem is opened with
-  `allow_delayed_open`, so an object under pyarrow's part size (10 MB) is one PutObject.
+- bucket: one object upload of bytes that are already whole. An object appears only once its
+  upload has finished (S3: a single PutObject, or the CompleteMultipartUpload of a large one;
+  GCS: the upload's final request), so there is no temp name to rename; a killed writer leaves
+  the previous object. The S3 filesystem is opened with `allow_delayed_open`, so an object under
+  pyarrow's part size (10 MB) is one PutObject. Never stream a file into a bucket through an
+  output stream that an error could close: closing it publishes what was written so far.
 Several files that belong together (a checkpoint directory, a shard set) are complete only once
-their marker file exists, written last, on disk and in a bucket alike (`rtrain.runs.checkpoint`).
+their marker file exists, written last, on disk and in a bucket alike (`rtrain.runs.checkpoint`;
+a shard set's marker is its manifest.json, `data_prep.writer`).
 
 A bucket has no directories: `is_dir` is true when some object's key starts with `PATH/`, and
-`list_dir` lists the next level of key names.
+`list_dir` lists the next level of key names (on GCS by listing every key under PATH, as
+pyarrow's GCS listing leaves out prefixes without a marker object).
 """
 
 from __future__ import annotations
