@@ -73,7 +73,11 @@ def s3_server():
     fails (pyarrow reads moto's CompleteMultipartUpload reply as an error), so tests keep every
     object smaller; real S3 is not affected.
     """
+    import logging
+
     moto_server = pytest.importorskip("moto.server")
+    # werkzeug logs every request at INFO: noise, and on stderr it would mix with a CLI's one line
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{server._server.server_port}"
