@@ -24,8 +24,8 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from pathlib import Path
 
+from data_prep import locations
 from data_prep.atomic import atomic_file
 from data_prep.records import ClassInfo, Issue
 from data_prep.shard_format import read_manifest_file
@@ -35,8 +35,12 @@ BOXES_FORMAT = (
 )
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temp file in the same folder, fsync, then rename over `path`."""
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write JSON whole or not at all: locally to a temp file in the same folder, fsynced, then
+    renamed over `path`; in a bucket (`path` a URI) as one object upload."""
+    if locations.is_bucket(path):
+        locations.write_bytes(path, json.dumps(obj, indent=1).encode())
+        return
     with atomic_file(path, "w") as f:  # a plain open()'s mode, not mkstemp's 0600
         json.dump(obj, f, indent=1)
 

@@ -5,6 +5,7 @@
     python -m data_prep.shard --format voc --annotations XML_DIR --images IMG_DIR --out OUT
     python -m data_prep.shard --format yolo --root DIR --data data.yaml --split val --out OUT
     python -m data_prep.shard --format imagenet-loc --root DIR --split train|val --out OUT
+    python -m data_prep.shard --format coco ... --out s3://bucket/shards/train   # into a bucket
     ... [--size 640] [--rows-per-shard 1000] [--workers N] [--classes-from TRAIN_OUT/manifest.json]
 
 A new format is one line in READERS: a function `read(args) -> (classes, stream, source)`
@@ -18,12 +19,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import sys
 import textwrap
 from collections import Counter
 
-from data_prep import coco, imagenet_loc, voc, yolo
+from data_prep import coco, imagenet_loc, locations, voc, yolo
 from data_prep.manifest import load_classes
 from data_prep.records import DatasetError, Reader
 
@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m data_prep.shard", description=__doc__.split("\n")[0], epilog=_epilog(),
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--format", required=True, choices=sorted(READERS), help="source format")
-    p.add_argument("--out", required=True, help="output folder for part-*.parquet and manifest.json")
+    p.add_argument("--out", required=True, help="output folder for part-*.parquet and manifest.json, "
+                   "or a bucket prefix (s3://BUCKET/PATH, gs://BUCKET/PATH)")
     p.add_argument("--size", type=int, default=640, help="longer side of the stored images (px)")
     p.add_argument("--rows-per-shard", type=int, default=1000, help="images per Parquet file")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decode processes")
@@ -99,9 +100,11 @@ def shard(args: argparse.Namespace) -> dict:
     if bad:
         raise DatasetError(f"--opt {bad[0]!r} is not KEY=VALUE")
     args.opts = opts
-    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", args.out):  # never a local folder named "s3:"
-        raise DatasetError(f"--out {args.out}: a URI; data_prep.shard writes to a local folder only "
-                           "(object storage not yet: write locally, then copy the folder to the bucket)")
+    # A bucket URI is written there (data_prep.writer); another scheme is one line, never a local
+    # folder named "s3:".
+    locations.check(args.out, "--out")
+    if args.classes_from:
+        locations.check(args.classes_from, "--classes-from")
     unread = unread_options(args)
     if unread:
         reads = ", ".join(f"--{d.replace('_', '-')}" for d in _READER_OPTIONS if d in READS[args.format])
@@ -112,8 +115,12 @@ def shard(args: argparse.Namespace) -> dict:
     from data_prep.writer import Options, start_pool, write_dataset
 
     frozen = load_classes(args.classes_from) if args.classes_from else None
+    classes_from = None
+    if args.classes_from:
+        classes_from = (args.classes_from.rstrip("/") if locations.is_bucket(args.classes_from)
+                        else os.path.abspath(args.classes_from))
     options = Options(size=args.size, rows_per_shard=args.rows_per_shard, workers=args.workers,
-                      classes_from=os.path.abspath(args.classes_from) if args.classes_from else None)
+                      classes_from=classes_from)
     pool = start_pool(args.workers)  # the workers boot while the reader parses the annotations
     try:
         classes, stream, source = READERS[args.format](args)
@@ -148,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("data_prep.shard: interrupted; rerun the same command to continue", file=sys.stderr)
         return 130
+    except OSError as e:  # a disk or a bucket that failed part-way: no manifest was written
+        what = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        print(f"data_prep.shard: error: {args.out}: {what} (no manifest written; the same command "
+              "continues)", file=sys.stderr)
+        return 1
     print(summary(manifest, args.out))
     return 0
 

@@ -7,19 +7,28 @@ nothing of rtrain.
 
     from data_prep.shard_format import SCHEMA, ShardError, check_schema, read_manifest
     manifest = read_manifest("data/bccd/train")    # dict; ShardError (one line) if unusable
+    files = shard_files("s3://bucket/shards/train")  # sorted *.parquet URIs (or local paths)
+    table = read_shard_table(files[0], columns=["image_id", "jpeg"])
     check_schema(pq.read_metadata(path).schema.to_arrow_schema(), path)
+
+A shard folder is a local folder or a bucket prefix (s3://BUCKET/PATH, gs://BUCKET/PATH, through
+data_prep.locations); every reader here takes either. manifest.json is the set's complete marker:
+the writer writes it last, so a set without one is refused, never half read.
 
 The schema and the manifest's fields are described in docs/design.md ("Contracts").
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from data_prep import locations
 from data_prep.records import DatasetError
 
 MANIFEST = "manifest.json"
@@ -85,18 +94,19 @@ def check_schema(schema: pa.Schema, path: str | os.PathLike) -> None:
 
 
 def read_manifest_file(path: str | os.PathLike, require: tuple[str, ...] = ("classes",)) -> dict:
-    """A manifest.json as a dict, with the keys `require` names present.
+    """A manifest.json (a local path or a bucket URI) as a dict, with the keys `require` names present.
 
     When "classes" is required it must be a non-empty [{index, name, category_id}] with indices
     0..C-1 in order. One-line ShardError naming the file otherwise (ShardNotFoundError if absent).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ShardNotFoundError(f"{path}: manifest not found (write shards with python -m data_prep.shard)")
+    name = locations.basename(path)
+    if not locations.is_file(path):
+        raise ShardNotFoundError(f"{path}: manifest not found (a shard set is complete only once "
+                                 "python -m data_prep.shard has written it)")
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(locations.read_bytes(path).decode("utf-8"))
     except json.JSONDecodeError as e:
-        raise ShardError(f"{path}: unreadable manifest ({path.name}:{e.lineno}:{e.colno}: "
+        raise ShardError(f"{path}: unreadable manifest ({name}:{e.lineno}:{e.colno}: "
                          f"malformed JSON: {e.msg})") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: unreadable manifest: {str(e).splitlines()[0]}") from None
@@ -119,8 +129,55 @@ def read_manifest_file(path: str | os.PathLike, require: tuple[str, ...] = ("cla
 
 
 def read_manifest(shard_dir: str | os.PathLike, require: tuple[str, ...] = ("classes",)) -> dict:
-    """`shard_dir`/manifest.json by `read_manifest_file`; ShardNotFoundError if the folder is missing."""
-    shard_dir = Path(shard_dir)
-    if not shard_dir.is_dir():
+    """`shard_dir`/manifest.json by `read_manifest_file`; ShardNotFoundError if the folder (or, in a
+    bucket, the key prefix) is missing."""
+    _check_location(shard_dir)
+    if not locations.is_dir(shard_dir):
         raise ShardNotFoundError(f"{shard_dir}: shard directory not found (no {MANIFEST})")
-    return read_manifest_file(shard_dir / MANIFEST, require)
+    return read_manifest_file(_join(shard_dir, MANIFEST), require)
+
+
+def shard_files(shard_dir: str | os.PathLike) -> list[str]:
+    """The `*.parquet` files of `shard_dir`, sorted: local paths, or URIs for a bucket.
+
+    Hidden names (writers' temp files) and `_`-names are left out. ShardError naming the folder
+    when it is missing or holds none; the files themselves are not opened (see
+    rtrain.data.batches.list_shards for the footer and schema checks).
+    """
+    _check_location(shard_dir)
+    if not locations.is_dir(shard_dir):
+        raise ShardNotFoundError(f"{shard_dir}: shard directory not found")
+    names = [n for n in locations.list_dir(shard_dir)
+             if fnmatch.fnmatch(n, SHARD_GLOB) and not n.startswith((".", "_"))]
+    if not names:
+        raise ShardError(f"{shard_dir}: no {SHARD_GLOB} shards")
+    return [_join(shard_dir, n) for n in names]
+
+
+def _check_location(location) -> None:
+    try:
+        locations.check(location, "shards")
+    except locations.LocationError as e:
+        raise ShardError(str(e)) from None
+
+
+def _join(base, name: str) -> str:
+    """`base/name`, spelled as `base` is (a relative local path stays relative)."""
+    return locations.join(base, name) if locations.is_bucket(base) else str(Path(base, name))
+
+
+def read_shard_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """One shard (a local path or a bucket URI) as a table; pyarrow's errors as they are."""
+    if not locations.is_bucket(path):
+        return pq.read_table(path, columns=columns)
+    fs, inner = locations.filesystem(path)
+    return pq.read_table(inner, columns=columns, filesystem=fs)
+
+
+def read_shard_metadata(path: str | os.PathLike) -> pq.FileMetaData:
+    """The Parquet footer of one shard (a local path or a bucket URI)."""
+    if not locations.is_bucket(path):
+        return pq.read_metadata(path)
+    fs, inner = locations.filesystem(path)
+    with fs.open_input_file(inner) as fh:
+        return pq.read_metadata(fh)

@@ -11,7 +11,13 @@ A rerun skips every chunk whose stats file exists with the same fingerprint
 (source + options + classes) and the same digest of its input records, so a run
 cut short by Ctrl-C or a kill continues where it stopped and ends with the same
 shards and manifest. A folder made with other options or from another source is
-refused, never mixed. manifest.json is written last.
+refused, never mixed. manifest.json is written last: it is the set's complete marker.
+
+`out` may be a bucket prefix (s3://BUCKET/PATH, gs://BUCKET/PATH; data_prep.locations) with the
+same rules: each shard is serialised in memory and uploaded as one object once it is whole (an
+object appears only when its upload completes, so there is no temp name to rename), then its
+stats object, and manifest.json last. A run killed or failed part-way leaves whole shards and no
+manifest, which every reader refuses; the same command continues it.
 """
 
 from __future__ import annotations
@@ -31,11 +37,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_prep import imaging
+from data_prep import imaging, locations
 from data_prep.atomic import atomic_file
 from data_prep.manifest import build_manifest, shard_stats, write_json_atomic
 from data_prep.records import ClassInfo, DatasetError, Issue, SourceImage
-from data_prep.shard_format import SCHEMA
+from data_prep.shard_format import MANIFEST, SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -120,24 +126,32 @@ def _chunks(stream: Iterable[SourceImage | Issue], rows: int, num_classes: int) 
     yield chunk
 
 
-def _prepare_out(out: Path, fingerprint: str, summary: dict) -> None:
+def _at(out: Path | str, *parts: str) -> Path | str:
+    """`out/part/...`: a Path on disk, a URI string in a bucket."""
+    return locations.join(out, *parts) if locations.is_bucket(out) else Path(out, *parts)
+
+
+def _prepare_out(out: Path | str, fingerprint: str, summary: dict) -> None:
     """Create `out`, refuse one that holds another dataset's shards, clean stale temp files."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / STATS_DIR).mkdir(exist_ok=True)
-    config = out / CONFIG_NAME
-    if config.exists():
+    if not locations.is_bucket(out):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / STATS_DIR).mkdir(exist_ok=True)
+    config = _at(out, CONFIG_NAME)
+    if locations.is_file(config):
         try:
-            old = json.loads(config.read_text()).get("fingerprint")
-        except (json.JSONDecodeError, AttributeError):
+            old = json.loads(locations.read_bytes(config)).get("fingerprint")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             old = None
         if old != fingerprint:
             raise DatasetError(f"{out}: holds shards made from another source or with other options; "
                                "use another --out or empty it")
-    elif any(_PART.match(p.name) for p in out.iterdir()) or (out / "manifest.json").exists():
+    elif any(_PART.match(n) for n in locations.list_dir(out)) or locations.is_file(_at(out, MANIFEST)):
         raise DatasetError(f"{out}: holds shards of unknown origin (no {CONFIG_NAME}); "
                            "use another --out or empty it")
     else:
         write_json_atomic(config, {"fingerprint": fingerprint, **summary})
+    if locations.is_bucket(out):
+        return  # a bucket has no temp names: an unfinished upload is no object
     for folder in (out, out / STATS_DIR):
         for p in folder.iterdir():
             if p.name.startswith(".") and p.name.endswith(".tmp"):
@@ -174,18 +188,26 @@ def _column(field: pa.Field, values: list) -> pa.Array:
     raise TypeError(f"no column builder for {t}")
 
 
-def _write_parquet_atomic(path: Path, rows: list[dict]) -> None:
+def _write_parquet_atomic(path: Path | str, rows: list[dict]) -> None:
+    """One shard, whole or not at all: on disk a temp name renamed; in a bucket the finished file's
+    bytes as one upload (never a stream into the bucket, whose close would publish a part)."""
     table = pa.Table.from_arrays([_column(f, [r[f.name] for r in rows]) for f in SCHEMA], schema=SCHEMA)
+    # JPEG bytes are compressed already: snappy and dictionary tries on them only cost time.
+    how = {"row_group_size": 256, "compression": _COMPRESSION,
+           "use_dictionary": [n for n in SCHEMA.names if n != "jpeg"]}
+    if locations.is_bucket(path):
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf, **how)
+        locations.write_bytes(path, memoryview(buf.getvalue()))
+        return
     with atomic_file(path) as f:
-        # JPEG bytes are compressed already: snappy and dictionary tries on them only cost time.
-        pq.write_table(table, f, row_group_size=256, compression=_COMPRESSION,
-                       use_dictionary=[n for n in SCHEMA.names if n != "jpeg"])
+        pq.write_table(table, f, **how)
 
 
 class _ShardSink:
     """Collects a chunk's converted rows (from any batch order) and writes the shard when complete."""
 
-    def __init__(self, out: Path, fingerprint: str, num_classes: int):
+    def __init__(self, out: Path | str, fingerprint: str, num_classes: int):
         self.out, self.fingerprint, self.num_classes = out, fingerprint, num_classes
         self.pending: dict[int, tuple[_Chunk, str, list, int]] = {}  # index -> chunk, digest, slots, left
         self.stats: dict[int, dict] = {}
@@ -211,25 +233,25 @@ class _ShardSink:
                 rows.append(row)
         name = f"part-{chunk.index:05d}.parquet"
         if rows:
-            _write_parquet_atomic(self.out / name, rows)
+            _write_parquet_atomic(_at(self.out, name), rows)
         stats = shard_stats(rows, issues, self.num_classes)
         stats.update(file=name, fingerprint=self.fingerprint, digest=digest)
-        write_json_atomic(self.out / STATS_DIR / f"part-{chunk.index:05d}.json", stats)
+        write_json_atomic(_at(self.out, STATS_DIR, f"part-{chunk.index:05d}.json"), stats)
         self.stats[chunk.index] = stats
         log.info("wrote %s: %d rows, %d issues", name, len(rows), len(issues))
 
 
-def _finished_stats(out: Path, chunk: _Chunk, digest: str, fingerprint: str) -> dict | None:
+def _finished_stats(out: Path | str, chunk: _Chunk, digest: str, fingerprint: str) -> dict | None:
     """The saved stats of a chunk a previous run finished, None if it must be (re)done."""
-    path = out / STATS_DIR / f"part-{chunk.index:05d}.json"
+    path = _at(out, STATS_DIR, f"part-{chunk.index:05d}.json")
     try:
-        stats = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        stats = json.loads(locations.read_bytes(path))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     if stats.get("fingerprint") != fingerprint or stats.get("digest") != digest:
         raise DatasetError(f"{out}: part-{chunk.index:05d} was made from different input records; "
                            "use another --out or empty it")
-    if stats["rows"] and not (out / stats["file"]).exists():
+    if stats["rows"] and not locations.is_file(_at(out, stats["file"])):
         return None
     return stats
 
@@ -263,14 +285,20 @@ def write_dataset(
     frozen_classes: list[ClassInfo] | None = None,
     pool: cf.Executor | None = None,
 ) -> dict:
-    """Write every record of `stream` into Parquet shards under `out`; return the manifest dict.
+    """Write every record of `stream` into Parquet shards under `out` (a folder or a bucket
+    prefix, see the module doc); return the manifest dict.
 
     `classes`/`stream`/`source` are what a reader returned. With `frozen_classes`
     (another manifest's class list) labels are remapped onto it by name. `pool`: a
     started pool (start_pool) the caller owns; without it one is made and shut down here.
-    Raises DatasetError (one line) for an empty dataset or an `out` holding other shards.
+    Raises DatasetError (one line) for an empty dataset, an `out` holding other shards or with an
+    unsupported scheme.
     """
-    out = Path(out)
+    out = locations.check(out, "--out")
+    if locations.is_bucket(out):
+        out = out.rstrip("/")
+    else:  # a relative folder stays relative in messages
+        out = locations.local_path(out) if locations.scheme(out) == "file" else Path(out)
     if opts.size < 1 or opts.rows_per_shard < 1:
         raise DatasetError(f"--size and --rows-per-shard must be positive (got {opts.size}, "
                            f"{opts.rows_per_shard})")
@@ -333,7 +361,7 @@ def write_dataset(
             fut.cancel()
         if own_pool and pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
-    extra = [p.name for p in out.iterdir() if (m := _PART.match(p.name)) and int(m.group(1)) >= n_chunks]
+    extra = [n for n in locations.list_dir(out) if (m := _PART.match(n)) and int(m.group(1)) >= n_chunks]
     if extra:
         raise DatasetError(f"{out}: holds shards this input does not make ({extra[0]}); "
                            "use another --out or empty it")
@@ -341,7 +369,7 @@ def write_dataset(
     manifest = build_manifest(classes, stats, source, opts.fingerprinted(), fingerprint)
     if manifest["counts"]["images"] == 0:
         raise DatasetError(f"{out}: no image could be used ({manifest['counts']['skipped_images']} skipped)")
-    write_json_atomic(out / "manifest.json", manifest)
+    write_json_atomic(_at(out, MANIFEST), manifest)  # last: the set's complete marker
     return manifest
 
 

@@ -1,6 +1,7 @@
 """python -m rtrain.evaluate: COCO metrics (pycocotools) of a weights file on a shard folder.
 
     python -m rtrain.evaluate --weights runs/bccd/best.pt --shards data/bccd/shards/val
+    python -m rtrain.evaluate --weights s3://bucket/runs/r1/best.pt --shards s3://bucket/shards/val
     python -m rtrain.evaluate --weights RUN/best.pt --shards DIR --out metrics.json --pr-curves RUN/pr \\
         --set data.img_size=416 eval.score_thresh=0.001
 
@@ -22,7 +23,8 @@ from rtrain.config import add_config_arguments
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m rtrain.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--weights", required=True, help="best.pt / last.pt, or a checkpoint directory")
-    p.add_argument("--shards", required=True, help="shard folder (*.parquet + manifest.json) to evaluate on")
+    p.add_argument("--shards", required=True, help="shard folder (*.parquet + manifest.json) to evaluate on, "
+                   "local or a bucket URI (s3://BUCKET/PATH)")
     p.add_argument("--batch-size", type=int, help="images per batch (default: the config's eval.batch_size)")
     p.add_argument("--out", help="write the metrics as JSON here")
     p.add_argument("--pr-curves", metavar="DIR", help="write one precision-recall PNG per class here")

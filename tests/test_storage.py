@@ -1,4 +1,5 @@
-"""rtrain.storage on local disk and on a real S3-protocol server (moto) on 127.0.0.1."""
+"""rtrain.storage on local disk, on a real S3-protocol server (moto) and on a real GCS JSON-API server
+(fake-gcs-server), both on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import pytest
 from rtrain import storage
 from rtrain.storage import StorageError
 
+BUCKET_FIXTURE = {"s3": "s3_bucket", "gs": "gcs_bucket"}
 
-@pytest.fixture(params=["local", "s3"])
+
+@pytest.fixture(params=["local", "s3", "gs"])
 def root(request, tmp_path) -> str:
-    """The same tests on a local folder and in a bucket."""
+    """The same tests on a local folder, in an S3 bucket and in a GCS bucket."""
     if request.param == "local":
         return str(tmp_path / "store")
-    return request.getfixturevalue("s3_bucket") + "/runs"
+    return request.getfixturevalue(BUCKET_FIXTURE[request.param]) + "/runs"
 
 
 def test_write_read_list_exists(root):
@@ -57,9 +60,10 @@ def test_local_write_is_temp_then_rename(tmp_path):
     assert sorted(os.listdir(target.parent)) == ["last.pt"]
 
 
-def test_bucket_object_appears_only_whole(s3_bucket):
+@pytest.mark.parametrize("kind", ["s3", "gs"])
+def test_bucket_object_appears_only_whole(kind, request):
     """A writer killed before its upload completes leaves the old object: nothing is visible until close."""
-    uri = f"{s3_bucket}/r/last.pt"
+    uri = f"{request.getfixturevalue(BUCKET_FIXTURE[kind])}/r/last.pt"
     storage.write_bytes(uri, b"old")
     fs, path = storage.filesystem(uri)
     stream = fs.open_output_stream(path)
@@ -70,7 +74,7 @@ def test_bucket_object_appears_only_whole(s3_bucket):
 
 
 def test_refuses_unknown_schemes_in_one_line():
-    for uri in ("gs://bucket/runs", "hdfs://nn/x", "foo://a"):
+    for uri in ("az://bucket/runs", "hdfs://nn/x", "foo://a"):
         with pytest.raises(StorageError) as info:
             storage.check(uri, "--storage")
         msg = str(info.value)
@@ -92,3 +96,21 @@ def test_paths_and_uris_are_never_confused(tmp_path, monkeypatch):
     assert storage.join("s3://b/runs/", "r1", "best.pt") == "s3://b/runs/r1/best.pt"
     assert storage.join(Path("runs"), "r1") == str(tmp_path / "runs" / "r1")
     assert not (tmp_path / "s3:").exists()
+
+
+def test_gcs_settings_come_from_the_emulator_variable(gcs_bucket, monkeypatch):
+    """STORAGE_EMULATOR_HOST (the Python clients' name) and CLOUD_STORAGE_EMULATOR_ENDPOINT (the C++
+    client's, inside pyarrow) each point rtrain at the server; a Parquet file round-trips."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    url = os.environ["STORAGE_EMULATOR_HOST"]
+    uri = f"{gcs_bucket}/shards/part-00000.parquet"
+    fs, path = storage.filesystem(uri)
+    assert type(fs).__name__ == "GcsFileSystem" and path == uri[len("gs://"):]
+    pq.write_table(pa.table({"x": list(range(100))}), path, filesystem=fs)
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST")
+    monkeypatch.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", url)
+    fs2, _ = storage.filesystem(uri)
+    assert pq.read_table(path, filesystem=fs2).column("x").to_pylist() == list(range(100))
+    assert storage.list_dir(f"{gcs_bucket}/shards") == ["part-00000.parquet"]

@@ -22,6 +22,11 @@ Order (a pure function of the shards, `seed` and the epoch; `plan_epoch`):
   partners) every epoch, and under `preserve_order` Ray's OutputSplitter hands block k to
   worker k mod world: worker r's rows in epoch e are the same in every run and restart.
 
+Shards may be local or in a bucket (`data.train: s3://BUCKET/shards/train`): the plan holds
+their paths or URIs, and each read task opens them through `rtrain.storage`'s filesystem, with
+the AWS/GCS settings of its own environment (Ray workers inherit the driver's on a local
+cluster; on a real one set them on every node).
+
 Resume: the stream always starts at epoch 0; a read task skips (reads nothing for) the epochs
 before the EpochClock's start epoch, which the workers set before they iterate. A resume
 inside epoch e (a mid-epoch or preemption checkpoint after k steps of it, `rtrain.training.preempt`)
@@ -42,7 +47,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from data_prep.shard_format import read_shard_table
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +72,11 @@ class StreamPlan:
     def from_shards(
         cls, shard_dir: str | Path, *, batch_rows: int, world_size: int, seed: int, window_rows: int = 4096
     ) -> StreamPlan:
-        from rtrain.data.batches import READ_COLUMNS, list_shards, read_manifest
+        from rtrain.data.batches import READ_COLUMNS, list_shards, read_manifest, read_shard_metadata
 
         read_manifest(shard_dir)
-        files = list_shards(shard_dir)
-        counts = [pq.read_metadata(f).num_rows for f in files]
+        files = list_shards(shard_dir)  # local paths or bucket URIs (rtrain.storage)
+        counts = [read_shard_metadata(f).num_rows for f in files]
         if sum(counts) == 0:
             from rtrain.data.batches import ShardError
 
@@ -146,7 +152,7 @@ class _TableCache:
 
     def get(self, path: str, columns: tuple[str, ...]) -> pa.Table:
         if path != self.path:
-            self.table = pq.read_table(path, columns=list(columns))
+            self.table = read_shard_table(path, columns=list(columns))
             self.path = path
         return self.table
 

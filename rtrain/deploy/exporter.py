@@ -132,7 +132,7 @@ def _check_images(check_images, loaded, size: int) -> tuple[np.ndarray, str]:
     else:
         val = loaded.config.data.val
         where = val
-        if val and Path(val).is_dir():
+        if val and storage.scheme(val) in ("", "file", *storage.BUCKET_SCHEMES) and storage.is_dir(val):
             from rtrain.data.batches import iter_batches_local
 
             try:

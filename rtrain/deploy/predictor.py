@@ -257,7 +257,7 @@ def _shard_batches(shard_dir: Path, batch_size: int) -> Iterator[dict[str, np.nd
                    for k, v in cols.items()}
 
 
-def _manifest_ids(shard_dir: Path, class_names: list[str]) -> tuple[list[int] | None, str]:
+def _manifest_ids(shard_dir: Path | str, class_names: list[str]) -> tuple[list[int] | None, str]:
     """(source category ids, "") when `shard_dir`'s manifest names `class_names` in order, else
     (None, why not)."""
     from rtrain.data.batches import ShardError, read_manifest
@@ -275,7 +275,7 @@ def _manifest_ids(shard_dir: Path, class_names: list[str]) -> tuple[list[int] | 
         return None, f"{shard_dir}: a category_id is not an integer"
 
 
-def _training_dirs(data_paths: list[str], weights: str | os.PathLike) -> list[Path]:
+def _training_dirs(data_paths: list[str], weights: str | os.PathLike) -> list[Path | str]:
     """Where the weights' own train/val shards may be: each path as written (from the working
     directory), else from the weights file's folder and the folders above it (runs/NAME/best.pt
     written from the project folder), first hit per path."""
@@ -284,6 +284,10 @@ def _training_dirs(data_paths: list[str], weights: str | os.PathLike) -> list[Pa
     base = Path.cwd() if storage.is_bucket(weights) else Path(weights).resolve().parent
     for raw in data_paths:
         if not raw:
+            continue
+        if storage.is_bucket(raw):  # a bucket prefix is where it says, from anywhere
+            if storage.is_file(storage.join(raw, "manifest.json")) and raw not in out:
+                out.append(raw)
             continue
         p = Path(raw)
         tries = [p] if p.is_absolute() else [p, *(d / p for d in [base, *base.parents][:4])]
@@ -307,9 +311,9 @@ def category_ids(source: Source, class_names: list[str], data_paths: list[str] |
     dirs = [source.shard_dir] if source.kind == "shards" else []
     dirs += _training_dirs(list(data_paths or []), weights)
     for d in dirs:
-        ids, reason = _manifest_ids(Path(d), class_names)
+        ids, reason = _manifest_ids(d, class_names)
         if ids is not None:
-            return ids, str(Path(d) / "manifest.json")
+            return ids, str(storage.child(d, "manifest.json"))
         why.append(reason)
     logger.warning("category ids = class index (%s)",
                    "; ".join(why) or "the weights' train/val shards were not found")

@@ -18,15 +18,13 @@ import io
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from data_prep.shard_format import read_manifest
+from data_prep.shard_format import ShardError, read_manifest, read_shard_table, shard_files
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +77,16 @@ def coco_gt_from_shards(shard_dir: str | os.PathLike) -> COCO:
     Images carry their ORIGINAL width/height, boxes are scaled to original pixels
     (xywh), `category_id` is the source id from the manifest, `area` = w * h.
     """
-    d = Path(shard_dir)
-    classes = read_manifest(d)["classes"]
-    files = sorted(d.glob("*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{d}: no *.parquet shards found")
+    classes = read_manifest(shard_dir)["classes"]
+    try:
+        files = shard_files(shard_dir)  # local paths or bucket URIs
+    except ShardError as e:
+        raise FileNotFoundError(str(e)) from None
     cat_of = [c["category_id"] for c in classes]
     images, annotations, seen = [], [], set()
     for f in files:
         try:
-            table = pq.read_table(f, columns=list(_GT_COLUMNS))
+            table = read_shard_table(f, columns=list(_GT_COLUMNS))
         except (OSError, ValueError, KeyError) as e:  # pyarrow raises ArrowInvalid (a ValueError) etc.
             raise ValueError(f"{f}: cannot read shard columns {list(_GT_COLUMNS)} ({e})") from None
         cols = table.to_pydict()

@@ -31,19 +31,18 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
 
 def _rows_of_rank(shard_dir: str | Path, rank: int, world: int, batch_size: int) -> Iterator[pa.Table]:
     """Chunks of up to `batch_size` raw val rows of this rank, in shard order."""
-    from rtrain.data.batches import READ_COLUMNS, list_shards, read_manifest
+    from rtrain.data.batches import READ_COLUMNS, list_shards, read_manifest, read_shard_table
 
     read_manifest(shard_dir)
     offset, pending = 0, []
     for path in list_shards(shard_dir):
-        table = pq.read_table(path, columns=READ_COLUMNS)
+        table = read_shard_table(path, columns=READ_COLUMNS)
         mine = np.nonzero((offset + np.arange(table.num_rows)) % world == rank)[0]
         offset += table.num_rows
         if len(mine):
@@ -64,11 +63,11 @@ def _rows_of_rank(shard_dir: str | Path, rank: int, world: int, batch_size: int)
 def _rect_rows_of_rank(shard_dir: str | Path, rank: int, world: int, batch_size: int) -> Iterator[pa.Table]:
     """This rank's batches of raw val rows in rect mode (module doc): all rows sorted by
     height / width, cut into batches of `batch_size`, batch b going to rank b % world."""
-    from rtrain.data.batches import READ_COLUMNS, list_shards, read_manifest
+    from rtrain.data.batches import READ_COLUMNS, list_shards, read_manifest, read_shard_table
 
     read_manifest(shard_dir)
     paths = list_shards(shard_dir)
-    sizes = [pq.read_table(p, columns=["width", "height"]) for p in paths]
+    sizes = [read_shard_table(p, columns=["width", "height"]) for p in paths]
     if not sizes:
         return
     width = np.concatenate([t.column("width").to_numpy() for t in sizes]).astype(np.float64)
@@ -82,7 +81,7 @@ def _rect_rows_of_rank(shard_dir: str | Path, rank: int, world: int, batch_size:
     for path, t in zip(paths, sizes, strict=True):
         local = mine[(mine >= offset) & (mine < offset + t.num_rows)] - offset
         if len(local):
-            parts.append(pq.read_table(path, columns=READ_COLUMNS).take(pa.array(local)))
+            parts.append(read_shard_table(path, columns=READ_COLUMNS).take(pa.array(local)))
         offset += t.num_rows
     table = pa.concat_tables(parts, promote_options="permissive")
     for group in groups:

@@ -12,6 +12,9 @@ eval.batch_size (rect batches depend on it). Optional PR curves (one PNG per cla
 COCOeval's precision array) need the COCO results themselves, which `predict_loop.evaluate` does not
 return: they take a second prediction pass (`predict_loop.predict_batches` +
 `evaluation.to_coco_results`, the same functions).
+
+The shards and the weights may each be local or in a bucket (`s3://BUCKET/shards/val`,
+`rtrain.storage`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rtrain import storage
 from rtrain.runs.checkpoint import IncompatibleCheckpointError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +48,7 @@ STAT_LABELS = (
 )
 
 
-def _classes(shards: Path, class_names: list[str]) -> list[int]:
+def _classes(shards: str | Path, class_names: list[str]) -> list[int]:
     """The manifest's source category ids, after checking it names the weights' classes in order."""
     from rtrain.data.batches import read_manifest
 
@@ -52,8 +56,8 @@ def _classes(shards: Path, class_names: list[str]) -> list[int]:
     names = [c["name"] for c in classes]
     if names != list(class_names):
         raise IncompatibleCheckpointError(
-            f"{shards / 'manifest.json'}: classes {names} differ from the weights' {list(class_names)}"
-        )
+            f"{storage.join(shards, 'manifest.json')}: classes {names} differ from the weights' "
+            f"{list(class_names)}")
     return [int(c["category_id"]) for c in classes]
 
 
@@ -80,7 +84,7 @@ def evaluate_weights(
     dev = pick_device(device)
     loaded = load_detector(weights, config_file=config_file, overrides=overrides, device=dev)
     cfg, names = loaded.config, loaded.class_names
-    shards = Path(shards)
+    shards = storage.location(storage.check(shards, "--shards"))  # a Path, or a bucket URI as it is
     category_ids = _classes(shards, names)
     gt = coco_gt_from_shards(shards)
     bs = batch_size or cfg.eval.batch_size

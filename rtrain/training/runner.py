@@ -40,8 +40,9 @@ Ray Train gets the bucket as its `storage_filesystem`, rank 0 writes metrics and
 `resume` finds the run and its checkpoints there, RUN/.lock is a lease (`rtrain.runs.run_lock`). The
 driver and every worker need the AWS variables (credentials, region, AWS_ENDPOINT_URL for a
 server other than AWS): a local Ray started by `fit` passes its environment on; on a cluster set
-them on every node. Not yet with a bucket: data.train/data.val (local shard folders) and
-run.loggers (TensorBoard/MLflow write local files).
+them on every node. data.train/data.val may be bucket prefixes too (shards written there by
+`python -m data_prep.shard --out s3://...`), with storage local or in a bucket. Not yet with a
+bucket: run.loggers (TensorBoard/MLflow write local files).
 """
 
 from __future__ import annotations
@@ -54,8 +55,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pyarrow.parquet as pq
 
 from rtrain import storage as store  # `storage` is fit's argument
 from rtrain.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
@@ -213,7 +212,7 @@ def check_data(cfg: Config) -> tuple[list[dict], int]:
     Raises FitError naming the file: missing/corrupt shards or manifest, or val classes that
     differ from train's.
     """
-    from rtrain.data.batches import ShardError, list_shards, read_manifest
+    from rtrain.data.batches import ShardError, list_shards, read_manifest, read_shard_metadata
 
     if not cfg.data.train:
         raise FitError("data.train is empty: set it to a shard directory (python -m data_prep.shard)")
@@ -229,9 +228,9 @@ def check_data(cfg: Config) -> tuple[list[dict], int]:
     names, val_names = [c["name"] for c in classes], [c["name"] for c in val_classes]
     if names != val_names:
         raise FitError(
-            f"{Path(cfg.data.val) / 'manifest.json'}: val classes {val_names} differ from train's {names}"
-        )
-    num_images = sum(pq.read_metadata(f).num_rows for f in train_files)
+            f"{store.join(cfg.data.val, 'manifest.json')}: val classes {val_names} differ from "
+            f"train's {names}")
+    num_images = sum(read_shard_metadata(f).num_rows for f in train_files)
     if num_images == 0:
         raise FitError(f"{cfg.data.train}: the train shards hold no images")
     return classes, num_images
@@ -577,8 +576,8 @@ def fit(
         cfg = dataclasses.replace(cfg, run=config_from_dict({"run": run_section}).run)
     except ConfigError as exc:
         raise FitError(str(exc)) from None
-    local_only(cfg.data.train, "data.train")
-    local_only(cfg.data.val, "data.val")
+    check_location(cfg.data.train, "data.train")  # a local folder or a bucket prefix
+    check_location(cfg.data.val, "data.val")
     check_location(cfg.model.init, "model.init")
     if store.is_bucket(storage_path) and cfg.run.loggers:
         raise FitError(f"run.loggers {cfg.run.loggers}: not supported with storage in a bucket yet "

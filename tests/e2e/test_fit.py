@@ -63,16 +63,18 @@ def test_checks_before_ray(tiny_shards, tmp_path):
 
 
 def test_storage_uris_are_checked_in_one_line_never_made_local(tiny_shards, tmp_path, monkeypatch, s3_server):
-    """An unsupported scheme, a bucket that cannot be written and bucket shards (not yet supported)
+    """An unsupported scheme, a bucket that cannot be written and bucket shards that are not there
     are each one line before Ray, and no `./s3:/...` folder appears (it did before)."""
     monkeypatch.chdir(tmp_path)
     train, val = tiny_shards
     cfg = tiny_fit_config(train, val, 1, tmp_path / "runs")
-    cases = [({}, {"storage": "gs://bucket/runs"}, "run.storage gs://bucket/runs: the gs:// scheme is not"),
+    cases = [({}, {"storage": "az://bucket/runs"}, "run.storage az://bucket/runs: the az:// scheme is not"),
              ({}, {"storage": "s3://no-such-bucket/r"}, "s3://no-such-bucket/r: storage is not writable ("),
              ({"run": {**cfg["run"], "storage": "hdfs://nn/r"}}, {}, "run.storage hdfs://nn/r: the hdfs:// "),
-             ({"data": {**cfg["data"], "train": "s3://b/train"}}, {}, "data.train s3://b/train: object "),
-             ({"model": {"name": "compact_n", "init": "gs://b/best.pt"}}, {}, "model.init gs://b/best.pt: ")]
+             ({"data": {**cfg["data"], "train": "s3://no-such-bucket/train"}}, {},
+              "s3://no-such-bucket/train: shard directory not found"),
+             ({"data": {**cfg["data"], "val": "hdfs://nn/val"}}, {}, "data.val hdfs://nn/val: the hdfs:// "),
+             ({"model": {"name": "compact_n", "init": "az://b/best.pt"}}, {}, "model.init az://b/best.pt: ")]
     for change, kwargs, start in cases:
         with pytest.raises(FitError) as info:
             fit({**cfg, **change}, name="x", plots=False, **kwargs)

@@ -1,7 +1,9 @@
-"""A run whose storage is a bucket (moto's S3 server on 127.0.0.1) on the two-node Ray cluster:
-checkpoints, metrics and weights land in the bucket, a driver SIGKILLed in epoch 2 is resumed
-from the bucket, and the result equals the same deterministic run on local disk; evaluate then
-scores the bucket's best.pt as training did."""
+"""A run that lives in a bucket (moto's S3 server on 127.0.0.1) on the two-node Ray cluster: its
+train/val shards are written there by `data_prep.shard --out s3://...` and read from there by Ray
+Data, validation and evaluate; checkpoints, metrics and weights land in the bucket, a driver
+SIGKILLed in epoch 2 is resumed from the bucket, and the result equals the same deterministic run
+on local disk from local shards; evaluate then scores the bucket's best.pt on the bucket's val
+shards as training did."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 import yaml
 from fit_configs import deterministic_fit_config
 
+from data_prep.shard import main as shard_main
 from rtrain import storage
 from rtrain.runs import run_dir
 from rtrain.runs.checkpoint import checkpoint_dirs, find_latest_complete, load_weights, read_marker
@@ -30,7 +33,7 @@ EPOCHS = 3
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _config(train: Path, val: Path) -> dict:
+def _config(train: Path | str, val: Path | str) -> dict:
     return deterministic_fit_config(train, val, EPOCHS, img_size=96, workers=1)
 
 
@@ -50,9 +53,21 @@ def test_bucket_run_killed_and_resumed_equals_the_local_run(s3_server, ray_sessi
 
     monkeypatch.chdir(tmp_path)
     train, val = prepare_synthetic(tmp_path / "data", images=40, size=96, seed=11)
-    cfg = _config(train, val)
-    local = fit(cfg, name="local", storage=tmp_path / "runs", plots=False)
+    local = fit(_config(train, val), name="local", storage=tmp_path / "runs", plots=False)
     local_rows = run_dir.read_metrics(local.run_dir)
+
+    # the same images sharded into the bucket, as prepare_synthetic sharded them on disk
+    shards = f"{s3_bucket}/shards"
+    root = tmp_path / "data"
+    for split, extra in (("train", []), ("val", ["--classes-from", f"{shards}/train/manifest.json"])):
+        assert shard_main(["--format", "coco", "--annotations", str(root / f"annotations_{split}.json"),
+                           "--images", str(root / "images"), "--out", f"{shards}/{split}", "--size", "96",
+                           "--workers", "1", *extra]) == 0
+        for part in storage.list_dir(f"{shards}/{split}"):  # the same bytes: the same training data
+            if part.endswith(".parquet"):
+                local_part = root / "shards" / split / part
+                assert storage.read_bytes(f"{shards}/{split}/{part}") == local_part.read_bytes()
+    cfg = _config(f"{shards}/train", f"{shards}/val")
 
     runs = f"{s3_bucket}/runs"
     out = storage.join(runs, "bucket")
@@ -103,7 +118,7 @@ def test_bucket_run_killed_and_resumed_equals_the_local_run(s3_server, ray_sessi
     best_epoch = torch.load(local.best_weights, weights_only=True)["extra"]["epoch"]
     best_row = next(r for r in rows if r["epoch"] == best_epoch)
     done = subprocess.run([sys.executable, "-m", "rtrain.evaluate", "--weights", result.best_weights,
-                           "--shards", str(val), "--out", str(tmp_path / "m.json"), "--device", "cpu"],
+                           "--shards", f"{shards}/val", "--out", str(tmp_path / "m.json"), "--device", "cpu"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "m.json").read_text())["mAP"] == pytest.approx(best_row["mAP"], abs=1e-6)

@@ -170,6 +170,9 @@ def test_a_sweep_in_a_bucket_is_refused_in_one_line_before_ray(tmp_path, monkeyp
         run_sweep(spec, storage="s3://bucket/sweeps")
     assert str(info.value).startswith("--storage s3://bucket/sweeps: object storage is not supported here")
     spec.base["run"]["storage"] = "gs://bucket/runs"
-    with pytest.raises(FitError, match=r"^base run.storage gs://bucket/runs: the gs:// scheme is not"):
+    with pytest.raises(FitError, match=r"^base run.storage gs://bucket/runs: object storage is not"):
+        run_sweep(spec)
+    spec.base["run"]["storage"] = "az://bucket/runs"
+    with pytest.raises(FitError, match=r"^base run.storage az://bucket/runs: the az:// scheme is not"):
         run_sweep(spec)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.yaml"]
