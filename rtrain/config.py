@@ -36,7 +36,22 @@ def _range(lo: float | None = None, hi: float | None = None, choices: tuple | No
 
 @dataclass
 class ModelConfig:
-    """Which registered variant to build; `None` overrides keep the variant's own default."""
+    """Which registered variant to build; `None` overrides keep the variant's own default.
+
+    backbone: "" = the variant's own trunk; "timm:<name>" = a timm model's feature maps at
+        strides 8/16/32 instead (`timm.create_model(name, features_only=True)`; needs
+        `pip install -e ".[timm]"`; names: `timm.list_models("mobilenet*")`), e.g.
+        "timm:mobilenetv3_small_100", "timm:mobilenetv4_conv_small", "timm:lcnet_100",
+        "timm:efficientnet_b0". The variant (`name`) then gives only the neck and head sizes;
+        `width` / `depth` (rtrain trunks' multipliers) must stay unset. The detector normalises
+        its 0..1 input with the trunk's pretrained mean/std (rtrain.models.timm_backbone).
+    pretrained: start a timm trunk from timm's published ImageNet weights (downloaded from the
+        Hugging Face Hub on first use, then cached: needs internet once).
+    backbone_weights: start a timm trunk from a local weights file instead (a timm state dict,
+        e.g. the hub's model.safetensors or pytorch_model.bin); every trunk tensor must fit.
+    These two only choose a new run's starting weights: a run's checkpoint and best.pt hold the
+    trunk's weights, so evaluate/predict/export/resume never download or read them again.
+    """
 
     name: str = "compact_s"
     width: float | None = field(default=None, metadata=_range(0.25, 2.0))
@@ -48,6 +63,9 @@ class ModelConfig:
     # and shape fit is loaded before training, the class logits re-initialised when the classes
     # differ (rtrain.runs.loading.init_from_weights). "" = from scratch. A resumed run ignores it.
     init: str = ""
+    backbone: str = ""  # "" or "timm:<name>" (see the docstring)
+    pretrained: bool = False
+    backbone_weights: str = ""
 
 
 @dataclass
@@ -280,8 +298,26 @@ def config_from_dict(data: dict | None) -> Config:
     return cfg
 
 
+def _check_model(m: ModelConfig) -> None:
+    """model.backbone's form and the keys that go with it (the timm name itself is checked when the
+    model is built: this module does not import timm)."""
+    timm = m.backbone.startswith("timm:")
+    if m.backbone and (not timm or not m.backbone[len("timm:"):].strip()):
+        raise ConfigError(f"model.backbone: expected \"\" (the variant's own trunk) or \"timm:<name>\" "
+                          f"(e.g. timm:mobilenetv3_small_100), got {m.backbone!r}")
+    if not timm and (m.pretrained or m.backbone_weights):
+        key = "model.pretrained" if m.pretrained else "model.backbone_weights"
+        raise ConfigError(f"{key}: pretrained trunk weights come with a timm backbone; set model.backbone: "
+                          "timm:<name> (or use model.init for an rtrain run's weights)")
+    if timm and (m.width is not None or m.depth is not None):
+        key = "model.width" if m.width is not None else "model.depth"
+        raise ConfigError(f"{key}: multiplies rtrain's own trunks only; a timm backbone's size is in its "
+                          "name (e.g. timm:mobilenetv3_small_050): leave it unset")
+
+
 def _check_together(cfg: Config) -> None:
     """Keys that only make sense with others."""
+    _check_model(cfg.model)
     timed = cfg.train.time_limit_min > 0
     if cfg.data.close_mosaic and timed:
         raise ConfigError("data.close_mosaic counts epochs, but train.time_limit_min ends the run on its "

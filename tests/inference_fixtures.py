@@ -56,11 +56,12 @@ def spread_head(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def make_weights(path: Path, variant: str = "compact_s", class_names=BCCD_CLASSES, img_size: int = 256,
-                 seed: int = 0, config_extra: dict | None = None) -> Path:
-    """A real weights file for `variant` with a valid config (data.img_size = img_size)."""
+                 seed: int = 0, config_extra: dict | None = None, backbone: str = "") -> Path:
+    """A real weights file for `variant` (on `backbone`, e.g. "timm:NAME", if given) with a valid
+    config (data.img_size = img_size)."""
     torch.manual_seed(seed)
-    model = spread_head(build_model(variant, len(class_names)), seed).eval()
-    cfg = config_from_dict({"model": {"name": variant}, "data": {"img_size": img_size},
+    model = spread_head(build_model(variant, len(class_names), backbone=backbone or None), seed).eval()
+    cfg = config_from_dict({"model": {"name": variant, "backbone": backbone}, "data": {"img_size": img_size},
                             "eval": {"score_thresh": 0.05, "batch_size": 4}, **(config_extra or {})})
     return save_weights(path, model.state_dict(), config_to_dict(cfg), list(class_names))
 

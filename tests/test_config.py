@@ -48,6 +48,12 @@ def test_int_is_accepted_for_float_and_null_for_optional():
         (["train.optimizer=adam"], "train.optimizer: expected one of"),
         (["lr=0.1"], "keys look like section.key"),
         (["train.lr"], "expected section.key=value"),
+        (["model.backbone=mobilenetv3_small_100"], 'model.backbone: expected "" (the variant\'s own'),
+        (["model.backbone='timm:'"], 'model.backbone: expected "" (the variant\'s own'),
+        (["model.pretrained=true"], "model.pretrained: pretrained trunk weights come with a timm backbone"),
+        (["model.backbone_weights=w.pth"], "model.backbone_weights: pretrained trunk weights come with"),
+        (["model.backbone=timm:lcnet_050", "model.width=0.5"], "model.width: multiplies rtrain's own trunks"),
+        (["model.backbone=timm:lcnet_050", "model.depth=2"], "model.depth: multiplies rtrain's own trunks"),
     ],
 )
 def test_bad_values_give_one_line_errors(overrides, message):
@@ -56,6 +62,13 @@ def test_bad_values_give_one_line_errors(overrides, message):
     text = str(info.value)
     assert message in text
     assert "\n" not in text
+
+
+def test_a_timm_backbone_reads_from_yaml_as_a_string(tmp_path):
+    path = tmp_path / "timm.yaml"
+    path.write_text("model:\n  backbone: timm:mobilenetv3_small_100\n  pretrained: true\n")
+    m = load_config(path).model
+    assert (m.backbone, m.pretrained, m.backbone_weights) == ("timm:mobilenetv3_small_100", True, "")
 
 
 def test_errors_name_the_file(tmp_path):

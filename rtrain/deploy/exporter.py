@@ -4,7 +4,8 @@
     report["file"], report["sidecar"], report["parity"]["detections_match"]
 
 The exported graph takes float32 [B, 3, S, S] RGB in 0..1 (ImageNet normalisation is inside)
-and returns cls_logits [B, N, C] and box_dist [B, N, 4(R+1)]. A JSON sidecar `<file>.json`
+and returns cls_logits [B, N, C] and box_dist [B, N, 4(R+1)]; a timm trunk exports the same way
+(its own mean/std inside). A JSON sidecar `<file>.json`
 holds what a user needs without rtrain: class names, input size, strides, reg_max, the
 letterbox and normalisation conventions, default thresholds. `rtrain.deploy.inference` reads it.
 
@@ -76,6 +77,10 @@ def export_model(model: torch.nn.Module, fmt: str, size: int, dynamic_batch: boo
                 torch.jit.save(traced, str(tmp))
 
 
+def _rgb(values: torch.Tensor) -> tuple[float, ...]:
+    return tuple(round(float(v), 6) for v in values.flatten())
+
+
 def sidecar(loaded, fmt: str, size: int, dynamic_batch: bool, out: Path) -> dict:
     """The metadata JSON that makes the exported file usable alone (see rtrain.deploy.inference)."""
     model, cfg = loaded.model, loaded.config
@@ -95,8 +100,9 @@ def sidecar(loaded, fmt: str, size: int, dynamic_batch: bool, out: Path) -> dict
             "shape": ["batch" if dynamic_batch else 1, 3, size, size],
             "dtype": "float32",
             "layout": "NCHW, RGB, values 0..1 (pixel / 255)",
-            "normalisation": "ImageNet mean (0.485, 0.456, 0.406) / std (0.229, 0.224, 0.225) is applied "
-                             "inside the model: do not normalise again",
+            "normalisation": f"mean {_rgb(model.mean)} / std {_rgb(model.std)} (the backbone's: ImageNet's "
+                             "unless a timm trunk says otherwise) is applied inside the model: do not "
+                             "normalise again",
             "letterbox": f"resize so the longer side is {size} (aspect kept, bilinear), centre on a "
                          f"{size}x{size} canvas of gray {inference.PAD_VALUE}; "
                          "input_px = image_px * scale + pad",

@@ -1,4 +1,5 @@
-"""python -m rtrain.models [--layers VARIANT | --trunk VARIANT]: variant table, layer list or trunk convs."""
+"""python -m rtrain.models [--layers VARIANT | --trunk VARIANT] [--backbone timm:NAME]: variant table,
+layer list or trunk convs (--backbone: with a timm trunk instead of the variant's own; needs timm)."""
 
 from __future__ import annotations
 
@@ -28,15 +29,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--size", type=int, default=320, help="input size for --layers (default 320)")
     parser.add_argument("--num-classes", type=int, default=80, help="number of classes (default 80)")
+    parser.add_argument("--backbone", metavar="timm:NAME", default=None,
+                        help="with --layers/--trunk: a timm trunk (random init) instead of the variant's own")
     args = parser.parse_args(argv)
     name = args.layers or args.trunk
     if name is not None and name not in list_variants():
         raise RtrainError(f"unknown variant {name!r}; known: {', '.join(list_variants())}")
+    if args.backbone is not None and (name is None or not args.backbone.startswith("timm:")):
+        raise RtrainError("--backbone: expected timm:NAME, with --layers or --trunk")
     if args.layers:
-        print(f"{name} layers at {args.size}x{args.size}, output shapes [B, C, H, W]:")
-        print(format_layers(layer_table(build_model(name, args.num_classes), args.size)))
+        model = build_model(name, args.num_classes, backbone=args.backbone)
+        what = f"{name} with {args.backbone}" if args.backbone else name
+        print(f"{what} layers at {args.size}x{args.size}, output shapes [B, C, H, W]:")
+        print(format_layers(layer_table(model, args.size)))
     elif args.trunk:
-        model = build_model(name, args.num_classes)
+        model = build_model(name, args.num_classes, backbone=args.backbone)
         taps = dict(zip(model.strides, model.backbone.out_channels, strict=True))
         print(f"{name} backbone convs; outputs {{stride: channels}} = {taps}:")
         print(format_trunk(trunk_convs(model.backbone)))

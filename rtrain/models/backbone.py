@@ -7,6 +7,9 @@ A backbone is a stem conv then stages; each stage is one table row
 `[B, out_channels[i], ceil(H / strides[i]), ceil(W / strides[i])]`, in increasing stride order.
 Width multiplies every channel count (via `make_divisible`), depth every `repeats` (via
 `scale_depth`); nothing else in a table changes with them.
+
+Any module with `strides`, `out_channels` and that forward contract is a backbone: "timm:<name>"
+builds a timm model's trunk the same way (rtrain.models.timm_backbone; timm is optional).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import torch
 from torch import nn
 
 from .blocks import ConvBNAct, make_block, make_divisible, scale_depth
+from .timm_backbone import PREFIX as TIMM_PREFIX
+from .timm_backbone import TimmBackbone
 
 
 @dataclass(frozen=True)
@@ -143,8 +148,20 @@ class Backbone(nn.Module):
         return feats
 
 
-def build_backbone(name: str, width: float = 1.0, depth: float = 1.0) -> Backbone:
-    """Backbone by family name: "seed", "mv2" or "compact"."""
+def build_backbone(name: str, width: float = 1.0, depth: float = 1.0, *, pretrained: bool = False,
+                   weights: str = "") -> nn.Module:
+    """Backbone by family name: "seed", "mv2" or "compact", or "timm:<model>" (rtrain.models.timm_backbone).
+
+    `pretrained` / `weights` (a local file) apply to timm trunks only; width and depth to rtrain's own.
+    """
+    if name.startswith(TIMM_PREFIX):
+        if width != 1.0 or depth != 1.0:
+            raise ValueError(f"width {width} / depth {depth}: a timm backbone's size is in its name "
+                             "(e.g. mobilenetv3_small_050); leave width and depth unset")
+        return TimmBackbone(name[len(TIMM_PREFIX):], pretrained=pretrained, weights=weights)
+    if pretrained or weights:
+        raise ValueError(f"backbone {name!r} has no pretrained weights: they come with timm backbones "
+                         "(model.backbone: timm:<name>)")
     if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; known: {sorted(BACKBONES)}")
+        raise ValueError(f"unknown backbone {name!r}; known: {sorted(BACKBONES)} or timm:<name>")
     return Backbone(BACKBONES[name], width=width, depth=depth)

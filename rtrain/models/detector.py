@@ -1,6 +1,8 @@
-"""The detector: ImageNet normalisation -> backbone -> neck -> head, plus loss and decoding.
+"""The detector: input normalisation -> backbone -> neck -> head, plus loss and decoding.
 
-Images are float32 `[B, 3, H, W]`, RGB in 0..1, H and W multiples of 32. `forward_raw` is the
+Images are float32 `[B, 3, H, W]`, RGB in 0..1, H and W multiples of 32. They are normalised
+inside the model with the ImageNet mean/std, or a backbone's own `input_mean` / `input_std`
+when it has them (a timm trunk: its pretrained_cfg's, rtrain.models.timm_backbone). `forward_raw` is the
 pure network (exportable; no NMS); `forward` returns a loss dict in training mode and
 detections in eval mode (torchvision's detection contract).
 """
@@ -34,7 +36,7 @@ class DetectorSpec:
     """Everything that rebuilds a variant's architecture (saved with weights)."""
 
     variant: str
-    backbone: str
+    backbone: str  # a family of rtrain.models.backbone, or "timm:<name>"
     num_classes: int
     width: float
     depth: float
@@ -56,15 +58,17 @@ def _make_loss(num_classes: int, reg_max: int) -> nn.Module | None:
 class Detector(nn.Module):
     """Anchor-free separable-conv detector; attributes `num_classes`, `reg_max`, `strides`, `loss_fn`."""
 
-    def __init__(self, spec: DetectorSpec, backbone: Backbone, neck: PAN, head: Head):
+    def __init__(self, spec: DetectorSpec, backbone: Backbone | nn.Module, neck: PAN, head: Head):
         super().__init__()
         self.spec = spec
         self.num_classes = spec.num_classes
         self.reg_max = spec.reg_max
         self.strides = tuple(backbone.strides)
         self.backbone, self.neck, self.head = backbone, neck, head
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        mean = getattr(backbone, "input_mean", IMAGENET_MEAN)  # what pretrained trunk weights expect
+        std = getattr(backbone, "input_std", IMAGENET_STD)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.loss_fn = _make_loss(spec.num_classes, spec.reg_max)
         self._points_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -1,8 +1,10 @@
 """Variant registry: one keyword-only builder per variant, registered by a decorator that refuses duplicates.
 
 Builders have the signature
-`(*, num_classes, width=None, depth=None, neck_channels=None, head_convs=None, reg_max=7) -> Detector`,
-where `None` means the variant's default.
+`(*, num_classes, width=None, depth=None, neck_channels=None, head_convs=None, reg_max=7,
+backbone=None, pretrained=False, backbone_weights="") -> Detector`, where `None` means the
+variant's default; `backbone="timm:<name>"` swaps in a timm trunk (rtrain.models.timm_backbone),
+whose starting weights are timm's (`pretrained`) or a local file's (`backbone_weights`).
 """
 
 from __future__ import annotations
@@ -42,8 +44,14 @@ def build_model(
     neck_channels: int | None = None,
     head_convs: int | None = None,
     reg_max: int = 7,
+    backbone: str | None = None,
+    pretrained: bool = False,
+    backbone_weights: str = "",
 ) -> nn.Module:
-    """Build variant `name` for `num_classes` classes; `None` keeps the variant's default."""
+    """Build variant `name` for `num_classes` classes; `None` keeps the variant's default.
+
+    Raises ValueError (BackboneError for a timm trunk: unknown name, timm missing, weights that
+    do not fit) with one line."""
     if name not in _BUILDERS:
         raise ValueError(f"unknown model variant {name!r}; known: {', '.join(list_variants())}")
     if num_classes < 1:
@@ -57,4 +65,7 @@ def build_model(
         neck_channels=neck_channels,
         head_convs=head_convs,
         reg_max=reg_max,
+        backbone=backbone or None,
+        pretrained=pretrained,
+        backbone_weights=str(backbone_weights or ""),
     )

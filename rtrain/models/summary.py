@@ -28,7 +28,8 @@ def variant_table(num_classes: int = 80, sizes: tuple[int, ...] = (320, 640)) ->
 def capture_layers(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
     """Named intermediate outputs of `model.forward_raw(images)`, in execution order.
 
-    Names: `backbone.stem`, `backbone.stage{i}`, `neck.p{stride}`, `head.tower{j}.p{stride}`,
+    Names: `backbone.stem`, `backbone.stage{i}` (a timm trunk: `backbone.p{stride}`, its output
+    maps), `neck.p{stride}`, `head.tower{j}.p{stride}`,
     `head.cls.p{stride}` / `head.box.p{stride}` (the per-level maps before flattening).
     Used by the layer table and by feature-map pictures.
     """
@@ -52,9 +53,16 @@ def capture_layers(model: nn.Module, images: torch.Tensor) -> dict[str, torch.Te
         for s, y in zip(strides, ys, strict=True):
             out[f"neck.p{s}"] = y.detach()
 
-    hooks.append(model.backbone.stem.register_forward_hook(keep("backbone.stem")))
-    for i, stage in enumerate(model.backbone.stages):
-        hooks.append(stage.register_forward_hook(keep(f"backbone.stage{i}")))
+    def keep_trunk_levels(_m, _i, ys):
+        for s, y in zip(strides, ys, strict=True):
+            out[f"backbone.p{s}"] = y.detach()
+
+    if hasattr(model.backbone, "stages"):  # rtrain's stage-table trunks
+        hooks.append(model.backbone.stem.register_forward_hook(keep("backbone.stem")))
+        for i, stage in enumerate(model.backbone.stages):
+            hooks.append(stage.register_forward_hook(keep(f"backbone.stage{i}")))
+    else:  # a timm trunk: its output maps
+        hooks.append(model.backbone.register_forward_hook(keep_trunk_levels))
     hooks.append(model.neck.register_forward_hook(keep_levels))
     for j, conv in enumerate(model.head.tower):
         hooks.append(conv.register_forward_hook(keep_per_level(f"head.tower{j}")))

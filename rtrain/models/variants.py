@@ -12,6 +12,9 @@
 compact_s was sized with benchmarks/model_speed.py against SSDLite-MobileNetV3 at 320 px (the
 README's Figures table has the current numbers); a thinner width 0.75 / neck 80 was faster still
 but too thin (0.36M parameters) for COCO-like data.
+
+Any variant takes `backbone="timm:<name>"` instead of its own trunk (a timm model's features at
+strides 8/16/32, rtrain.models.timm_backbone); it keeps the variant's neck and head sizes.
 """
 
 from __future__ import annotations
@@ -25,9 +28,13 @@ from .registry import register_variant
 NECK_ACT = "lrelu"
 
 
-def assemble(spec: DetectorSpec) -> Detector:
-    """Backbone -> PAN (reads the backbone's out_channels) -> shared head, from a spec."""
-    backbone = build_backbone(spec.backbone, width=spec.width, depth=spec.depth)
+def assemble(spec: DetectorSpec, *, pretrained: bool = False, backbone_weights: str = "") -> Detector:
+    """Backbone -> PAN (reads the backbone's out_channels) -> shared head, from a spec.
+
+    `pretrained` / `backbone_weights`: where a timm trunk's starting weights come from (not part of
+    the spec: weights loaded afterwards, e.g. a run's best.pt, make them irrelevant)."""
+    backbone = build_backbone(spec.backbone, width=spec.width, depth=spec.depth, pretrained=pretrained,
+                              weights=backbone_weights)
     neck = PAN(backbone.out_channels, spec.neck_channels, act=NECK_ACT)
     head = Head(
         spec.neck_channels,
@@ -52,9 +59,14 @@ DEFAULTS: dict[str, tuple[str, float, float, int, int]] = {
 
 
 def _make(variant, num_classes, reg_max, *, width=None, depth=None, neck_channels=None,
-          head_convs=None) -> Detector:
-    """The variant's defaults, overridden by every argument that is not None."""
+          head_convs=None, backbone=None, pretrained=False, backbone_weights="") -> Detector:
+    """The variant's defaults, overridden by every argument that is not None.
+
+    `backbone` ("timm:<name>") replaces the variant's trunk; the variant then gives only the neck
+    and head sizes, and width / depth (rtrain trunks' multipliers) must stay None."""
     family, d_width, d_depth, d_neck, d_head = DEFAULTS[variant]
+    if backbone:
+        family, d_width, d_depth = backbone, 1.0, 1.0
     pick = lambda value, default: default if value is None else value  # noqa: E731
     spec = DetectorSpec(
         variant=variant,
@@ -66,7 +78,7 @@ def _make(variant, num_classes, reg_max, *, width=None, depth=None, neck_channel
         head_convs=int(pick(head_convs, d_head)),
         reg_max=reg_max,
     )
-    return assemble(spec)
+    return assemble(spec, pretrained=pretrained, backbone_weights=backbone_weights)
 
 
 # variant: its one-line description (the builder's docstring).
@@ -84,9 +96,10 @@ DESCRIPTIONS = {
 def _builder(variant: str):
     """The registry's keyword-only builder for `variant` (see rtrain.models.registry)."""
 
-    def build(*, num_classes: int, reg_max: int = 7, **sizes: float | int | None) -> Detector:
-        # sizes: width, depth, neck_channels, head_convs (None = the variant's default)
-        return _make(variant, num_classes, reg_max, **sizes)
+    def build(*, num_classes: int, reg_max: int = 7, **options) -> Detector:
+        # options: width, depth, neck_channels, head_convs (None = the variant's default), backbone,
+        # pretrained, backbone_weights (see rtrain.models.registry.build_model)
+        return _make(variant, num_classes, reg_max, **options)
 
     build.__name__ = build.__qualname__ = variant
     build.__doc__ = DESCRIPTIONS[variant]

@@ -393,12 +393,22 @@ def _first_difference(a, b, prefix: str) -> tuple[str, object, object] | None:
     return None if a == b else (prefix, a, b)
 
 
-# Config keys that are not part of the architecture: a run may resume whatever they say.
-NOT_ARCHITECTURE = frozenset({"model.init"})
+# Config keys that are not part of the architecture: a run may resume whatever they say (the
+# starting weights of a fine-tuned run or of a timm trunk: its checkpoint holds every weight).
+NOT_ARCHITECTURE = frozenset({"model.init", "model.pretrained", "model.backbone_weights"})
 
 
 def _without(section: str, values: Mapping) -> dict:
     return {k: v for k, v in dict(values).items() if f"{section}.{k}" not in NOT_ARCHITECTURE}
+
+
+def _with_defaults(section: str, values: Mapping) -> dict:
+    """A section with its absent keys at their defaults (an older checkpoint has no model.backbone,
+    and means the default: the variant's own trunk)."""
+    from rtrain.config import Config, config_to_dict
+
+    defaults = config_to_dict(Config()).get(section)
+    return {**defaults, **values} if isinstance(defaults, Mapping) else dict(values)
 
 
 def check_compatible(
@@ -430,7 +440,8 @@ def check_compatible(
     for section in sections:
         old_values, new_values = old_cfg.get(section, {}), config.get(section, {})
         if isinstance(old_values, Mapping) and isinstance(new_values, Mapping):
-            old_values, new_values = _without(section, old_values), _without(section, new_values)
+            old_values = _without(section, _with_defaults(section, old_values))
+            new_values = _without(section, _with_defaults(section, new_values))
         diff = _first_difference(old_values, new_values, section)
         if diff:
             key, old, new = diff

@@ -5,9 +5,10 @@
     written = visualize(det, "cell.jpg", out_dir="maps", layers=None, channels=16)
 
 Layer names are those of `rtrain.models.summary.capture_layers` (and `python -m rtrain.models
---layers VARIANT`): `backbone.stem`, `backbone.stage{i}`, `neck.p{stride}`, `head.tower{j}.p{stride}`,
-`head.cls.p{stride}`, `head.box.p{stride}`. The image is letterboxed to the model's input size
-exactly as validation does (`rtrain.data.augment.letterbox`), so the maps are what evaluation sees.
+--layers VARIANT`): `backbone.stem`, `backbone.stage{i}` (a timm trunk: `backbone.p{stride}`),
+`neck.p{stride}`, `head.tower{j}.p{stride}`, `head.cls.p{stride}`, `head.box.p{stride}`. The image
+is letterboxed to the model's input size exactly as validation does (`rtrain.data.augment.letterbox`),
+so the maps are what evaluation sees.
 
 Per layer one PNG: a grid of the `channels` most active channels (by mean activation over the
 map), each min-max normalised on its own, captioned with the channel index; the layer name,
@@ -107,7 +108,8 @@ def prepare_input(image: np.ndarray, size: int) -> tuple[torch.Tensor, Sample]:
 
 def default_layers(names: list[str]) -> list[str]:
     """One early, one middle and one deep layer: the first, middle and last backbone stages."""
-    stages = [n for n in names if n.startswith("backbone.stage")]
+    stages = ([n for n in names if n.startswith("backbone.stage")]
+              or [n for n in names if n.startswith("backbone.p")])  # a timm trunk's output maps
     if not stages:
         return names[:1]
     picks = [stages[0], stages[len(stages) // 2], stages[-1]]

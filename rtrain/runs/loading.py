@@ -82,11 +82,19 @@ def _mismatch(model_sd: dict, saved_sd: dict) -> str | None:
     return "; ".join(parts) or None
 
 
-def build_detector(cfg: Config, num_classes: int) -> torch.nn.Module:
-    """The Detector the config's model section describes (ValueError if the variant is unknown)."""
+def build_detector(cfg: Config, num_classes: int, *, pretrained: bool = False) -> torch.nn.Module:
+    """The Detector the config's model section describes (ValueError if the variant or a timm
+    backbone is unknown, BackboneError for timm's own faults).
+
+    `pretrained`: give a timm trunk the starting weights `model.pretrained` / `model.backbone_weights`
+    name (a new run). False (the default) when weights are loaded into the model next (evaluate,
+    predict, export, resume, fine-tuning): nothing is downloaded and no weights file is read then.
+    """
     m = cfg.model
     return build_model(m.name, num_classes, width=m.width, depth=m.depth, neck_channels=m.neck_channels,
-                       head_convs=m.head_convs, reg_max=m.reg_max)
+                       head_convs=m.head_convs, reg_max=m.reg_max, backbone=m.backbone or None,
+                       pretrained=pretrained and m.pretrained,
+                       backbone_weights=m.backbone_weights if pretrained else "")
 
 
 def build_from_config(cfg: Config, num_classes: int, path: Path | str = "weights") -> torch.nn.Module:
@@ -115,7 +123,8 @@ def load_model_weights(model: torch.nn.Module, state_dict: dict, source: str | o
             why = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))[:160]
     if cfg is not None:
         m = cfg.model
-        what = (f"the model their config names ({m.name}, width={m.width}, depth={m.depth}, "
+        trunk = f", backbone={m.backbone}" if m.backbone else ""
+        what = (f"the model their config names ({m.name}{trunk}, width={m.width}, depth={m.depth}, "
                 f"neck_channels={m.neck_channels}, head_convs={m.head_convs}, reg_max={m.reg_max}, "
                 f"{_num_classes(model)} classes)")
     else:

@@ -335,6 +335,18 @@ def check_resume(cfg: Config, out_dir: Path | str, class_names: list[str]) -> Pa
     return latest
 
 
+def check_model(cfg: Config, num_classes: int, pretrained: bool) -> None:
+    """Before Ray starts: the config's model builds, with a timm trunk's starting weights when
+    `pretrained` (timm installed, the name known, the weights downloadable or the file fitting);
+    FitError with one line otherwise."""
+    from rtrain.runs.loading import build_detector
+
+    try:
+        build_detector(cfg, num_classes, pretrained=pretrained)
+    except ValueError as exc:  # BackboneError (an RtrainError) already names its key
+        raise FitError(str(exc) if isinstance(exc, RtrainError) else f"model: {exc}") from None
+
+
 def check_init(cfg: Config, class_names: list[str]) -> None:
     """Before Ray starts: `model.init` must be weights this model can start from (FitError otherwise;
     the workers load them again, `rtrain.runs.loading.init_from_weights`)."""
@@ -579,13 +591,15 @@ def fit(
     check_location(cfg.data.train, "data.train")  # a local folder or a bucket prefix
     check_location(cfg.data.val, "data.val")
     check_location(cfg.model.init, "model.init")
+    local_only(cfg.model.backbone_weights, "model.backbone_weights")  # timm reads a local file
     if store.is_bucket(storage_path) and cfg.run.loggers:
         raise FitError(f"run.loggers {cfg.run.loggers}: not supported with storage in a bucket yet "
                        f"({storage_path}); they write local files")
     # Absolute shard paths: Ray workers (and a later --resume) may run from another directory.
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, train=_absolute(cfg.data.train), val=_absolute(cfg.data.val)),
-        model=dataclasses.replace(cfg.model, init=_absolute(cfg.model.init)))
+        model=dataclasses.replace(cfg.model, init=_absolute(cfg.model.init),
+                                  backbone_weights=_absolute(cfg.model.backbone_weights)))
     out_dir = store.child(storage_path, name)
     # one writer per run name, checked before anything is written and before Ray
     with run_lock.hold(out_dir, what="run", error=FitError):
@@ -606,6 +620,7 @@ def _fit_locked(cfg: Config, name: str, storage_path: Path | str, out_dir: Path 
         forced = forced_nonfinite_steps(os.environ)  # a test hook (rtrain.training.guard)
     except ValueError as exc:
         raise FitError(str(exc)) from None
+    check_model(cfg, len(classes), pretrained=not resume and not cfg.model.init)
     latest = None
     if resume:
         latest = check_resume(cfg, out_dir, [c["name"] for c in classes])

@@ -239,7 +239,9 @@ def train_loop(loop_config: dict) -> None:
     np.random.seed(cfg.train.seed + rank)
 
     state, source = _resume_state(ray.train.get_checkpoint(), out_dir, device)
-    model = build_detector(cfg, len(class_names))
+    # A timm trunk's starting weights (model.pretrained / backbone_weights) only for a new run that
+    # does not fine-tune: a checkpoint or model.init overwrites them anyway.
+    model = build_detector(cfg, len(class_names), pretrained=state is None and not cfg.model.init)
     if cfg.model.init and state is None:  # fine-tuning; a resumed run's checkpoint holds every weight
         init_from_weights(model, cfg.model.init, class_names, log=rank == 0)
     model = model.to(device)

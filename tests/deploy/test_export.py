@@ -46,6 +46,19 @@ def test_every_variant_exports_with_parity(variant, fmt, images, tmp_path):
     assert "inside the model" in meta["input"]["normalisation"]
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_timm_trunk_exports_with_parity(fmt, images, tmp_path):
+    pytest.importorskip("timm")
+    weights = make_weights(tmp_path / "best.pt", backbone="timm:mobilenetv3_small_050", img_size=SIZE)
+    report = export_weights(weights, fmt, size=SIZE, dynamic_batch=False, check_images=images)
+    parity = report["parity"]
+    assert parity["detections_match"], parity["first_difference"]
+    assert min(parity["detections_torch"]) > 0
+    meta = json.loads((tmp_path / f"best.{fmt}.json").read_text())
+    assert meta["strides"] == [8, 16, 32]
+    assert meta["input"]["normalisation"].startswith("mean (0.485, 0.456, 0.406) / std (0.229, 0.224, 0.225)")
+
+
 def test_exported_file_is_usable_alone_and_agrees_with_predict(images, tmp_path):
     weights = make_weights(tmp_path / "run" / "best.pt", img_size=SIZE)
     assert main(["--weights", str(weights), "--format", "onnx", "--dynamic-batch",
