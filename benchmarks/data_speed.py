@@ -5,8 +5,10 @@ Both sides do the same work per image: decode a 640x480 BCCD JPEG, apply the sam
 dict (`rtrain.data.batches.collate`). Ray: Parquet shards (written by `python -m data_prep.shard` in a
 temp dir) -> the train stream `rtrain.fit` uses (`rtrain.data.epoch_stream`, N decode tasks, one
 execution over all epochs) -> `iter_torch_batches`. DataLoader: a map-style Dataset over the
-JPEG files + VOC XML, `num_workers` = N persistent workers, shuffled. The first epoch of each
-is a warm-up (process start, imports); the figure is over the following epochs. Also printed:
+JPEG files + VOC XML, `num_workers` = N persistent workers, shuffled; it runs before and after
+the Ray side and its figure is over both, so a change of machine load between them does not
+read as a ratio. The first epoch of each run is a warm-up (process start, imports); the figure
+is over the following epochs. Also printed:
 img/s per decode process against one core's decode-only limit (`torchvision.io.decode_jpeg`).
 
     python benchmarks/data_speed.py --actors 2 --epochs 4 --img-size 320
@@ -186,7 +188,9 @@ def main() -> None:
         make_shards(shards, rows_per_shard=64)
         print(f"shards: {len(list(shards.glob('*.parquet')))} files in {time.perf_counter() - t:.1f} s")
         decode_limit = decode_only_img_s(shards)
-        dl = run_dataloader(args, aug)
+        # The DataLoader runs before and after Ray, and its figure is the mean of both: on a shared
+        # machine a change of load between two back-to-back runs would otherwise read as a ratio.
+        dl_before = run_dataloader(args, aug)
         ray.init(
             address="local",  # its own cluster, even where another is running
             num_cpus=4,
@@ -199,17 +203,21 @@ def main() -> None:
             rt = run_ray(shards, args, aug)
         finally:
             ray.shutdown()
+        dl_after = run_dataloader(args, aug)
+    dl = dl_before + dl_after[1:]
 
-    rows = [("ray data train stream (shards)", rt, _rate(rt)), ("torch DataLoader (jpegs)", dl, _rate(dl))]
+    rows = [("ray data train stream (shards)", rt, _rate(rt)),
+            ("torch DataLoader (jpegs), before", dl_before, _rate(dl_before)),
+            ("torch DataLoader (jpegs), after", dl_after, _rate(dl_after))]
     print(
         f"\nload average at end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
         f"{args.actors} processes per side, img_size {args.img_size}, batch {args.batch_size}"
     )
-    print(f"{'path':<32}{'epoch s (each)':<34}{'img/s (after warm-up)':>22}")
+    print(f"{'path':<36}{'epoch s (each)':<34}{'img/s (after warm-up)':>22}")
     for name, times, rate in rows:
         each = " ".join(f"{t:.1f}" for t, _ in times)
-        print(f"{name:<32}{each:<34}{rate:>22.1f}")
-    ray_rate, dl_rate = rows[0][2], rows[1][2]
+        print(f"{name:<36}{each:<34}{rate:>22.1f}")
+    ray_rate, dl_rate = rows[0][2], _rate(dl)
     per_cpu = ray_rate / args.actors
     print(f"ray img/s per decode process {per_cpu:.1f}; decode-only limit of one core "
           f"(torchvision.io.decode_jpeg, stored 640 px JPEGs) {decode_limit:.1f} img/s "
@@ -217,10 +225,11 @@ def main() -> None:
     figures = {
         "ray_img_s": round(ray_rate, 1),
         "dataloader_img_s": round(dl_rate, 1),
+        "dataloader_img_s_before_after": [round(rows[1][2], 1), round(rows[2][2], 1)],
         "ratio": round(ray_rate / dl_rate, 3),
         "ray_img_s_per_decode_cpu": round(per_cpu, 1),
         "decode_only_img_s_one_core": round(decode_limit, 1),
-        "first_epoch_s": {"ray": round(rt[0][0], 1), "dataloader": round(dl[0][0], 1)},
+        "first_epoch_s": {"ray": round(rt[0][0], 1), "dataloader": round(dl_before[0][0], 1)},
         "processes": args.actors,
         "img_size": args.img_size,
         "images_per_epoch": dl[-1][1],
