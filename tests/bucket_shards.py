@@ -32,6 +32,12 @@ def shard_to(source: Path, out: str | Path, *extra: str) -> str | Path:
     return out
 
 
+def local_and_bucket_sets(bucket: str, tmp_path: Path, split: str) -> tuple[Path, str]:
+    """The same synthetic source sharded to `tmp_path/split` and to `bucket/shards/split`."""
+    source = synthetic_coco(tmp_path / "syn")
+    return shard_to(source, tmp_path / split), shard_to(source, f"{bucket}/shards/{split}")
+
+
 def all_files(root: str | Path) -> dict[str, bytes]:
     """Every file under a shard folder or bucket prefix (two levels: the shards and _stats/), by
     relative name."""

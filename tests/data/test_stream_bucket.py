@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bucket_shards import shard_to, synthetic_coco
+from bucket_shards import local_and_bucket_sets
 
 from data_prep import locations
 from rtrain.data.augment import AugmentParams
@@ -15,8 +15,7 @@ from rtrain.data.epoch_stream import StreamPlan, emit_items, read_window
 
 @pytest.fixture
 def sets(s3_bucket, tmp_path):
-    source = synthetic_coco(tmp_path / "syn")
-    return shard_to(source, tmp_path / "train"), shard_to(source, f"{s3_bucket}/shards/train")
+    return local_and_bucket_sets(s3_bucket, tmp_path, "train")
 
 
 def test_the_stream_plan_and_its_windows_from_a_bucket_equal_the_local_ones(sets):

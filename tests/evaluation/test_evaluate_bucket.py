@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from bucket_shards import shard_to, synthetic_coco
+from bucket_shards import local_and_bucket_sets
 from inference_fixtures import cli_error, make_weights, one_thread
 
 from data_prep import locations
@@ -25,8 +25,7 @@ def _one_thread():
 
 @pytest.fixture
 def sets(s3_bucket, tmp_path):
-    source = synthetic_coco(tmp_path / "syn")
-    return shard_to(source, tmp_path / "val"), shard_to(source, f"{s3_bucket}/shards/val")
+    return local_and_bucket_sets(s3_bucket, tmp_path, "val")
 
 
 def test_ground_truth_and_val_batches_from_a_bucket_equal_the_local_ones(sets):
