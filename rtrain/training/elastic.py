@@ -26,8 +26,8 @@ are per worker, so they see larger batches at fewer workers.
 
 The stream (`rtrain.data.epoch_stream`) is cut for every size in MIN..MAX, and Ray Train splits it
 for the group it actually starts. A mid-epoch checkpoint taken at one size continues at another
-at the same step when the rest of the epoch splits into whole blocks for the new group
-(`resume_skip`); otherwise that epoch is trained from its first batch again. Each metrics row
+at the same step (`resume_skip`): the steps done consumed whole stream blocks at any pause point,
+so the same blocks are skipped and the epoch keeps its step count. Each metrics row
 records `world_size` and `global_batch`; a row is written once per epoch, whatever restarts.
 """
 
@@ -56,10 +56,13 @@ def resume_skip(steps_done: int, then: tuple[int, int], now: tuple[int, int], ba
 
     `steps_done` steps were taken with `then` = (per-worker batch, workers); the group is now `now`.
     Same shape: the blocks those steps consumed (`epoch_stream.resume_skip_blocks`). Another shape
-    with the same global batch: the same rows were consumed (steps x global batch), so the same
-    blocks are skipped, provided the rest of the epoch gives every new worker whole blocks (then
-    under `data.deterministic` the blocks are dealt evenly and each epoch starts at worker 0).
-    Another global batch: None (the step count would mean other rows).
+    with the same global batch: the same rows were consumed (steps x global batch; whole blocks at
+    every pause point), so the same blocks are skipped and every new worker takes the epoch's
+    remaining steps. A new worker's share of that rest may end inside a block (1 block left, 2
+    workers of half a block each): the epoch's rows are still each trained once, but from then on a
+    worker's epoch may start up to a block off the stream's epoch edge (no row is lost or repeated;
+    a `data.deterministic` run stays a function of where it was resized). Another global batch:
+    None (the step count would mean other rows).
     """
     from rtrain.data.epoch_stream import resume_skip_blocks
 
@@ -68,7 +71,7 @@ def resume_skip(steps_done: int, then: tuple[int, int], now: tuple[int, int], ba
         return resume_skip_blocks(steps_done, b1, w1, batch_rows)
     if b0 * w0 != b1 * w1:
         return None
-    done_rows, left_per_worker = steps_done * b0 * w0, (steps_per_epoch - steps_done) * b1
-    if done_rows % batch_rows or left_per_worker % batch_rows or steps_done >= steps_per_epoch:
+    done_rows = steps_done * b0 * w0
+    if done_rows % batch_rows or steps_done >= steps_per_epoch:
         return None
     return done_rows // batch_rows

@@ -24,8 +24,8 @@ for it (a row is one whole epoch: after a resume at k, the row of epoch e averag
 steps only, and says `resumed_at_step` k). A resume continues with step k of epoch e on the
 batches the uninterrupted run would have had (`rtrain.data.epoch_stream` skips the first blocks);
 after an elastic resize (same global batch, another worker count, `rtrain.training.elastic`) at
-step k too where the rest of the epoch splits into whole blocks for the new group; otherwise,
-and with another global batch, it replays epoch e from its start, with a warning.
+step k too, on the epoch's remaining rows; with another global batch it replays epoch e from its
+start, with a warning.
 
 Elastic runs (`run.workers`/`run.gpus` "MIN:MAX"): each worker's batch is the fixed global batch
 divided by the world size of this (re)start (`rtrain.training.elastic.per_worker_batch`).

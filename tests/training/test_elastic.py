@@ -97,9 +97,27 @@ def test_a_mid_epoch_checkpoint_continues_at_its_step_in_a_group_of_another_size
     assert sorted(trained) == sorted(i for block in whole for i in block)  # the epoch's rows, each once
 
 
-def test_a_mid_epoch_checkpoint_is_replayed_when_the_new_group_cannot_continue_it():
+def test_a_new_workers_share_may_end_inside_a_block_and_no_row_is_lost_or_repeated(shards):
+    # blocks of 8 rows, global batch 8: one worker takes a block a step, each of two half a block
+    plan = StreamPlan.from_shards(shards, batch_rows=8, world_size=2, min_world_size=1, seed=3,
+                                  window_rows=16)
+    spe = plan.rows_per_epoch // 8  # 6
+    epoch1, epoch2 = _blocks(plan, (1, 0)), _blocks(plan, (2, 0))
+    skip = resume_skip(1, (8, 1), (4, 2), batch_rows=8, steps_per_epoch=spe)  # 1 step at 1 worker
+    assert skip == 1  # 5 blocks left for 2 workers: 2.5 each
+    rest = _blocks(plan, (1, skip)) + epoch2  # the stream from the restart to the run's end
+    dealt = [[i for block in rest[rank::2] for i in block] for rank in (0, 1)]
+    need = (spe - 1 + spe) * 4  # the rest of epoch 1 and epoch 2, per worker
+    assert sorted(i for worker in dealt for i in worker) == sorted(i for block in rest for i in block)
+    assert sum(len(w) for w in dealt) == 2 * need  # Ray's equal split evens the last block out
+    assert abs(len(dealt[0]) - len(dealt[1])) == 8  # ... of at most one block between the workers
+    trained = epoch1[0] + dealt[0] + dealt[1]
+    assert sorted(trained) == sorted(i for block in epoch1 + epoch2 for i in block)  # each once
+
+
+def test_a_mid_epoch_checkpoint_is_replayed_only_when_it_cannot_be_continued():
     assert resume_skip(2, (4, 2), (4, 2), batch_rows=4, steps_per_epoch=6) == 4  # same shape: as before
-    assert resume_skip(3, (8, 1), (4, 2), batch_rows=8, steps_per_epoch=6) is None  # 12 rows left: 1.5 blocks
+    assert resume_skip(3, (8, 1), (4, 2), batch_rows=16, steps_per_epoch=6) is None  # 24 rows: 1.5 blocks
     assert resume_skip(2, (4, 2), (4, 1), batch_rows=4, steps_per_epoch=6) is None  # another global batch
     assert resume_skip(6, (4, 2), (8, 1), batch_rows=4, steps_per_epoch=6) is None  # nothing left of it
 
