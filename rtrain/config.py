@@ -1,10 +1,15 @@
 """Typed run configuration: dataclasses, YAML loading, dotted overrides, validation.
 
 A config is five sections (model, data, train, eval, run). It is read from YAML
-with `yaml.safe_load`, then `--set section.key=value` overrides are applied,
-then every value is checked: unknown keys, wrong types and out-of-range values
-raise `ConfigError` with one line naming the key. Number of classes and their
-names are NOT part of a config: they come from the train shards' manifest.
+with `yaml.safe_load` (less YAML 1.1's base-60 numbers, see `ConfigLoader`), then
+`--set section.key=value` overrides are applied, then every value is checked: unknown
+keys, wrong types and out-of-range values raise `ConfigError` with one line naming the
+key. Number of classes and their names are NOT part of a config: they come from the
+train shards' manifest.
+
+Worker counts (`run.workers`, `run.gpus`) are an int, or "MIN:MAX" for an elastic run
+(`worker_range`); an elastic run keeps the global batch `train.batch_size` x MAX fixed
+(`rtrain.training.elastic`), so that batch must split evenly over every count in MIN..MAX.
 
     cfg = load_config("configs/bccd.yaml", ["train.lr=0.01", "model.width=0.5"])
     dump_config(cfg, run_dir / "config.yaml")
@@ -13,7 +18,9 @@ names are NOT part of a config: they come from the train shards' manifest.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +35,37 @@ from rtrain.errors import RtrainError
 
 class ConfigError(RtrainError, ValueError):
     """A config problem, as one line naming the key (and file) at fault."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` without YAML 1.1's base-60 numbers: `workers: 1:2` is the string "1:2".
+
+    PyYAML reads `1:2` as the int 62 and `1:30.5` as 90.5 (sexagesimal, dropped in YAML 1.2),
+    so an elastic `run.workers: 1:2` would silently ask for 62 workers. Every other scalar
+    resolves as with safe_load.
+    """
+
+
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (_INT, _FLOAT)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+# PyYAML's own int and float patterns (yaml/resolver.py) less their sexagesimal alternatives.
+ConfigLoader.add_implicit_resolver(_INT, re.compile(r"""^(?:[-+]?0b[0-1_]+
+    |[-+]?0[0-7_]+
+    |[-+]?(?:0|[1-9][0-9_]*)
+    |[-+]?0x[0-9a-fA-F_]+)$""", re.X), list("-+0123456789"))
+ConfigLoader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:
+    [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    """`yaml.load` with `ConfigLoader` (safe: plain data only)."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (ConfigLoader is a SafeLoader)
 
 
 def _range(lo: float | None = None, hi: float | None = None, choices: tuple | None = None) -> dict:
@@ -118,6 +156,9 @@ class TrainConfig:
         `autobatch_fraction` of the GPU's memory, measured on the real model at the training
         image size (`rtrain.training.autobatch`); 16 on CPU. All workers use the smallest pick; it is
         at most the images one worker sees per epoch, and a fractional Ray GPU counts its share.
+        With an elastic `run.workers`/`run.gpus` "MIN:MAX" it is the per-worker batch at MAX workers:
+        the global batch batch_size x MAX stays fixed and W workers take global / W each ("auto"
+        is refused there).
     lr: the peak LR at `nominal_batch_size`. It is scaled to the global batch (batch_size x
         workers) by the optimiser's rule (`rtrain.training.schedule.scale_lr`): linearly for SGD,
         by the square root of the ratio for AdamW.
@@ -175,9 +216,19 @@ class RunConfig:
     storage: str = "runs"
     keep_last: int = field(default=3, metadata=_range(1, 1000))
     max_failures: int = field(default=2, metadata=_range(-1, 1000))  # -1 = retry forever
-    workers: int = field(default=1, metadata=_range(0, 4096))  # 0 = run the loop in the driver
-    gpus: int = field(default=0, metadata=_range(0, 4096))  # >0: GPU workers (one GPU each)
+    # Worker counts: an int, or "MIN:MAX" for an elastic run (Ray Train's elastic ScalingConfig):
+    # it starts with as many workers as the cluster holds (at least MIN), restarts on fewer from
+    # the last checkpoint when a node is lost, and grows again when the cluster does. The global
+    # batch stays train.batch_size x MAX (rtrain.training.elastic).
+    workers: int | str = field(default=1, metadata=_range(0, 4096))  # 0 = run the loop in the driver
+    gpus: int | str = field(default=0, metadata=_range(0, 4096))  # >0: GPU workers (one GPU each)
     cpus_per_worker: float = field(default=1.0, metadata=_range(0.05, 256))
+    # Heap memory Ray reserves for each worker (GiB; 0 = none). On CPU nodes it is what keeps
+    # Ray (PACK placement, elastic sizing) from putting more workers on a node than its RAM holds.
+    memory_per_worker_gb: float = field(default=0.0, metadata=_range(0.0, 65536.0))
+    # Elastic runs: how often Ray Train checks whether the cluster now holds more workers (it then
+    # restarts the group, larger, from the last checkpoint). Ray's default is 60 s.
+    resize_interval_s: float = field(default=60.0, metadata=_range(1.0, 86_400.0))
     address: str = ""  # "" starts a local Ray; "auto" or host:port joins a cluster
     dashboard: bool = False
     dashboard_host: str = "127.0.0.1"
@@ -315,9 +366,76 @@ def _check_model(m: ModelConfig) -> None:
                           "name (e.g. timm:mobilenetv3_small_050): leave it unset")
 
 
+def parse_worker_count(value: int | str, key: str) -> int | tuple[int, int]:
+    """`run.workers` / `run.gpus` as an int, or (MIN, MAX) for "MIN:MAX"; ConfigError naming `key`."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([^:]*?)\s*:\s*([^:]*?)\s*", value)
+    if match is None:
+        raise ConfigError(f"{key}: expected a whole number or MIN:MAX (e.g. 1:4), got {value!r}")
+    if not all(re.fullmatch("[0-9]+", part) for part in match.groups()):
+        raise ConfigError(f"{key}: {value!r}: MIN and MAX must be whole numbers (e.g. 1:4)")
+    lo, hi = (int(part) for part in match.groups())
+    if lo < 1:
+        raise ConfigError(f"{key}: {value!r}: MIN must be at least 1")
+    if lo > hi:
+        raise ConfigError(f"{key}: {value!r}: MIN {lo} is above MAX {hi}")
+    if hi > 4096:
+        raise ConfigError(f"{key}: {value!r}: MAX {hi} is out of range [1, 4096]")
+    return lo, hi
+
+
+def uses_gpu(run: RunConfig) -> bool:
+    """The run trains on GPU workers (`run.gpus` > 0 or a MIN:MAX range)."""
+    gpus = parse_worker_count(run.gpus, "run.gpus")
+    return isinstance(gpus, tuple) or gpus > 0
+
+
+def worker_range(run: RunConfig) -> tuple[int, int]:
+    """(MIN, MAX) Ray Train workers: from `run.gpus` on GPUs, else `run.workers` (0 runs as 1).
+    A fixed count n is (n, n)."""
+    count = parse_worker_count(run.gpus, "run.gpus") if uses_gpu(run) else parse_worker_count(
+        run.workers, "run.workers")
+    if isinstance(count, tuple):
+        return count
+    return max(1, count), max(1, count)
+
+
+def is_elastic(run: RunConfig) -> bool:
+    """The worker count in use is a MIN:MAX range (even MIN == MAX: Ray waits for workers)."""
+    key = "gpus" if uses_gpu(run) else "workers"
+    return isinstance(parse_worker_count(getattr(run, key), f"run.{key}"), tuple)
+
+
+def _check_elastic(cfg: Config) -> None:
+    """An elastic run: a fixed global batch that every worker count in MIN..MAX splits evenly."""
+    parse_worker_count(cfg.run.workers, "run.workers")  # a malformed one fails even when unused
+    if not is_elastic(cfg.run):
+        return
+    key = "run.gpus" if uses_gpu(cfg.run) else "run.workers"
+    lo, hi = worker_range(cfg.run)
+    batch = cfg.train.batch_size
+    if not isinstance(batch, int):
+        raise ConfigError(f"train.batch_size=auto cannot be used with an elastic {key}={lo}:{hi}: set the "
+                          f"per-worker batch at {hi} workers (the global batch is it x {hi})")
+    total = batch * hi
+    uneven = [w for w in range(lo, hi + 1) if total % w]
+    if uneven:
+        step = math.lcm(*range(lo, hi + 1)) // math.gcd(math.lcm(*range(lo, hi + 1)), hi)
+        fit = -(-batch // step) * step
+        raise ConfigError(f"{key}={lo}:{hi}: the global batch train.batch_size x {hi} = {total} does not "
+                          f"split evenly over {uneven[0]} workers; use a train.batch_size that is a multiple "
+                          f"of {step} (e.g. {fit})")
+    if cfg.run.placement_strategy in ("STRICT_PACK", "STRICT_SPREAD"):
+        raise ConfigError(f"run.placement_strategy={cfg.run.placement_strategy} cannot be used with an "
+                          f"elastic {key}={lo}:{hi}: Ray sizes an elastic group as if packed and would then "
+                          "wait for a placement it cannot make; use PACK or SPREAD")
+
+
 def _check_together(cfg: Config) -> None:
     """Keys that only make sense with others."""
     _check_model(cfg.model)
+    _check_elastic(cfg)
     timed = cfg.train.time_limit_min > 0
     if cfg.data.close_mosaic and timed:
         raise ConfigError("data.close_mosaic counts epochs, but train.time_limit_min ends the run on its "
@@ -346,7 +464,7 @@ def parse_overrides(items: list[str] | None) -> dict:
         if len(parts) != 2 or not all(parts):
             raise ConfigError(f"--set {item!r}: keys look like section.key (e.g. train.lr=0.01)")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         nested.setdefault(parts[0], {})[parts[1]] = value
@@ -377,7 +495,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}:" if mark is not None else ""

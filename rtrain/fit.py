@@ -3,6 +3,7 @@
     python -m rtrain.fit                                     # built-in quickstart (synthetic shapes)
     python -m rtrain.fit --config configs/bccd.yaml --workers 2 --set train.epochs=50
     python -m rtrain.fit --config configs/coco.yaml --gpus 8 --address auto
+    python -m rtrain.fit --config configs/coco.yaml --gpus 4:8 --address auto   # elastic: 4 to 8 GPUs
     python -m rtrain.fit --resume [--name RUN] [--set train.epochs=80]   # continue a run
 
 Exit status: 0 done, 2 bad input (one line on stderr), 1 training failed, 130 interrupted,
@@ -18,7 +19,22 @@ import sys
 import time
 
 from rtrain.cli import OneLineParser, quiet_ray_terminal, run_cli
-from rtrain.config import add_config_arguments
+from rtrain.config import ConfigError, add_config_arguments, parse_worker_count
+
+
+def worker_count(option: str):
+    """argparse type of --workers/--gpus: an int, or the "MIN:MAX" string of an elastic run."""
+
+    def parse(text: str) -> int | str:
+        value: int | str = int(text) if text.strip().isdigit() else text
+        try:
+            parse_worker_count(value, option)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{option}: ")) from None
+        return value
+
+    parse.__name__ = "worker count"  # argparse names the type in its message
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,8 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
                       epilog="Without --config (and without --resume) the built-in quickstart runs: it makes "
                              "./data/synthetic and its shards if absent, then trains for a few minutes.")
     add_config_arguments(p)
-    p.add_argument("--gpus", type=int, help="GPU workers, one GPU each (run.gpus)")
-    p.add_argument("--workers", type=int, help="CPU workers when --gpus is 0 (run.workers; 0 runs as 1)")
+    p.add_argument("--gpus", type=worker_count("--gpus"), metavar="N|MIN:MAX",
+                   help="GPU workers, one GPU each (run.gpus); MIN:MAX is an elastic run")
+    p.add_argument("--workers", type=worker_count("--workers"), metavar="N|MIN:MAX",
+                   help="CPU workers when --gpus is 0 (run.workers; 0 runs as 1); MIN:MAX is an elastic run: "
+                        "it goes on with fewer workers when a node is lost and grows back when the cluster "
+                        "does, the global batch fixed at train.batch_size x MAX")
     p.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (run.cpus_per_worker)")
     p.add_argument("--address", help="join this Ray cluster ('auto' or host:port) instead of starting one")
     p.add_argument("--name", help="run name (default: <config stem>-<time>; with --resume: the latest run)")

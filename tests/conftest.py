@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,15 +21,27 @@ def shared_data() -> Path:
     return FIXTURE_DATA
 
 
+@dataclass
+class SessionCluster:
+    """The session's `ray.cluster_utils.Cluster` and the arguments each of its nodes started with:
+    a test that removes a node adds one back with `cluster.add_node(**node_args)` (in a finally)."""
+
+    cluster: Any
+    node_args: dict
+
+
 @pytest.fixture(scope="session")
-def ray_session(request):
+def ray_cluster(request) -> SessionCluster:
     """One Ray cluster of two nodes (on this machine) for the whole test session, always shut down.
 
     Two nodes so that the multi-node tests place workers on different nodes and every
     other Ray test runs against a cluster it joined, as on a real one. 2 logical CPUs
     per node, 4 in all on a 2-core machine: Ray Data's file listing needs a whole CPU
     and Train removes its workers' CPUs from Ray Data's budget, so with 2 logical CPUs
-    in all a 2-worker run deadlocks (rtrain.ray_session.local_num_cpus).
+    in all a 2-worker run deadlocks (rtrain.ray_session.local_num_cpus). 4 GiB of logical
+    memory per node (a scheduling resource only; Ray would otherwise size it from the host's
+    free memory at node start, which differs from node to node on a busy machine): a test
+    reserves `run.memory_per_worker_gb` of it to place one worker per node.
     Tests that need the address use `ray.get_runtime_context().gcs_address`.
     """
     import importlib.util
@@ -41,16 +55,24 @@ def ray_session(request):
         request.getfixturevalue("s3_server")
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    node = {"num_cpus": 2, "object_store_memory": 256 * 1024**2}
+    node = {"num_cpus": 2, "object_store_memory": 256 * 1024**2, "memory": 4 * 1024**3}
     cluster = Cluster(initialize_head=True, head_node_args={**node, "include_dashboard": False})
     try:
         cluster.add_node(**node)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, configure_logging=False, log_to_driver=False)
-        yield ray
+        yield SessionCluster(cluster, dict(node))
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster):
+    """The session's Ray (the `ray` module, connected to `ray_cluster`)."""
+    import ray
+
+    return ray
 
 
 @pytest.fixture

@@ -175,3 +175,81 @@ def test_every_shipped_config_loads():
         data = yaml.safe_load(path.read_text())
         if "search" not in data:  # sweep specs are checked in tests/search/test_sweep.py
             load_config(path)
+
+
+# ------------------------------------------------------------------------------- worker counts
+
+
+def test_worker_counts_are_an_int_or_an_elastic_min_max(tmp_path):
+    from rtrain.config import is_elastic, uses_gpu, worker_range
+
+    path = tmp_path / "elastic.yaml"
+    path.write_text("run:\n  workers: 1:2\n")  # YAML 1.1 would read 1:2 as the base-60 number 62
+    cfg = load_config(path)
+    assert cfg.run.workers == "1:2" and worker_range(cfg.run) == (1, 2) and is_elastic(cfg.run)
+    gpus = load_config(None, ["run.gpus=2:4", "train.batch_size=12"]).run
+    assert uses_gpu(gpus) and worker_range(gpus) == (2, 4) and is_elastic(gpus)
+    for workers, want in ((2, (2, 2)), (0, (1, 1))):  # a fixed count behaves as before (0 runs as 1)
+        run = load_config(None, [f"run.workers={workers}"]).run
+        assert run.workers == workers and worker_range(run) == want and not is_elastic(run)
+    assert not uses_gpu(load_config(None, ["run.gpus=0"]).run)
+    dumped = dump_config(cfg, tmp_path / "out.yaml")
+    assert load_config(dumped).run.workers == "1:2"
+    assert "'1:2'" in dumped.read_text()  # quoted: any YAML reader gets the string back
+
+
+def test_base_60_numbers_are_not_read_anywhere_in_a_config(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("train:\n  epochs: 1:30\n")  # yaml.safe_load: 90
+    with pytest.raises(ConfigError, match=r"train.epochs: expected int, got str '1:30'"):
+        load_config(path)
+    cfg = load_config(None, ["train.lr=0.5", "train.epochs=12", "model.width=.5",
+                             "train.weight_decay=1.0e-3"])
+    assert (cfg.train.lr, cfg.train.epochs, cfg.model.width, cfg.train.weight_decay) == (0.5, 12, 0.5, 0.001)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("3:2", "run.workers: '3:2': MIN 3 is above MAX 2"),
+        ("0:2", "run.workers: '0:2': MIN must be at least 1"),
+        ("1:x", "run.workers: '1:x': MIN and MAX must be whole numbers"),
+        ("1.5:2", "run.workers: '1.5:2': MIN and MAX must be whole numbers"),
+        ("-1:2", "run.workers: '-1:2': MIN and MAX must be whole numbers"),
+        ("1:2:3", "run.workers: expected a whole number or MIN:MAX (e.g. 1:4), got '1:2:3'"),
+        ("two", "run.workers: expected a whole number or MIN:MAX (e.g. 1:4), got 'two'"),
+        ("1:5000", "run.workers: '1:5000': MAX 5000 is out of range"),
+    ],
+)
+def test_bad_worker_counts_are_one_line_errors_naming_the_key(tmp_path, value, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"run.workers={value}"])
+    assert message in str(info.value) and "\n" not in str(info.value)
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"run:\n  gpus: '{value}'\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: ")
+    assert message.replace("run.workers", "run.gpus") in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["run.workers=2:4", "train.batch_size=16"],
+         "run.workers=2:4: the global batch train.batch_size x 4 = 64 does not split evenly over 3 workers; "
+         "use a train.batch_size that is a multiple of 3 (e.g. 18)"),
+        (["run.gpus=1:3", "train.batch_size=3"],
+         "does not split evenly over 2 workers; use a train.batch_size that is a multiple of 2 (e.g. 4)"),
+        (["run.workers=1:2", "train.batch_size=auto"], "train.batch_size=auto cannot be used with an elastic "
+                                                       "run.workers=1:2"),
+        (["run.workers=1:2", "run.placement_strategy=STRICT_SPREAD"],
+         "run.placement_strategy=STRICT_SPREAD cannot be used with an elastic run.workers=1:2"),
+    ],
+)
+def test_an_elastic_range_must_keep_one_global_batch(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert load_config(None, ["run.workers=2:4", "train.batch_size=18"]).run.workers == "2:4"
+    assert load_config(None, ["run.workers=2", "train.batch_size=auto"]).train.batch_size == "auto"

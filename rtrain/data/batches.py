@@ -171,10 +171,16 @@ class EpochClock:
 
 
 def make_epoch_clock():
-    """A tiny actor (`EpochClock`) shared by the train loop and the decode tasks."""
-    import ray
+    """A tiny actor (`EpochClock`) shared by the train loop and the decode tasks.
 
-    return ray.remote(num_cpus=0)(EpochClock).remote()
+    It lives on the caller's node (the driver's, or a Tune trial's): Ray would otherwise place it
+    on any node, and a lost worker node would take the run's clock with it (an elastic run goes on
+    without that node)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(EpochClock).options(scheduling_strategy=here).remote()
 
 
 def set_epoch(clock, epoch: int) -> None:

@@ -12,8 +12,10 @@ busy while the loop evaluates and checkpoints, so the next epoch's first batch i
 
 Order (a pure function of the shards, `seed` and the epoch; `plan_epoch`):
 - epoch e permutes the shard files with `default_rng([seed, e])`, concatenates their rows and
-  keeps the first `rows_per_epoch` (a multiple of batch_rows x world_size; a dataset smaller
-  than one global batch is repeated to fill it);
+  keeps the first `rows_per_epoch` (a multiple of `epoch_unit` = batch_rows x world_size, or for
+  an elastic group of min_world_size..world_size workers batch_rows x the lcm of those sizes, so
+  that every size the group may have splits each epoch into whole blocks per worker; a dataset
+  smaller than one unit is repeated to fill it);
 - those rows are cut into windows of `window_rows` rows (a multiple of batch_rows), and each
   window is shuffled with `default_rng([seed, e, w])`. A window is the unit one read task
   holds in memory: for datasets smaller than a window the shuffle is global;
@@ -64,13 +66,15 @@ class StreamPlan:
     row_counts: tuple[int, ...]
     columns: tuple[str, ...]
     batch_rows: int
-    world_size: int
+    world_size: int  # the most workers that read the stream (an elastic group's MAX)
     seed: int
     window_rows: int
+    min_world_size: int = 0  # an elastic group's MIN (0: the group is always world_size)
 
     @classmethod
     def from_shards(
-        cls, shard_dir: str | Path, *, batch_rows: int, world_size: int, seed: int, window_rows: int = 4096
+        cls, shard_dir: str | Path, *, batch_rows: int, world_size: int, seed: int, window_rows: int = 4096,
+        min_world_size: int = 0,
     ) -> StreamPlan:
         from rtrain.data.batches import READ_COLUMNS, list_shards, read_manifest, read_shard_metadata
 
@@ -82,25 +86,32 @@ class StreamPlan:
 
             raise ShardError(f"{shard_dir}: the shards hold no rows")
         return cls(tuple(files), tuple(counts), tuple(READ_COLUMNS), int(batch_rows), int(world_size),
-                   int(seed), int(window_rows))
+                   int(seed), int(window_rows), int(min_world_size))
 
     @property
     def num_rows(self) -> int:
         return sum(self.row_counts)
 
     @property
-    def global_batch(self) -> int:
-        return self.batch_rows * self.world_size
+    def world_sizes(self) -> range:
+        """The group sizes the stream is cut for."""
+        return range(self.min_world_size or self.world_size, self.world_size + 1)
+
+    @property
+    def epoch_unit(self) -> int:
+        """`rows_per_epoch` is a multiple of this: whole blocks for every worker at every size in
+        `world_sizes` (batch_rows x world_size for a fixed group)."""
+        return self.batch_rows * math.lcm(*self.world_sizes)
 
     @property
     def rows_per_epoch(self) -> int:
-        """Rows each epoch emits: whole global batches (at least one)."""
-        return max(1, self.num_rows // self.global_batch) * self.global_batch
+        """Rows each epoch emits: whole units (at least one)."""
+        return max(1, self.num_rows // self.epoch_unit) * self.epoch_unit
 
     @property
     def steps_per_epoch(self) -> int:
-        """Batches of `batch_rows` each worker takes per epoch."""
-        return self.rows_per_epoch // self.global_batch
+        """Blocks of `batch_rows` each worker takes per epoch at `world_size` workers."""
+        return self.rows_per_epoch // (self.batch_rows * self.world_size)
 
     @property
     def rows_per_window(self) -> int:

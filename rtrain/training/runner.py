@@ -57,7 +57,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rtrain import storage as store  # `storage` is fit's argument
-from rtrain.config import Config, ConfigError, config_from_dict, config_to_dict, dump_config, load_config
+from rtrain.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    is_elastic,
+    load_config,
+    uses_gpu,
+    worker_range,
+)
 from rtrain.errors import BAD_INPUT, FAILED, PREEMPTED, RtrainError
 from rtrain.runs import run_dir, run_lock
 from rtrain.training import trackers
@@ -388,10 +398,11 @@ def build_trainer(
     fit and every Tune trial build their trainer here. `train_fn` defaults to
     `rtrain.training.train_loop.train_loop`; `callbacks` go to Ray's RunConfig (Tune's report
     callback); `loop_extra` joins the loop's config; `num_workers` defaults to
-    `run.gpus` GPU workers or `run.workers` CPU workers. The caller kills the clock
-    when the run ends.
+    `run.gpus` GPU workers or `run.workers` CPU workers, and a "MIN:MAX" count there makes the
+    group elastic (`rtrain.training.elastic`; an explicit `num_workers` is always fixed). The
+    caller kills the clock when the run ends.
     """
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from rtrain.data.augment import AugmentParams
@@ -401,17 +412,14 @@ def build_trainer(
     from rtrain.runs.storage_guard import StopWhenStorageFull
     from rtrain.training.train_loop import SCORE_METRIC, train_loop
 
-    use_gpu = cfg.run.gpus > 0
-    if num_workers is None:
-        # workers = 0 ("in the driver") is not a Ray Train mode here: V2's num_workers=0 keeps
-        # checkpoints in a temp dir, which would defeat resuming; it runs as one worker.
-        num_workers = cfg.run.gpus if use_gpu else max(1, cfg.run.workers)
-    resources = {"CPU": cfg.run.cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = gpus_per_worker
+    scaling = scaling_config(cfg, num_workers, gpus_per_worker)
+    min_workers, num_workers = scaling.min_workers, scaling.max_workers
     clock = make_epoch_clock()
+    # An elastic stream is cut for every size in MIN..MAX: each epoch splits into whole blocks for
+    # any of them, and the split itself follows the group Ray starts (DataConfig splits per start).
     plan = StreamPlan.from_shards(cfg.data.train, batch_rows=stream_batch_rows(cfg), world_size=num_workers,
-                                  seed=cfg.train.seed, window_rows=cfg.data.shuffle_window)
+                                  min_world_size=min_workers, seed=cfg.train.seed,
+                                  window_rows=cfg.data.shuffle_window)
     decode = decode_mode(cfg)
     actors = decode_actors(cfg, num_workers) if decode == "cpu" else 0
     kwargs = {"train": True, "img_size": cfg.data.img_size, "aug": AugmentParams.from_obj(cfg.data),
@@ -433,10 +441,7 @@ def build_trainer(
             "rows_per_epoch": plan.rows_per_epoch, "stream_batch_rows": plan.batch_rows,
             **(loop_extra or {}),
         },
-        scaling_config=ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources,
-            placement_strategy=cfg.run.placement_strategy,
-        ),
+        scaling_config=scaling,
         run_config=RunConfig(
             name=name,
             **_ray_storage(storage_dir),
@@ -452,6 +457,33 @@ def build_trainer(
                                   execution_options=_ingest_options(cfg, decode, num_workers)),
     )
     return trainer, clock
+
+
+def scaling_config(cfg: Config, num_workers: int | None = None, gpus_per_worker: float = 1.0):
+    """Ray Train's ScalingConfig of a run: `num_workers` (fixed), or from the config: run.gpus GPU
+    workers, else run.workers CPU workers; "MIN:MAX" there gives Ray's elastic (MIN, MAX) group.
+
+    Each worker reserves run.cpus_per_worker CPUs, a GPU share, and run.memory_per_worker_gb of
+    Ray's memory resource; Ray sizes an elastic group by how many such workers each node holds.
+    """
+    from ray.train import ScalingConfig
+
+    use_gpu = uses_gpu(cfg.run)
+    elastic = num_workers is None and is_elastic(cfg.run)
+    if num_workers is None:
+        # workers = 0 ("in the driver") is not a Ray Train mode here: V2's num_workers=0 keeps
+        # checkpoints in a temp dir, which would defeat resuming; it runs as one worker.
+        num_workers = worker_range(cfg.run)[1]
+    resources = {"CPU": cfg.run.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = gpus_per_worker
+    if cfg.run.memory_per_worker_gb > 0:
+        resources["memory"] = int(cfg.run.memory_per_worker_gb * 1024**3)
+    return ScalingConfig(
+        num_workers=(worker_range(cfg.run)[0], num_workers) if elastic else num_workers, use_gpu=use_gpu,
+        resources_per_worker=resources, placement_strategy=cfg.run.placement_strategy,
+        elastic_resize_monitor_interval_s=cfg.run.resize_interval_s,
+    )
 
 
 def _ray_storage(storage_dir: Path | str) -> dict:
@@ -489,8 +521,8 @@ def stream_batch_rows(cfg: Config) -> int:
 def decode_mode(cfg: Config) -> str:
     """"cpu" (a Ray Data actor pool) or "gpu" (in the train worker, on its device) for `data.decode`."""
     if cfg.data.decode == "auto":
-        return "gpu" if cfg.run.gpus > 0 else "cpu"
-    if cfg.data.decode == "gpu" and cfg.run.gpus == 0:
+        return "gpu" if uses_gpu(cfg.run) else "cpu"
+    if cfg.data.decode == "gpu" and not uses_gpu(cfg.run):
         logger.warning("data.decode=gpu without GPU workers: the train workers decode on their CPU")
     return cfg.data.decode
 
@@ -544,8 +576,8 @@ def fit(
     config: Config | dict | str | os.PathLike | None = None,
     *,
     overrides: list[str] | None = None,
-    gpus: int | None = None,
-    workers: int | None = None,
+    gpus: int | str | None = None,
+    workers: int | str | None = None,
     cpus_per_worker: float | None = None,
     address: str | None = None,
     name: str | None = None,
@@ -562,6 +594,7 @@ def fit(
     overrides: `--set`-style "section.key=value" strings applied on top.
     gpus/workers/cpus_per_worker/address/name/storage/dashboard/dashboard_host: override `cfg.run`.
         gpus > 0 trains on that many GPU workers (one GPU each); otherwise `workers` CPU workers.
+        Either may be "MIN:MAX": an elastic run (`rtrain.training.elastic`).
     resume: continue the run `name` (or the latest one under storage) from its last checkpoint.
     preemptible: handle SIGTERM while training (module doc; needs the main thread).
     Raises FitError/ConfigError with one line for bad input, before Ray starts; PreemptedError
@@ -584,8 +617,8 @@ def fit(
         storage_path = check_storage(Path(storage_text).expanduser().resolve())
     cfg, name = resolve_run(config, overrides, name, storage_path, resume)
     run_section = {**config_to_dict(cfg)["run"], **run_overrides, "name": name, "storage": str(storage_path)}
-    try:
-        cfg = dataclasses.replace(cfg, run=config_from_dict({"run": run_section}).run)
+    try:  # the whole config again: run keys are checked with the others (an elastic range and the batch)
+        cfg = config_from_dict({**config_to_dict(cfg), "run": run_section})
     except ConfigError as exc:
         raise FitError(str(exc)) from None
     check_location(cfg.data.train, "data.train")  # a local folder or a bucket prefix

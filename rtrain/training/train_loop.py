@@ -23,7 +23,12 @@ k steps of epoch e as `epoch` = e - 1 (the last whole epoch), `step` = the globa
 for it (a row is one whole epoch: after a resume at k, the row of epoch e averages its last
 steps only, and says `resumed_at_step` k). A resume continues with step k of epoch e on the
 batches the uninterrupted run would have had (`rtrain.data.epoch_stream` skips the first blocks);
-with another batch size or worker count it replays epoch e from its start, with a warning.
+after an elastic resize (same global batch, another worker count, `rtrain.training.elastic`) at
+step k too, on the epoch's remaining rows; with another global batch it replays epoch e from its
+start, with a warning.
+
+Elastic runs (`run.workers`/`run.gpus` "MIN:MAX"): each worker's batch is the fixed global batch
+divided by the world size of this (re)start (`rtrain.training.elastic.per_worker_batch`).
 After a stop the loop returns: the last report carries `preempted` 1 for the driver.
 
 Test hook: `loop_config["test_nonfinite_steps"]` (from RTRAIN_TEST_NONFINITE_STEPS in the
@@ -43,7 +48,7 @@ import numpy as np
 import torch
 
 from rtrain import storage
-from rtrain.config import Config, config_from_dict, config_to_dict
+from rtrain.config import Config, config_from_dict, config_to_dict, is_elastic
 from rtrain.data.augment import rescale_batch
 from rtrain.data.close_mosaic import EXTRA_KEY as MOSAIC_EXTRA
 from rtrain.data.close_mosaic import CloseMosaic
@@ -63,7 +68,7 @@ from rtrain.runs.checkpoint import (
     save_weights,
 )
 from rtrain.runs.loading import build_detector, init_from_weights, load_model_weights  # noqa: F401 (re-exported)
-from rtrain.training import engine, preempt, trackers
+from rtrain.training import elastic, engine, preempt, trackers
 from rtrain.training.autobatch import resolve_batch_size
 from rtrain.training.ema import ModelEMA, unwrap_model
 from rtrain.training.guard import NonFiniteGuard, force_nonfinite
@@ -221,7 +226,7 @@ def train_loop(loop_config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
-    from rtrain.data.epoch_stream import pause_every, resume_skip_blocks, set_start_epoch
+    from rtrain.data.epoch_stream import pause_every, set_start_epoch
 
     _log_setup()
     cfg = config_from_dict(loop_config["config"])
@@ -245,10 +250,14 @@ def train_loop(loop_config: dict) -> None:
     if cfg.model.init and state is None:  # fine-tuning; a resumed run's checkpoint holds every weight
         init_from_weights(model, cfg.model.init, class_names, log=rank == 0)
     model = model.to(device)
-    batch_size = resolve_batch_size(  # autobatch: "auto" -> int (min over ranks), or as resolved before
-        cfg, model, device, max_batch=int(loop_config["num_train_images"]) // world,
-        resumed=state["extra"].get(AUTO_BATCH) if state is not None else None)
+    if is_elastic(cfg.run):  # the global batch stays train.batch_size x MAX at any group size
+        batch_size = elastic.per_worker_batch(cfg, world)
+    else:
+        batch_size = resolve_batch_size(  # autobatch: "auto" -> int (min over ranks), or as resolved before
+            cfg, model, device, max_batch=int(loop_config["num_train_images"]) // world,
+            resumed=state["extra"].get(AUTO_BATCH) if state is not None else None)
     global_batch = batch_size * world
+    batch_rows = int(loop_config.get("stream_batch_rows") or batch_size)
     base_lr = scale_lr(cfg.train.lr, global_batch, cfg.train.nominal_batch_size, cfg.train.optimizer)
     optimizer = build_optimizer(model, cfg.train.optimizer, lr=base_lr, momentum=cfg.train.momentum,
                                 weight_decay=cfg.train.weight_decay)
@@ -268,7 +277,7 @@ def train_loop(loop_config: dict) -> None:
     scaler = make_grad_scaler(device, cfg.train.amp)
     guard = NonFiniteGuard(max_consecutive=cfg.train.max_nonfinite)
 
-    start_epoch, step, best_map, last_map, run_starts, resumed_at = 0, 0, -1.0, 0.0, 1, 0
+    start_epoch, step, best_map, last_map, run_starts, resumed_at, skip_blocks = 0, 0, -1.0, 0.0, 1, 0, 0
     if state is not None:
         check_compatible(state, cfg_dict, class_names)
         load_model_weights(model, state["model"], source)
@@ -289,12 +298,18 @@ def train_loop(loop_config: dict) -> None:
         run_starts = int(state["extra"].get("run_starts", 1)) + 1  # resumed or restarted after a failure
         resumed_at = int(state["extra"].get(EPOCH_STEPS, 0))
         shape = list(state["extra"].get(EPOCH_SHAPE, [batch_size, world]))
-        if resumed_at and shape != [batch_size, world]:
+        skip_blocks = (elastic.resume_skip(resumed_at, tuple(shape), (batch_size, world), batch_rows, spe)
+                       if resumed_at else 0)
+        if skip_blocks is None:
             if rank == 0:
                 logger.warning("the mid-epoch checkpoint was taken with batch %d x %d workers, now %d x %d: "
                                "epoch %d restarts from its first batch", *shape, batch_size, world,
                                start_epoch + 1)
-            resumed_at = 0
+            resumed_at = skip_blocks = 0
+        elif rank == 0 and shape != [batch_size, world]:
+            logger.info("the group is now %d workers x batch %d (was %d x %d): the global batch of %d, "
+                        "the LR and the schedule are unchanged", world, batch_size, shape[1], shape[0],
+                        global_batch)
         if rank == 0:
             within = f", {resumed_at} steps into epoch {start_epoch + 1}" if resumed_at else ""
             logger.info("resumed from epoch %d (step %d%s, best mAP %.4f)", start_epoch - 1, step, within,
@@ -318,10 +333,9 @@ def train_loop(loop_config: dict) -> None:
         except Exception as exc:  # metrics export is optional (e.g. no metrics agent)
             logger.warning("ray metrics gauges unavailable: %s", exc)
 
-    batch_rows = int(loop_config.get("stream_batch_rows") or batch_size)
     every = pause_every(batch_size, batch_rows)  # steps between exactly resumable points
     if clock is not None:  # the stream skips the epochs (and blocks of this one) already trained
-        set_start_epoch(clock, start_epoch, resume_skip_blocks(resumed_at, batch_size, world, batch_rows))
+        set_start_epoch(clock, start_epoch, skip_blocks)
     sources = [preempt.clock_source(clock) if clock is not None else None, preempt.drain_source()]
     pauses = preempt.PauseRequests(cfg.run.checkpoint_every_min * 60.0, [s for s in sources if s is not None])
     preempt.install_worker_sigterm(pauses)
