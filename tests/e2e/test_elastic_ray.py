@@ -157,7 +157,7 @@ def test_elastic_run_goes_on_with_one_worker_when_a_node_is_lost(ray_cluster, sh
     _check_weights(run, shards)
 
 
-@pytest.mark.soak  # about 5 minutes on 2 cores: python -m pytest -q -m soak tests/e2e/test_elastic.py
+@pytest.mark.soak  # about 5 minutes on 2 cores: python -m pytest -q -m soak tests/e2e/test_elastic_ray.py
 def test_elastic_run_grows_back_when_the_node_returns(ray_cluster, shards, tmp_path, short_start_timeout):
     epochs = 60  # at one worker the run must outlast Ray noticing the new node (up to ~20 s + 2 restarts)
     cluster, removed = ray_cluster.cluster, None
