@@ -470,17 +470,18 @@ def scaling_config(cfg: Config, num_workers: int | None = None, gpus_per_worker:
 
     use_gpu = uses_gpu(cfg.run)
     elastic = num_workers is None and is_elastic(cfg.run)
+    min_workers, max_workers = worker_range(cfg.run)
     if num_workers is None:
         # workers = 0 ("in the driver") is not a Ray Train mode here: V2's num_workers=0 keeps
         # checkpoints in a temp dir, which would defeat resuming; it runs as one worker.
-        num_workers = worker_range(cfg.run)[1]
+        num_workers = max_workers
     resources = {"CPU": cfg.run.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = gpus_per_worker
     if cfg.run.memory_per_worker_gb > 0:
         resources["memory"] = int(cfg.run.memory_per_worker_gb * 1024**3)
     return ScalingConfig(
-        num_workers=(worker_range(cfg.run)[0], num_workers) if elastic else num_workers, use_gpu=use_gpu,
+        num_workers=(min_workers, num_workers) if elastic else num_workers, use_gpu=use_gpu,
         resources_per_worker=resources, placement_strategy=cfg.run.placement_strategy,
         elastic_resize_monitor_interval_s=cfg.run.resize_interval_s,
     )
