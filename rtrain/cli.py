@@ -62,6 +62,9 @@ QUIET_RAY_LINES = "|".join([
     "If you meant to start a brand new training job",
     # Ray core's ERROR line about Ray Train's own PreemptionWatcher actor (core_worker.cc).
     "has constructor arguments in the object store and max_restarts",
+    # The GCS's ERROR line about an actor on a node that is gone (after a lost node, e.g. an
+    # elastic run's): there is nothing to kill, and the run's own lines say what it does next.
+    "Failed to kill actor [0-9a-f]+, return status: Invalid: KillActor RPC failed",
     # Ray's deprecation warnings about Ray's own calls (made one line each: quiet_worker).
     "RayDeprecationWarning: ",
     # Ray Data's notes that its progress bars are off (RAY_DATA_DISABLE_PROGRESS_BARS, below).

@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # Lines Ray's processes forwarded to the driver in real runs of this repository (from the worker
 # logs of a Ray session; ids and paths shortened), which a default run must not print.
 RAY_INTERNAL_LINES = [
+    "(pid=gcs_server) [2026-12-02 07:04:07,411 E 11813 11813] (gcs_server) gcs_actor_scheduler.cc:538: "
+    "Failed to kill actor 56bcef97e3ca8c721ee0d8d204000000, return status: Invalid: KillActor RPC failed for "
+    "actor 56bcef97e3ca8c721ee0d8d204000000: RpcError: RPC error: Socket closed rpc_code: 14",
     "[2026-12-01 21:45:55,989 E 26948 26977] core_worker.cc:2465: Actor with class name: "
     "'PreemptionWatcher' and ID: '5e6536a2c8a9c668482d371001000000' has constructor arguments in the "
     "object store and max_restarts > 0. If the arguments in the object store go out of scope or are lost, "
