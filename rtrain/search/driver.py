@@ -594,7 +594,7 @@ def trial_record(trial_id: str, params: dict, spec: SweepSpec, out_dir: Path, nu
         status = "pending"
     elif unfinished:
         status = "unfinished"
-    elif epochs_run >= spec.epochs:
+    elif epochs_run >= spec.epochs or (rows and rows[-1].get("finished")):  # all epochs, or the budget
         status = "done"
     else:
         status = "stopped"
@@ -605,7 +605,7 @@ def trial_record(trial_id: str, params: dict, spec: SweepSpec, out_dir: Path, nu
         best_map=float(best["mAP"]) if best else None,
         map50=float(best["mAP50"]) if best and best.get("mAP50") is not None else None,
         epochs_run=epochs_run, status=status, reason=reason, run_dir=str(out_dir),
-        config=config_to_dict(cfg) if cfg is not None else {},
+        config=config_to_dict(cfg) if cfg is not None else {}, searched=dict(params),
     )
 
 

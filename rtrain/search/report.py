@@ -45,6 +45,8 @@ TABLE_COLUMNS: list[tuple[str, str, str]] = [
     ("epochs run", "epochs_run", "d"),
     ("status", "status", "s"),
 ]
+# Searched keys the fixed columns already show; any other searched key gets a column of its own.
+SHOWN_KEYS = {"model.name", "model.width", "model.depth", "data.img_size", "train.batch_size", "train.lr"}
 
 
 @dataclass
@@ -76,30 +78,58 @@ class TrialRecord:
     reason: str = ""
     run_dir: str = ""
     config: dict = field(default_factory=dict)
+    searched: dict = field(default_factory=dict)
 
     @property
     def status_text(self) -> str:
         return f"{self.status}: {self.reason}" if self.reason else self.status
 
 
-def _cell(record: TrialRecord, attr: str, fmt: str) -> str:
-    if attr == "status":
-        return record.status_text
-    value = getattr(record, attr)
+def _format(value, fmt: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return format(value, fmt)
 
 
+def _cell(record: TrialRecord, attr: str, fmt: str) -> str:
+    if attr == "status":
+        return record.status_text
+    return _format(getattr(record, attr), fmt)
+
+
+def searched_keys(records: Sequence[TrialRecord]) -> list[str]:
+    """The extra columns: searched keys of any record, in first-seen order."""
+    keys: dict[str, None] = {}
+    for r in records:
+        keys.update(dict.fromkeys(k for k in r.searched if k not in SHOWN_KEYS))
+    return list(keys)
+
+
+def _searched_cell(record: TrialRecord, key: str) -> str:
+    value = record.searched.get(key)
+    if isinstance(value, float):
+        return _format(value, ".5g")  # an EMA decay 0.9998 must not read as 1
+    return "-" if value is None else str(value)
+
+
+def _ordered(records: Sequence[TrialRecord]) -> list[TrialRecord]:
+    return sorted(records, key=lambda r: (r.best_map is None, -(r.best_map or 0.0), r.trial_id))
+
+
+def _header(keys: list[str]) -> list[str]:
+    return [title for title, _, _ in TABLE_COLUMNS] + keys
+
+
 def table_rows(records: Sequence[TrialRecord]) -> list[list[str]]:
-    """Formatted cells, one list per record, in TABLE_COLUMNS order; best mAP first."""
-    ordered = sorted(records, key=lambda r: (r.best_map is None, -(r.best_map or 0.0), r.trial_id))
-    return [[_cell(r, attr, fmt) for _, attr, fmt in TABLE_COLUMNS] for r in ordered]
+    """Formatted cells, one list per record, in TABLE_COLUMNS order then searched_keys; best mAP first."""
+    keys = searched_keys(records)
+    return [[_cell(r, attr, fmt) for _, attr, fmt in TABLE_COLUMNS] + [_searched_cell(r, k) for k in keys]
+            for r in _ordered(records)]
 
 
 def format_table(records: Sequence[TrialRecord]) -> str:
     """The table as aligned text (what the CLI prints)."""
-    header = [title for title, _, _ in TABLE_COLUMNS]
+    header = _header(searched_keys(records))
     rows = table_rows(records)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
@@ -109,7 +139,7 @@ def format_table(records: Sequence[TrialRecord]) -> str:
 
 
 def format_markdown(records: Sequence[TrialRecord]) -> str:
-    header = [title for title, _, _ in TABLE_COLUMNS]
+    header = _header(searched_keys(records))
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in table_rows(records):
         lines.append("| " + " | ".join(c.replace("|", "/") for c in row) + " |")
@@ -118,15 +148,16 @@ def format_markdown(records: Sequence[TrialRecord]) -> str:
 
 def format_csv(records: Sequence[TrialRecord]) -> str:
     """CSV with raw numbers (empty for missing), status and reason in separate columns."""
+    keys = searched_keys(records)
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow([title for title, _, _ in TABLE_COLUMNS] + ["reason", "run dir"])
-    ordered = sorted(records, key=lambda r: (r.best_map is None, -(r.best_map or 0.0), r.trial_id))
-    for r in ordered:
+    writer.writerow(_header(keys) + ["reason", "run dir"])
+    for r in _ordered(records):
         values = []
         for _, attr, _ in TABLE_COLUMNS:
             v = getattr(r, attr)
             values.append("" if v is None or (isinstance(v, float) and not math.isfinite(v)) else v)
+        values += ["" if r.searched.get(k) is None else r.searched[k] for k in keys]
         writer.writerow(values + [r.reason, r.run_dir])
     return buf.getvalue()
 

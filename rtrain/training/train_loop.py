@@ -419,7 +419,8 @@ def train_loop(loop_config: dict) -> None:
 
         metrics.update(epoch=epoch, step=step, world_size=world, num_nodes=num_nodes,
                        global_batch=global_batch, run_starts=run_starts, nonfinite_total=guard.total,
-                       evaluated=False, mAP=last_map, resumed_at_step=phase, preempted=int(preempted))
+                       evaluated=False, mAP=last_map, resumed_at_step=phase, preempted=int(preempted),
+                       finished=int(finished))
         ckpt = None
         # a preempted epoch skips its evaluation: a large val set would outlast run.grace_s
         if not preempted and (finished or (epoch + 1) % cfg.eval.interval == 0):

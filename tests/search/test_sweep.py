@@ -139,6 +139,37 @@ def test_trial_table_batch_of_an_auto_trial_comes_from_its_metrics():
     assert _trial_batch({"train": {"batch_size": 8}}, rows) == 8
 
 
+def test_a_recipe_trial_shows_its_searched_values_and_a_budget_end_is_done(tmp_path):
+    import json
+
+    from rtrain.search.driver import trial_record
+
+    spec = load_sweep(_write(tmp_path, {"train.ema_decay": {"choice": [0.999, 0.9998]},
+                                        "data.mosaic": {"choice": [0.0, 1.0]},
+                                        "train.lr": {"choice": [0.01]}}))
+    params = {"train.ema_decay": 0.9998, "data.mosaic": 1.0, "train.lr": 0.01}
+
+    def record(name, rows):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return trial_record(name, params, spec, out, num_classes=3, error=False, reason="")
+
+    evaluated = {"evaluated": True, "mAP": 0.3, "mAP50": 0.6}
+    # Three of six epochs, the last one marked finished: the time budget ended it, not ASHA.
+    budget = record("budget", [{"epoch": e, "finished": int(e == 2), **evaluated} for e in range(3)])
+    cut = record("cut", [{"epoch": e, "finished": 0, **evaluated} for e in range(3)])
+    assert (budget.status, cut.status) == ("done", "stopped")
+    assert budget.searched == params
+    assert budget.lr == pytest.approx(0.01 * 8 / 16)  # the default optimiser, SGD, scales linearly
+    header = format_table([budget, cut]).splitlines()[0].split()
+    assert header[-2:] == ["train.ema_decay", "data.mosaic"]  # train.lr has its fixed column
+    md = format_markdown([budget, cut]).splitlines()
+    assert md[2].endswith("| 0.9998 | 1 |")
+    rows = list(csv.DictReader(io.StringIO(format_csv([budget, cut]))))
+    assert rows[0]["train.ema_decay"] == "0.9998" and rows[0]["data.mosaic"] == "1.0"
+
+
 @pytest.mark.parametrize("name", ["sweep_quickstart.yaml", "sweep_bccd.yaml", "sweep_recipe.yaml"])
 def test_shipped_sweeps_load(name):
     spec = load_sweep(REPO / "configs" / name)
