@@ -105,7 +105,8 @@ def run_cli(prog: str, *, also: tuple[type[BaseException], ...] = (),
             parser: Callable[[], argparse.ArgumentParser] | None = None, log_level: int = logging.WARNING):
     """Decorate a CLI's main: RtrainError / DatasetError (and the `also` types, for plain exceptions
     a CLI has always reported as bad input) become `error_exit`'s line and status instead of a
-    traceback.
+    traceback. Output into a closed pipe (`python -m rtrain.models | head`) ends it with status 1
+    and no traceback.
 
     Without `parser` the decorated function is `main(argv) -> int` itself. With `parser` (a
     build_parser function) it is `body(args) -> int` and the result is `main(argv)`, which parses
@@ -117,9 +118,16 @@ def run_cli(prog: str, *, also: tuple[type[BaseException], ...] = (),
         @functools.wraps(body)
         def guarded(*args, **kwargs) -> int:
             try:
-                return body(*args, **kwargs)
+                code = body(*args, **kwargs)
+                sys.stdout.flush()  # a reader that has gone (`| head`) shows here, not at exit
+                return code
             except caught as exc:
                 return error_exit(prog, exc)
+            except BrokenPipeError:
+                # What Python's docs advise: no traceback, and no second error when Python
+                # flushes stdout at exit.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return 1
 
         if parser is None:
             return guarded

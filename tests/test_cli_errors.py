@@ -45,3 +45,16 @@ def test_run_cli_maps_errors_to_one_line_and_the_exit_code(capsys):
     assert _cli(failed)() == 1 and _cli(FitError("refused"))() == 2
     with pytest.raises(KeyError):  # anything else is a bug: a traceback, as before
         _cli(KeyError("x"))()
+
+
+def test_output_into_a_closed_pipe_ends_without_a_traceback():
+    import subprocess
+    import sys
+
+    # The reader is gone before the child prints its table (importing torch takes it a second).
+    child = subprocess.Popen([sys.executable, "-m", "rtrain.models"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    child.stdout.close()
+    err = child.stderr.read().decode()
+    assert child.wait(timeout=120) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
