@@ -75,7 +75,15 @@ from rtrain.search.report import (
     write_best_config,
     write_tables,
 )
-from rtrain.search.spec import EARLY_METRICS, TIME_ATTR, SweepError, SweepSpec, apply_params, effective_lr
+from rtrain.search.spec import (
+    EARLY_METRICS,
+    MINUTES_ATTR,
+    TIME_ATTR,
+    SweepError,
+    SweepSpec,
+    apply_params,
+    effective_lr,
+)
 from rtrain.training import trackers
 from rtrain.training.runner import FitError, check_data, check_storage, local_only
 
@@ -183,13 +191,15 @@ def _report_callback():
 
 
 def tune_result(metrics: dict, last: dict) -> dict:
-    """What Tune gets for one epoch's report: `metrics` plus `epochs_done`, and every EARLY_METRICS
+    """What Tune gets for one epoch's report: `metrics` plus `epochs_done` and `minutes_done` (the
+    clocks, `tune.clock`), and every EARLY_METRICS
     key, taken from `last` (the trial's last evaluated values, updated here) when this epoch was
     not evaluated. None values are left out (Tune wants numbers)."""
     if metrics.get("evaluated"):
         last.update({k: float(metrics[k]) for k in EARLY_METRICS if metrics.get(k) is not None})
     return {**last, **{k: v for k, v in metrics.items() if v is not None},
-            TIME_ATTR: int(metrics.get("epoch", -1)) + 1}
+            TIME_ATTR: int(metrics.get("epoch", -1)) + 1,
+            MINUTES_ATTR: float(metrics.get("elapsed_s") or 0.0) / 60.0}
 
 
 def run_trial(params: dict, context: dict) -> None:
@@ -447,8 +457,9 @@ def _run_sweep_locked(spec: SweepSpec | None, sweep_dir: Path, storage_path: Pat
         trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), {"CPU": TRIAL_CPU})
         concurrency = spec.tune.max_concurrent or auto_concurrency(spec, ray.cluster_resources())
         logger.info("sweep %s: %d trial(s), %d at a time, ASHA on %s (cuts once a rung's best reaches %g) "
-                    "over %d epochs -> %s", sweep_dir.name, spec.num_trials(), concurrency, spec.tune.metric,
-                    spec.tune.min_signal, spec.epochs, sweep_dir)
+                    "over %g %s, first cut after %g -> %s", sweep_dir.name, spec.num_trials(), concurrency,
+                    spec.tune.metric, spec.tune.min_signal, spec.max_t, spec.tune.clock, spec.grace_period,
+                    sweep_dir)
         if resume:
             tuner = tune.Tuner.restore(str(sweep_dir), trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
@@ -460,9 +471,9 @@ def _run_sweep_locked(spec: SweepSpec | None, sweep_dir: Path, storage_path: Pat
                     metric=spec.tune.metric, mode="max", num_samples=spec.tune.num_samples,
                     # max_concurrent_trials is ignored with a SearchAlgorithm: limit it here
                     search_alg=BasicVariantGenerator(random_state=spec.tune.seed, max_concurrent=concurrency),
-                    scheduler=SignalASHA(min_signal=spec.tune.min_signal, time_attr=TIME_ATTR,
-                                         max_t=spec.epochs, reduction_factor=spec.tune.reduction_factor,
-                                         grace_period=min(spec.tune.grace_period, spec.epochs)),
+                    scheduler=SignalASHA(min_signal=spec.tune.min_signal, time_attr=spec.time_attr,
+                                         max_t=spec.max_t, reduction_factor=spec.tune.reduction_factor,
+                                         grace_period=spec.grace_period),
                 ),
                 run_config=tune.RunConfig(
                     name=sweep_dir.name, storage_path=str(storage_path),

@@ -15,7 +15,8 @@ A sweep YAML (see configs/sweep_*.yaml):
       num_samples: 8
       metric: mAP50                      # ASHA's signal (EARLY_METRICS); the table ranks by mAP
       min_signal: 0.05                   # a rung stops nothing until a trial there reaches this
-      grace_period: 2
+      clock: epochs                      # ASHA's clock: epochs, or minutes of training (time budget)
+      grace_period: 2                    # in the clock's unit
       reduction_factor: 2
     quickstart_data: data/synthetic      # optional: make the synthetic data here first (quickstart)
 
@@ -52,6 +53,8 @@ TOP_KEYS = ("base_config", "base", "search", "tune", "quickstart_data")
 METRIC = "mAP"  # the best trial and the table: the val COCO mAP@[.5:.95] the loop reports, mode max
 EARLY_METRICS = ("mAP50", "mAP", "AR100")  # what tune.metric (ASHA's signal, mode max) may name
 TIME_ATTR = "epochs_done"  # epochs finished (= loop's 0-based `epoch` + 1), added to each report
+MINUTES_ATTR = "minutes_done"  # training minutes so far (the loop's elapsed_s / 60), added to each report
+CLOCKS = {"epochs": TIME_ATTR, "minutes": MINUTES_ATTR}
 NOT_SEARCHABLE = {"train.nominal_batch_size", "data.train", "data.val"}
 
 
@@ -72,7 +75,11 @@ class TuneSettings:
     # Below it every trial's value is noise (quick-start shapes: mAP50 0.001-0.012 after epoch 1,
     # 0.13-0.16 after epoch 2; tests/fixtures/asha_curves.json).
     min_signal: float = 0.05
-    grace_period: int = 2  # ASHA: epochs every trial gets before it can be stopped
+    # ASHA's clock. "epochs": at a rung every trial has seen the same images whatever its batch size.
+    # "minutes" (needs train.time_limit_min): training minutes, so that trials of different image or
+    # batch sizes compete on what a time budget gives them; rungs in minutes, max_t the budget.
+    clock: str = "epochs"
+    grace_period: float = 2.0  # ASHA: clock units every trial gets before it can be stopped
     reduction_factor: int = 2  # ASHA: keep the best 1/reduction_factor at each rung
     max_concurrent: int = 0  # trials at once; 0 = as many as the cluster's CPUs/GPUs allow
     workers_per_trial: int = 1  # Ray Train workers of one trial
@@ -117,8 +124,26 @@ class SweepSpec:
 
     @property
     def epochs(self) -> int:
-        """ASHA's max_t: the base config's epochs."""
+        """The base config's epochs (ASHA's max_t on the epochs clock)."""
         return int(self.base["train"]["epochs"])
+
+    @property
+    def time_attr(self) -> str:
+        """The report key ASHA counts in (tune.clock)."""
+        return CLOCKS[self.tune.clock]
+
+    @property
+    def max_t(self) -> float:
+        """ASHA's max_t: the epochs, or on the minutes clock the time budget."""
+        if self.tune.clock == "minutes":
+            return float(self.base["train"]["time_limit_min"])
+        return self.epochs
+
+    @property
+    def grace_period(self) -> float:
+        """tune.grace_period, at most max_t (whole epochs on the epochs clock)."""
+        grace = min(self.tune.grace_period, self.max_t)
+        return int(grace) if self.tune.clock == "epochs" else float(grace)
 
     def param_space(self) -> dict:
         """The Tuner's param_space: {dotted key: ray.tune domain}."""
@@ -247,12 +272,22 @@ def _settings(data: Any, where: str, overrides: dict) -> TuneSettings:
                                  f"got {value!r}")
             out.metric = value
             continue
+        if name == "clock":
+            if value not in CLOCKS:
+                raise SweepError(f"{where}: tune.clock: expected one of {', '.join(CLOCKS)}, got {value!r}")
+            out.clock = value
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SweepError(f"{where}: tune.{name}: expected a number, got {value!r}")
         if isinstance(default, int) and not isinstance(value, int):
             raise SweepError(f"{where}: tune.{name}: expected an integer, got {value!r}")
         setattr(out, name, type(default)(value))
-    checks = [("num_samples", 1), ("grace_period", 1), ("reduction_factor", 2), ("max_concurrent", 0),
+    if out.clock == "epochs" and out.grace_period != int(out.grace_period):
+        raise SweepError(f"{where}: tune.grace_period: expected whole epochs, got {out.grace_period!r} "
+                         f"(minutes need tune.clock: minutes)")
+    if out.grace_period <= 0:
+        raise SweepError(f"{where}: tune.grace_period must be > 0, got {out.grace_period!r}")
+    checks = [("num_samples", 1), ("reduction_factor", 2), ("max_concurrent", 0),
               ("workers_per_trial", 1), ("gpus_per_trial", 0), ("max_failures", -1)]
     for name, lo in checks:
         if getattr(out, name) < lo:
@@ -308,6 +343,12 @@ def load_sweep(
     space = [parse_dimension(str(k), v, base, f"{path}: search.{k}") for k, v in search.items()]
     cli = {k: v for k, v in (tune_overrides or {}).items() if v is not None}
     settings = _settings(data.get("tune"), str(path), {**tune_set, **cli})
+    if settings.clock == "minutes":
+        if not base["train"]["time_limit_min"] > 0:
+            raise SweepError(f"{path}: tune.clock: minutes needs a time budget (train.time_limit_min > 0)")
+        if any(d.key == "train.time_limit_min" for d in space):
+            raise SweepError(f"{path}: search.train.time_limit_min: on the minutes clock every trial has "
+                             f"the same budget (ASHA's max_t)")
     quick = data.get("quickstart_data") or ""
     if not isinstance(quick, str):
         raise SweepError(f"{path}: quickstart_data: expected a folder path, got {quick!r}")

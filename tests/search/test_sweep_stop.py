@@ -182,3 +182,72 @@ def test_tune_metric_and_min_signal_are_checked(tmp_path):
         load_sweep(write({"metric": "loss"}))
     with pytest.raises(SweepError, match=r"tune\.min_signal must be in \[0, 1\), got 1\.5"):
         load_sweep(write({"min_signal": 1.5}))
+
+
+def test_the_minutes_clock_compares_trials_at_equal_training_time():
+    """Two trials of one time budget: "big" (large images) gains more mAP50 per epoch but takes 60 s
+    an epoch, "small" takes 20 s an epoch and is ahead at every minute. ASHA on epochs keeps big and
+    stops small at the epoch-2 rung; on minutes (tune.clock: minutes) it compares both at 2 minutes
+    of training and stops big instead."""
+    from ray.tune.schedulers import TrialScheduler
+
+    from rtrain.search.driver import tune_result
+    from rtrain.search.spec import MINUTES_ATTR
+    from rtrain.search.stopping import SignalASHA
+
+    def rows(epoch_s: float, map50_per_epoch: float, epochs: int) -> list[dict]:
+        last = dict.fromkeys(EARLY_METRICS, 0.0)
+        return [tune_result({"epoch": e, "evaluated": True, "mAP": 0.0, "elapsed_s": (e + 1) * epoch_s,
+                             "mAP50": min(0.9, (e + 1) * map50_per_epoch), "AR100": 0.0}, last)
+                for e in range(epochs)]
+
+    curves = {"big": rows(60.0, 0.15, 8), "small": rows(20.0, 0.08, 24)}  # 8 minutes each
+    assert curves["big"][1]["mAP50"] > curves["small"][1]["mAP50"]  # ahead at epoch 2 ...
+    assert curves["small"][5]["mAP50"] > curves["big"][1]["mAP50"]  # ... behind at 2 minutes
+
+    def cut(time_attr: str, max_t: float, grace: float, order: tuple[str, str]) -> set[str]:
+        """The trials stopped before their budget ran out, the trials run one at a time in `order`."""
+        s = SignalASHA(min_signal=0.05, time_attr=time_attr, max_t=max_t, grace_period=grace,
+                       reduction_factor=2)
+        s.set_search_properties("mAP50", "max")
+        out = set()
+        for name in order:
+            s.on_trial_add(None, FakeTrial(name))
+            for k, row in enumerate(curves[name]):
+                if s.on_trial_result(None, FakeTrial(name), row) == TrialScheduler.STOP:
+                    out |= {name} if k < len(curves[name]) - 1 else set()
+                    break
+        return out
+
+    assert curves["small"][5][MINUTES_ATTR] == pytest.approx(2.0)
+    for order in (("big", "small"), ("small", "big")):
+        # ASHA only compares with trials already at the rung: the first trial always goes on.
+        assert cut(TIME_ATTR, 24, 2, order) == ({"small"} if order[0] == "big" else set())
+        assert cut(MINUTES_ATTR, 8.0, 2.0, order) == ({"big"} if order[0] == "small" else set())
+
+
+def test_the_minutes_clock_is_checked(tmp_path):
+    base = {"model": {"name": "compact_n"}, "data": {"train": "d/train", "val": "d/val"},
+            "train": {"epochs": 1000, "time_limit_min": 8.0}}
+
+    def write(tune: dict, search=None, train=None) -> Path:
+        path = tmp_path / "s.yaml"
+        doc_base = {**base, "train": {**base["train"], **(train or {})}}
+        search = search or {"train.lr": {"choice": [0.01]}}
+        path.write_text(yaml.safe_dump({"base": doc_base, "search": search, "tune": tune}))
+        return path
+
+    spec = load_sweep(write({"clock": "minutes", "grace_period": 2.5}))
+    assert (spec.time_attr, spec.max_t, spec.grace_period) == ("minutes_done", 8.0, 2.5)
+    epochs = load_sweep(write({"grace_period": 3}))
+    assert (epochs.time_attr, epochs.max_t, epochs.grace_period) == ("epochs_done", 1000, 3)
+    with pytest.raises(SweepError, match=r"s\.yaml: tune\.clock: expected one of epochs, minutes, got 'hour"):
+        load_sweep(write({"clock": "hours"}))
+    with pytest.raises(SweepError, match=r"tune\.grace_period: expected whole epochs, got 2\.5"):
+        load_sweep(write({"grace_period": 2.5}))
+    with pytest.raises(SweepError, match=r"tune\.clock: minutes needs a time budget"):
+        load_sweep(write({"clock": "minutes"}, train={"time_limit_min": 0.0}))
+    with pytest.raises(SweepError, match=r"search\.train\.time_limit_min: on the minutes clock"):
+        load_sweep(write({"clock": "minutes"}, search={"train.time_limit_min": {"choice": [4.0, 8.0]}}))
+    with pytest.raises(SweepError, match=r"tune\.grace_period must be > 0"):
+        load_sweep(write({"clock": "minutes", "grace_period": 0}))
