@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -81,7 +82,8 @@ def run_rtrain(train_dir: Path, test_dir: Path, budget_min: float, work: Path) -
     model = build_detector(cfg, len(read_manifest(train_dir)["classes"]))
     return {"model": f"rtrain {cfg.model.name}", "params": count_params(model), "size": cfg.data.img_size,
             "gflops": count_gflops(model, cfg.data.img_size), "images_per_s": images / max(train_s, 1e-9),
-            "train_s": train_s, "epochs": len(rows), "mAP": metrics["mAP"], "mAP50": metrics["mAP50"]}
+            "train_s": train_s, "epochs": len(rows), "images": images, "mAP": metrics["mAP"],
+            "mAP50": metrics["mAP50"]}
 
 
 # ----------------------------------------------------------------------------- SSDLite
@@ -152,7 +154,8 @@ def train_ssdlite(model, train_dir: Path, budget_s: float, batch_size: int) -> d
             raise SystemExit(f"train_bccd: {train_dir} gave no batch of {batch_size} images")
         epoch += 1
     train_s = time.perf_counter() - start
-    return {"images_per_s": images / train_s, "train_s": train_s, "epochs": epoch, "steps": step}
+    return {"images_per_s": images / train_s, "train_s": train_s, "epochs": epoch, "steps": step,
+            "images": images}
 
 
 def evaluate_ssdlite(model, test_dir: Path) -> dict:
@@ -200,27 +203,35 @@ def main(argv=None) -> int:
             BCCD, work, 32 if args.smoke else None, 16 if args.smoke else None, "train_bccd")
         print(f"SSDLite: training {args.budget_min:g} min in-process ...", flush=True)
         ssd = run_ssdlite(train_dir, test_dir, args.budget_min, args.batch_size)
+        ssd["load_avg"] = os.getloadavg()[1]  # 5-minute mean, taken as each side's training ends
         print(f"SSDLite: mAP {ssd['mAP']:.4f}. rtrain: training {args.budget_min:g} min", flush=True)
         try:
             ours = run_rtrain(train_dir, test_dir, args.budget_min, work)
+            ours["load_avg"] = os.getloadavg()[1]
         except FitError as exc:
             print(f"train_bccd: rtrain: {exc}", file=sys.stderr)
             return 1
 
     print(f"\nBCCD test split, {args.budget_min:g} min training budget each"
           f"{' (SMOKE: 32 train / 16 test images)' if args.smoke else ''}")
-    header = (f"{'model':<24} {'params M':>8} {'GFLOPs@input':>13} {'epochs':>6} {'train s':>7} "
-              f"{'img/s':>6} {'mAP':>6} {'mAP50':>6}")
+    header = (f"{'model':<24} {'params M':>8} {'GFLOPs@input':>13} {'epochs':>6} {'images':>7} "
+              f"{'train s':>7} {'img/s':>6} {'load':>5} {'mAP':>6} {'mAP50':>6}")
     print(header + "\n" + "-" * len(header))
     for r in (ours, ssd):
         flops = f"{r['gflops']:.3f}@{r['size']}"
-        print(f"{r['model']:<24} {r['params'] / 1e6:>8.3f} {flops:>13} {r['epochs']:>6} {r['train_s']:>7.0f} "
-              f"{r['images_per_s']:>6.1f} {r['mAP']:>6.3f} {r['mAP50']:>6.3f}")
+        print(f"{r['model']:<24} {r['params'] / 1e6:>8.3f} {flops:>13} {r['epochs']:>6} {r['images']:>7} "
+              f"{r['train_s']:>7.0f} {r['images_per_s']:>6.1f} {r['load_avg']:>5.1f} {r['mAP']:>6.3f} "
+              f"{r['mAP50']:>6.3f}")
+    print(f"rtrain / SSDLite mAP: {ours['mAP'] / max(ssd['mAP'], 1e-9):.2f}x; load = 5-minute load average "
+          f"as each side's training ended, on {os.cpu_count()} cores")
     summary = {"rtrain_mAP": round(ours["mAP"], 4), "ssdlite_mAP": round(ssd["mAP"], 4),
                "budget_min": args.budget_min, "rtrain_mAP50": round(ours["mAP50"], 4),
                "ssdlite_mAP50": round(ssd["mAP50"], 4), "rtrain_images_per_s": round(ours["images_per_s"], 2),
                "ssdlite_images_per_s": round(ssd["images_per_s"], 2), "rtrain_epochs": ours["epochs"],
-               "ssdlite_epochs": ssd["epochs"], "smoke": args.smoke}
+               "ssdlite_epochs": ssd["epochs"], "rtrain_images": ours["images"],
+               "ssdlite_images": ssd["images"],
+               "mAP_ratio": round(ours["mAP"] / max(ssd["mAP"], 1e-9), 3),
+               "load_avg": [round(ssd["load_avg"], 1), round(ours["load_avg"], 1)], "smoke": args.smoke}
     print(json.dumps(summary))
     return 0
 
