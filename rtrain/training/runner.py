@@ -430,8 +430,9 @@ def build_trainer(
         decode_fn=DecodeAugment if decode == "cpu" else None, decode_kwargs=kwargs,
         decode_actors=actors, cpus_per_actor=cfg.data.cpus_per_actor,
     )
-    logger.info("data: %d images, %d per epoch in batches of %d per worker; decode on %s%s", plan.num_rows,
-                plan.rows_per_epoch, plan.batch_rows, decode,
+    logger.info("data: %d images, %d per epoch in batches of %s per worker (decoded in blocks of %d); "
+                "decode on %s%s", plan.num_rows, plan.rows_per_epoch, cfg.train.batch_size, plan.batch_rows,
+                decode,
                 f" ({actors} Ray actors)" if decode == "cpu" else " (in the train workers)")
     trainer = TorchTrainer(
         train_fn or train_loop,

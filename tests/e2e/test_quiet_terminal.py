@@ -50,7 +50,8 @@ KEPT_LINES = [
     "epoch 1/9  25.1s  loss 2.3100 (cls 1.000 box 0.500 dfl 0.800)  mAP -  lr 0.00100  19.0 img/s  "
     "data-wait 4%  ETA 0:02:10",
     "epoch 3 step 40/120 31.5 img/s loss 2.310 data-wait 4% ETA 0:00:28",
-    "data: 480 images, 480 per epoch in batches of 16 per worker; decode on cpu (1 Ray actors)",
+    "data: 480 images, 480 per epoch in batches of 8 per worker (decoded in blocks of 16); decode on cpu "
+    "(1 Ray actors)",
     "Traceback (most recent call last):",
     "ray.train.WorkerGroupError: Training failed due to worker errors:",
     "RuntimeError: [gloo/transport/tcp/pair.cc:534] Read error: Connection reset by peer.",
