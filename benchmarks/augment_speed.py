@@ -1,6 +1,8 @@
-"""Per-image CPU cost of decode and augment: the PIL path (`rtrain.data.batches.DecodeAugment`: PIL decode
-+ numpy/PIL `Augmenter`) against torchvision.io decode + `rtrain.data.augment_tensor.TensorAugmenter`
-(`rtrain.data.device_decode.DeviceDecodeAugment`), on the same shard rows, one thread.
+"""Per-image CPU cost of decode and augment: the CPU path (`rtrain.data.batches.DecodeAugment`:
+`rtrain.data.jpeg.decode_rgb` + numpy/PIL `Augmenter`), the same with every JPEG decoded at full
+size (`reduced_decode=False`, the path before DCT-reduced decode), and torchvision.io decode +
+`rtrain.data.augment_tensor.TensorAugmenter` (`rtrain.data.device_decode.DeviceDecodeAugment`), on
+the same shard rows, one thread.
 
 Shards: BCCD when ../shared/data/bccd exists, else the synthetic shapes, stored at --stored px,
 written to a temp dir. Each figure is the best of --repeats passes over the same batches.
@@ -9,22 +11,21 @@ Modes: val (letterbox), train (default recipe, no mosaic), train with mosaic 0.5
     python benchmarks/augment_speed.py --images 64 --batch 32 --img-size 320
 
 Prints a table, then as its last line one JSON object: {"pil": {mode: {decode_ms, augment_ms,
-total_ms}}, "tensor": {...}, ...} in ms per image.
+total_ms}}, "pil_full": {...}, "tensor": {...}, ...} in ms per image.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,27 +34,26 @@ from benchmarks.bench_shards import make_bench_shards, read_rows, row_batches  #
 from rtrain.data.augment import Augmenter, AugmentParams, Sample  # noqa: E402
 from rtrain.data.augment_tensor import TensorAugmenter  # noqa: E402
 from rtrain.data.device_decode import DeviceDecodeAugment, decode_jpegs, raw_collate  # noqa: E402
+from rtrain.data.jpeg import decode_rgb  # noqa: E402
 
 MODES = {"val": (False, 0.0), "train": (True, 0.0), "train_mosaic": (True, 0.5)}
 
 
-def _pil_decode(jpeg: bytes) -> np.ndarray:  # as rtrain.data.batches._decode
-    with Image.open(io.BytesIO(jpeg)) as im:
-        return np.asarray(im.convert("RGB"))
-
-
-def time_pil(batches, train: bool, params: AugmentParams, size: int) -> dict[str, float]:
+def time_pil(batches, train: bool, params: AugmentParams, size: int,
+             reduced: bool = True) -> dict[str, float]:
     from rtrain.data.batches import DecodeAugment  # imports Ray's collate base; the PIL path needs it anyway
 
     aug = Augmenter(size, train, params, seed=0)
-    end_to_end = DecodeAugment(train=train, img_size=size, aug=params, seed=0, epoch=0)
+    end_to_end = DecodeAugment(train=train, img_size=size, aug=params, seed=0, epoch=0,
+                               reduced_decode=reduced)
     decode = augment = total = 0.0
     for b in batches:
         t0 = time.perf_counter()
-        images = [_pil_decode(j) for j in b["jpeg"]]
+        decoded = [decode_rgb(j, size if reduced else None) for j in b["jpeg"]]
         t1 = time.perf_counter()
-        samples = [Sample(im, np.asarray(bx, np.float32), lb, cr)
-                   for im, bx, lb, cr in zip(images, b["boxes"], b["labels"], b["iscrowd"], strict=True)]
+        samples = [Sample(im, np.asarray(bx, np.float32), lb, cr, reduced=k, full_hw=hw)
+                   for (im, k, hw), bx, lb, cr in zip(decoded, b["boxes"], b["labels"], b["iscrowd"],
+                                                      strict=True)]
         aug(samples, [int(i) for i in b["image_id"]], 0)
         t2 = time.perf_counter()
         end_to_end(b)
@@ -99,10 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     if n == 0:
         raise SystemExit(f"need at least --batch {args.batch} images, got {len(rows['image_id'])}")
     stored = sorted({(int(w), int(h)) for w, h in zip(rows["width"], rows["height"], strict=True)})
-    results: dict[str, dict] = {"pil": {}, "tensor": {}}
+    results: dict[str, dict] = {"pil": {}, "pil_full": {}, "tensor": {}}
+    full = partial(time_pil, reduced=False)
     for mode, (train, mosaic) in MODES.items():
         params = AugmentParams(mosaic=mosaic)
-        for path, fn in (("pil", time_pil), ("tensor", time_tensor)):
+        for path, fn in (("pil", time_pil), ("pil_full", full), ("tensor", time_tensor)):
             fn(batches[:1], train, params, args.img_size)  # warm-up (imports, allocator, caches)
             runs = [fn(batches, train, params, args.img_size) for _ in range(args.repeats)]
             results[path][mode] = {
@@ -115,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         for mode, r in modes.items():
             print(f"{path:<8} {mode:<13} {r['decode_ms']:>14.2f} {r['augment_ms']:>15.2f} "
                   f"{r['total_ms']:>18.2f}")
-    print("end-to-end: DecodeAugment (PIL) / raw_collate + DeviceDecodeAugment (tensor) on the same batches")
+    print("end-to-end: DecodeAugment (pil: reduced decode; pil_full: reduced_decode=False) / raw_collate + "
+          "DeviceDecodeAugment (tensor) on the same batches")
     print(json.dumps({
         "source": source, "images": n, "img_size": args.img_size, "batch": args.batch,
         "threads": args.threads, "repeats": args.repeats, **results,

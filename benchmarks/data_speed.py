@@ -5,15 +5,19 @@ Both sides do the same work per image: decode a 640x480 BCCD JPEG, apply the sam
 dict (`rtrain.data.batches.collate`). Ray: Parquet shards (written by `python -m data_prep.shard` in a
 temp dir) -> the train stream `rtrain.fit` uses (`rtrain.data.epoch_stream`, N decode tasks, one
 execution over all epochs) -> `iter_torch_batches`. DataLoader: a map-style Dataset over the
-JPEG files + VOC XML, `num_workers` = N persistent workers, shuffled; it runs before and after
-the Ray side and its figure is over both, so a change of machine load between them does not
-read as a ratio. The first epoch of each run is a warm-up (process start, imports); the figure
-is over the following epochs. Also printed:
-img/s per decode process against one core's decode-only limit (`torchvision.io.decode_jpeg`).
+JPEG files + VOC XML, `num_workers` = N persistent workers, shuffled, decoding with PIL as
+torchvision's references do; it runs before and after the Ray side and its figure is over both,
+so a change of machine load between them does not read as a ratio. A third run gives the
+DataLoader rtrain's own decode (`rtrain.data.jpeg.decode_rgb`: DCT-reduced JPEG decode when the
+letterbox shrinks by 2 or more), so the ratio of the two paths at equal decode is printed too.
+The first epoch of each run is a warm-up (process start, imports); the figure is over the
+following epochs. Also printed:
+img/s per decode process against one core's decode-only limit (`torchvision.io.decode_jpeg`, full
+size; and PIL's reduced decode at the run's image size).
 
     python benchmarks/data_speed.py --actors 2 --epochs 4 --img-size 320
 
-Last line: JSON with ray_img_s, dataloader_img_s, ratio (ray / dataloader).
+Last line: JSON with ray_img_s, dataloader_img_s, ratio (ray / dataloader), ratio_same_decode.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from rtrain.data.augment import Augmenter, AugmentParams, Sample  # noqa: E402
 from rtrain.data.batches import DetectionCollate, collate  # noqa: E402
+from rtrain.data.jpeg import decode_rgb  # noqa: E402
 
 BCCD = ROOT.parent / "shared" / "data" / "bccd"
 CLASSES = ["RBC", "WBC", "Platelets"]
@@ -65,7 +70,9 @@ def make_shards(out: Path, rows_per_shard: int) -> None:
 class VocJpegs(torch.utils.data.Dataset):
     """Raw BCCD: one item = decoded + augmented image as the same row dict DecodeAugment makes."""
 
-    def __init__(self, root: Path, img_size: int, aug: AugmentParams, seed: int, epoch: int):
+    def __init__(self, root: Path, img_size: int, aug: AugmentParams, seed: int, epoch: int,
+                 decode: str = "pil"):
+        self.decode, self.img_size = decode, img_size
         self.items = []
         for i, xml in enumerate(sorted((root / "Annotations").glob("*.xml"))):
             r = ET.parse(xml).getroot()
@@ -87,10 +94,14 @@ class VocJpegs(torch.utils.data.Dataset):
         from PIL import Image
 
         image_id, path, boxes, labels = self.items[k]
-        with Image.open(path) as im:
-            image = np.asarray(im.convert("RGB"))
-        h, w = image.shape[:2]
-        s = self.augmenter([Sample(image, boxes, labels, [False] * len(labels))], [image_id], self.epoch)[0]
+        if self.decode == "pil":
+            with Image.open(path) as im:
+                image = np.asarray(im.convert("RGB"))
+            (h, w), reduced = image.shape[:2], 1
+        else:
+            image, reduced, (h, w) = decode_rgb(path.read_bytes(), self.img_size)
+        sample = Sample(image, boxes, labels, [False] * len(labels), reduced=reduced, full_hw=(h, w))
+        s = self.augmenter([sample], [image_id], self.epoch)[0]
         return {
             "image": s.image,
             "boxes": s.boxes.reshape(-1),
@@ -132,9 +143,9 @@ def run_ray(shards: Path, args, aug: AugmentParams) -> list[tuple[float, int]]:
     return times
 
 
-def run_dataloader(args, aug: AugmentParams) -> list[tuple[float, int]]:
+def run_dataloader(args, aug: AugmentParams, decode: str = "pil") -> list[tuple[float, int]]:
     """The peer as its users run it: shuffled, `num_workers` processes kept across epochs."""
-    ds = VocJpegs(BCCD, args.img_size, aug, seed=0, epoch=0)
+    ds = VocJpegs(BCCD, args.img_size, aug, seed=0, epoch=0, decode=decode)
     loader = torch.utils.data.DataLoader(
         ds, batch_size=args.batch_size, shuffle=True, num_workers=args.actors, collate_fn=collate_rows,
         prefetch_factor=2, persistent_workers=True, drop_last=True,
@@ -148,17 +159,22 @@ def run_dataloader(args, aug: AugmentParams) -> list[tuple[float, int]]:
     return times
 
 
-def decode_only_img_s(shards: Path, seconds: float = 5.0) -> float:
-    """The decode-only limit of one core: torchvision.io.decode_jpeg over the stored JPEGs."""
+def decode_only_img_s(shards: Path, longer_side: int | None = None, seconds: float = 5.0) -> float:
+    """The decode-only limit of one core over the stored JPEGs: torchvision.io.decode_jpeg at full
+    size, or (`longer_side`) `decode_rgb`'s DCT-reduced decode for that letterbox size."""
     import pyarrow.parquet as pq
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    jpegs = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for f in sorted(shards.glob("*.parquet"))
-             for b in pq.read_table(f, columns=["jpeg"])["jpeg"].to_pylist()]
+    raw = [b for f in sorted(shards.glob("*.parquet"))
+           for b in pq.read_table(f, columns=["jpeg"])["jpeg"].to_pylist()]
+    jpegs = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in raw]
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        for data in jpegs:
-            decode_jpeg(data, mode=ImageReadMode.RGB)
+        for k, data in enumerate(jpegs):
+            if longer_side:
+                decode_rgb(raw[k], longer_side)
+            else:
+                decode_jpeg(data, mode=ImageReadMode.RGB)
             n += 1
     return n / (time.perf_counter() - t0)
 
@@ -188,6 +204,7 @@ def main() -> None:
         make_shards(shards, rows_per_shard=64)
         print(f"shards: {len(list(shards.glob('*.parquet')))} files in {time.perf_counter() - t:.1f} s")
         decode_limit = decode_only_img_s(shards)
+        reduced_limit = decode_only_img_s(shards, args.img_size)
         # The DataLoader runs before and after Ray, and its figure is the mean of both: on a shared
         # machine a change of load between two back-to-back runs would otherwise read as a ratio.
         dl_before = run_dataloader(args, aug)
@@ -204,11 +221,13 @@ def main() -> None:
         finally:
             ray.shutdown()
         dl_after = run_dataloader(args, aug)
+        dl_same = run_dataloader(args, aug, decode="rtrain")
     dl = dl_before + dl_after[1:]
 
     rows = [("ray data train stream (shards)", rt, _rate(rt)),
             ("torch DataLoader (jpegs), before", dl_before, _rate(dl_before)),
-            ("torch DataLoader (jpegs), after", dl_after, _rate(dl_after))]
+            ("torch DataLoader (jpegs), after", dl_after, _rate(dl_after)),
+            ("DataLoader, rtrain's decode, after", dl_same, _rate(dl_same))]
     print(
         f"\nload average at end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
         f"{args.actors} processes per side, img_size {args.img_size}, batch {args.batch_size}"
@@ -221,14 +240,20 @@ def main() -> None:
     per_cpu = ray_rate / args.actors
     print(f"ray img/s per decode process {per_cpu:.1f}; decode-only limit of one core "
           f"(torchvision.io.decode_jpeg, stored 640 px JPEGs) {decode_limit:.1f} img/s "
-          f"({per_cpu / decode_limit:.0%} of it)")
+          f"({per_cpu / decode_limit:.0%} of it); reduced decode for {args.img_size} px "
+          f"(rtrain.data.jpeg) {reduced_limit:.1f} img/s")
+    print(f"ratio ray / DataLoader: {ray_rate / dl_rate:.2f}x (PIL decode); "
+          f"{ray_rate / rows[3][2]:.2f}x (both with rtrain's decode)")
     figures = {
         "ray_img_s": round(ray_rate, 1),
         "dataloader_img_s": round(dl_rate, 1),
         "dataloader_img_s_before_after": [round(rows[1][2], 1), round(rows[2][2], 1)],
         "ratio": round(ray_rate / dl_rate, 3),
+        "dataloader_same_decode_img_s": round(rows[3][2], 1),
+        "ratio_same_decode": round(ray_rate / rows[3][2], 3),
         "ray_img_s_per_decode_cpu": round(per_cpu, 1),
         "decode_only_img_s_one_core": round(decode_limit, 1),
+        "reduced_decode_img_s_one_core": round(reduced_limit, 1),
         "first_epoch_s": {"ray": round(rt[0][0], 1), "dataloader": round(dl_before[0][0], 1)},
         "processes": args.actors,
         "img_size": args.img_size,

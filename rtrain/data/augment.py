@@ -44,6 +44,16 @@ class Sample:
     iscrowd: np.ndarray  # bool [M]
     scale: float = 1.0
     pad: tuple[float, float] = (0.0, 0.0)
+    # `image` may be the current image decoded at 1/reduced of its size (JPEG DCT scaling, see
+    # `rtrain.data.batches.decode_rgb`): boxes, scale and pad still refer to the full-size image of
+    # (height, width) `full_hw`, and only the first resize (`letterbox`, `mosaic4`) reads it.
+    reduced: int = 1
+    full_hw: tuple[int, int] | None = None
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """(height, width) of the image the boxes refer to."""
+        return self.full_hw if self.full_hw is not None else self.image.shape[:2]
 
     def __post_init__(self) -> None:
         self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
@@ -54,6 +64,11 @@ class Sample:
                 f"boxes/labels/iscrowd lengths differ: {len(self.boxes)}/{len(self.labels)}/"
                 f"{len(self.iscrowd)}"
             )
+        if self.reduced != 1:
+            h, w = self.full_hw or (0, 0)
+            if self.image.shape[:2] != (-(-h // self.reduced), -(-w // self.reduced)):
+                raise ValueError(f"a {self.image.shape[0]}x{self.image.shape[1]} image is not a "
+                                 f"1/{self.reduced} decode of {h}x{w}")
 
 
 @dataclass(frozen=True)
@@ -84,14 +99,20 @@ def sample_rng(seed: int, epoch: int, image_id: int) -> np.random.Generator:
 # ---------------------------------------------------------------- geometry helpers
 
 
-def _resize_exact(image: np.ndarray, r: float) -> np.ndarray:
-    """Resize by exactly `r` (x_out = r * x_in) to (floor(w r), floor(h r)), bilinear (antialiased)."""
-    h, w = image.shape[:2]
-    if r == 1.0:
+def _resize_exact(image: np.ndarray, r: float, reduced: int = 1,
+                  full_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Resize by exactly `r` (x_out = r * x_in) to (floor(w r), floor(h r)), bilinear (antialiased).
+
+    `reduced` > 1: `image` is a 1/reduced decode of a `full_hw` image (`Sample.reduced`); the output
+    is that full-size image's resize, read from the smaller one (x_full = reduced * x_image)."""
+    h, w = full_hw if reduced != 1 else image.shape[:2]
+    if r == 1.0 and reduced == 1:
         return image
     # floor keeps the source box inside the image; `box` makes the scale exactly r in both axes.
     nw, nh = max(1, math.floor(w * r + 1e-6)), max(1, math.floor(h * r + 1e-6))
-    box = (0.0, 0.0, min(nw / r, w), min(nh / r, h))
+    box = (0.0, 0.0, min(nw / r, w) / reduced, min(nh / r, h) / reduced)
+    if (nh, nw) == image.shape[:2] and box == (0.0, 0.0, float(nw), float(nh)):
+        return image  # r * reduced == 1: the DCT already made this size
     return np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR, box=box))
 
 
@@ -140,9 +161,9 @@ def letterbox(sample: Sample, size: int, canvas: tuple[int, int] | None = None) 
 
     Boxes follow exactly: `new = old * r + (left, top)`; `scale`/`pad` accumulate that mapping.
     """
-    h, w = sample.image.shape[:2]
+    h, w = sample.hw
     r = size / max(h, w)
-    image = _resize_exact(sample.image, r)
+    image = _resize_exact(sample.image, r, sample.reduced, sample.full_hw)
     nh, nw = image.shape[:2]
     ch, cw = canvas if canvas is not None else (size, size)
     if nh > ch or nw > cw:
@@ -152,7 +173,8 @@ def letterbox(sample: Sample, size: int, canvas: tuple[int, int] | None = None) 
     canvas[top : top + nh, left : left + nw] = image
     boxes = sample.boxes * np.float32(r) + np.array([left, top, left, top], dtype=np.float32)
     pad = (sample.pad[0] * r + left, sample.pad[1] * r + top)
-    return replace(sample, image=canvas, boxes=boxes, scale=sample.scale * r, pad=pad)
+    return replace(sample, image=canvas, boxes=boxes, scale=sample.scale * r, pad=pad,
+                   reduced=1, full_hw=None)
 
 
 def hflip(sample: Sample) -> Sample:
@@ -236,8 +258,8 @@ def mosaic4(samples: list[Sample], rng: np.random.Generator, size: int) -> tuple
     canvas = np.full((big, big, 3), PAD_VALUE, dtype=np.uint8)
     all_boxes, all_ref, all_labels, all_crowd = [], [], [], []
     for i, sample in enumerate(samples):
-        h, w = sample.image.shape[:2]
-        image = _resize_exact(sample.image, size / max(h, w))
+        h, w = sample.hw
+        image = _resize_exact(sample.image, size / max(h, w), sample.reduced, sample.full_hw)
         nh, nw = image.shape[:2]
         ox = xc - nw if i in (0, 2) else xc  # tile origin on the canvas, may be negative
         oy = yc - nh if i in (0, 1) else yc

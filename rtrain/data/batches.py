@@ -42,7 +42,6 @@ outside 0..C-1 is dropped at decode (`rtrain.data.target_checks`); each row coun
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Iterator
 from dataclasses import replace
@@ -51,7 +50,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 # The shard format (schema, manifest reader, ShardError) lives in data_prep.shard_format, shared with
@@ -70,6 +68,7 @@ from data_prep.shard_format import (  # noqa: F401
 from rtrain import storage
 from rtrain.data.augment import Augmenter, AugmentParams, Sample, rect_canvas
 from rtrain.data.close_mosaic import mosaic_on
+from rtrain.data.jpeg import DECODE_ERRORS, decode_rgb
 from rtrain.data.target_checks import clean_targets
 
 log = logging.getLogger(__name__)
@@ -190,11 +189,6 @@ def set_epoch(clock, epoch: int) -> None:
     ray.get(clock.set.remote(epoch))
 
 
-def _decode(jpeg: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(jpeg)) as im:
-        return np.asarray(im.convert("RGB"))
-
-
 class DecodeAugment:
     """Callable for `map_batches(batch_format="numpy")`: decodes each row's JPEG, augments (train)
     or letterboxes (val) to img_size x img_size, and returns the row format of the module doc.
@@ -205,15 +199,19 @@ class DecodeAugment:
     None = never, an int, or an EpochClock handle asked once per batch (time-limited runs).
     `rect` (val only): each call's images share one canvas of `rtrain.data.augment.rect_canvas` (the
     call's largest resized height and width rounded up to 32) instead of img_size x img_size.
+    `reduced_decode`: decode a JPEG at 1/2, 1/4 or 1/8 in the DCT when the first resize shrinks it
+    at least that much (`rtrain.data.jpeg`); boxes, scale and pad are the same either way, pixels
+    differ by resampling only. False: always full size (the exact twin of the GPU path's pixels).
     """
 
     def __init__(
         self, *, train: bool, img_size: int, aug: AugmentParams | None = None, seed: int = 0, epoch=0,
-        num_classes: int | None = None, no_mosaic_from=None, rect: bool = False,
+        num_classes: int | None = None, no_mosaic_from=None, rect: bool = False, reduced_decode: bool = True,
     ) -> None:
         if rect and train:
             raise ValueError("DecodeAugment: rect=True is for evaluation only (train=False)")
         self.rect = rect
+        self.decode_size = img_size if reduced_decode else None
         params = aug or AugmentParams()
         self.augmenter = Augmenter(img_size=img_size, train=train, params=params, seed=seed)
         self.plain = Augmenter(img_size=img_size, train=train, params=replace(params, mosaic=0.0), seed=seed)
@@ -243,8 +241,8 @@ class DecodeAugment:
         samples, rows, dropped_per_row = [], [], []
         for i in range(len(batch["image_id"])):
             try:
-                image = _decode(batch["jpeg"][i])
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
+                image, reduced, (h, w) = decode_rgb(batch["jpeg"][i], self.decode_size)
+            except DECODE_ERRORS as e:
                 self.skipped += 1
                 log.warning(
                     "image_id %s (%s): undecodable JPEG skipped: %s",
@@ -254,15 +252,14 @@ class DecodeAugment:
                 )
                 continue
             boxes, labels, crowd, dropped = clean_targets(
-                batch["boxes"][i], batch["labels"][i], batch["iscrowd"][i], image.shape[1], image.shape[0],
-                self.num_classes,
+                batch["boxes"][i], batch["labels"][i], batch["iscrowd"][i], w, h, self.num_classes,
             )
             if dropped:
                 self.dropped_targets += dropped
                 log.warning("image_id %s (%s): %d box(es) with non-finite coordinates, outside the image "
                             "or with a label outside 0..C-1 dropped", batch["image_id"][i],
                             batch["file_name"][i], dropped)
-            samples.append(Sample(image, boxes, labels, crowd))
+            samples.append(Sample(image, boxes, labels, crowd, reduced=reduced, full_hw=(h, w)))
             dropped_per_row.append(dropped)
             rows.append(i)
         ids = [int(batch["image_id"][i]) for i in rows]
@@ -271,7 +268,7 @@ class DecodeAugment:
         else:
             epochs = [epoch] * len(rows)
         first_free = self._first_free(max(epochs)) if epochs and self.no_mosaic_from is not None else None
-        canvas = rect_canvas([s.image.shape[:2] for s in samples], self.augmenter.img_size) \
+        canvas = rect_canvas([s.hw for s in samples], self.augmenter.img_size) \
             if self.rect else None
         out = [(self.augmenter if mosaic_on(epochs[k], first_free) else self.plain).one(
             samples, k, ids[k], epochs[k], canvas) for k in range(len(samples))]

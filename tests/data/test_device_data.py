@@ -48,7 +48,8 @@ def shard_rows(tmp_path_factory) -> dict[str, np.ndarray]:
 def _pil_path(rows: dict[str, np.ndarray], train: bool, params: AugmentParams, epoch: int) -> dict:
     from rtrain.data.batches import DecodeAugment, collate  # the PIL path this one twins
 
-    return collate(DecodeAugment(train=train, img_size=128, aug=params, seed=3, epoch=epoch)(rows))
+    return collate(DecodeAugment(train=train, img_size=128, aug=params, seed=3, epoch=epoch,
+                                 reduced_decode=False)(rows))
 
 
 def _jpeg(image: np.ndarray, mode: str = "RGB") -> bytes:
