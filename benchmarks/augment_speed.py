@@ -2,7 +2,8 @@
 `rtrain.data.jpeg.decode_rgb` + numpy/PIL `Augmenter`), the same with every JPEG decoded at full
 size (`reduced_decode=False`, the path before DCT-reduced decode), and torchvision.io decode +
 `rtrain.data.augment_tensor.TensorAugmenter` (`rtrain.data.device_decode.DeviceDecodeAugment`), on
-the same shard rows, one thread.
+the same shard rows, one thread. (`pil` val is the reduced decode too; fit's validation decodes
+at full size, the `pil_full` val row.)
 
 Shards: BCCD when ../shared/data/bccd exists, else the synthetic shapes, stored at --stored px,
 written to a temp dir. Each figure is the best of --repeats passes over the same batches.

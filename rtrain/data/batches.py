@@ -201,17 +201,20 @@ class DecodeAugment:
     call's largest resized height and width rounded up to 32) instead of img_size x img_size.
     `reduced_decode`: decode a JPEG at 1/2, 1/4 or 1/8 in the DCT when the first resize shrinks it
     at least that much (`rtrain.data.jpeg`); boxes, scale and pad are the same either way, pixels
-    differ by resampling only. False: always full size (the exact twin of the GPU path's pixels).
+    differ by resampling only. None (default) = for train only: val decodes at full size, so that
+    evaluation, `rtrain.predict` and exported inference see the same pixels. False: always full
+    size (the exact twin of the GPU path's pixels).
     """
 
     def __init__(
         self, *, train: bool, img_size: int, aug: AugmentParams | None = None, seed: int = 0, epoch=0,
-        num_classes: int | None = None, no_mosaic_from=None, rect: bool = False, reduced_decode: bool = True,
+        num_classes: int | None = None, no_mosaic_from=None, rect: bool = False,
+        reduced_decode: bool | None = None,
     ) -> None:
         if rect and train:
             raise ValueError("DecodeAugment: rect=True is for evaluation only (train=False)")
         self.rect = rect
-        self.decode_size = img_size if reduced_decode else None
+        self.decode_size = img_size if (train if reduced_decode is None else reduced_decode) else None
         params = aug or AugmentParams()
         self.augmenter = Augmenter(img_size=img_size, train=train, params=params, seed=seed)
         self.plain = Augmenter(img_size=img_size, train=train, params=replace(params, mosaic=0.0), seed=seed)

@@ -9,6 +9,7 @@
   covers stored pixels [reduced * x, reduced * (x + 1)). Fewer pixels decoded and resized.
   `rtrain.data.augment.Sample(reduced=, full_hw=)` carries it; letterbox/mosaic read it so boxes,
   scale and pad are exactly those of a full-size decode (only the pixels' resampling differs).
+  `rtrain.data.batches.DecodeAugment` asks for it in training only.
 - Otherwise (None, or a small reduction) the whole image is decoded by `torchvision.io.decode_jpeg`:
   the same libjpeg-turbo pixels as PIL (checked on BCCD: identical), in about half PIL's time.
   Images other than plain RGB/grey baseline JPEG go through PIL.

@@ -97,7 +97,8 @@ def test_the_full_size_decode_gives_pils_pixels(shared_data):
 def test_reduced_decode_keeps_every_box_scale_and_pad_exact(scenes, train, rect):
     size = 160
     params = AugmentParams(mosaic=0.5)
-    fast = DecodeAugment(train=train, img_size=size, aug=params, seed=4, epoch=3, rect=rect)
+    fast = DecodeAugment(train=train, img_size=size, aug=params, seed=4, epoch=3, rect=rect,
+                         reduced_decode=True)
     full = DecodeAugment(train=train, img_size=size, aug=params, seed=4, epoch=3, rect=rect,
                          reduced_decode=False)
     a, b = collate(fast(scenes)), collate(full(scenes))
@@ -110,7 +111,7 @@ def test_reduced_decode_keeps_every_box_scale_and_pad_exact(scenes, train, rect)
 
 
 def test_boxes_still_cover_their_rectangles_after_a_reduced_decode(scenes):
-    out = collate(DecodeAugment(train=False, img_size=160)(scenes))
+    out = collate(DecodeAugment(train=False, img_size=160, reduced_decode=True)(scenes))
     colours = torch.tensor([(250, 30, 30), (30, 250, 30), (30, 30, 250)], dtype=torch.float32)
     for i in range(len(out["image_id"])):
         for box, label in zip(out["boxes"][i], out["labels"][i], strict=True):
@@ -125,6 +126,18 @@ def test_boxes_still_cover_their_rectangles_after_a_reduced_decode(scenes):
         back = (out["boxes"][i, :k] - out["pad"][i].repeat(2)) / out["scale"][i]
         stored = torch.as_tensor(scenes["boxes"][i]).reshape(-1, 4)
         torch.testing.assert_close(back, stored, atol=1e-3, rtol=0)
+
+
+def test_train_decodes_reduced_and_val_at_full_size_by_default(scenes, monkeypatch):
+    import rtrain.data.batches as batches
+
+    sizes = []
+    monkeypatch.setattr(batches, "decode_rgb",
+                        lambda data, side: sizes.append(side) or decode_rgb(data, side))
+    DecodeAugment(train=True, img_size=160)(scenes)
+    DecodeAugment(train=False, img_size=160)(scenes)  # what evaluate and predict must agree on
+    n = len(scenes["image_id"])
+    assert sizes == [160] * n + [None] * n
 
 
 def test_a_sample_that_is_not_a_reduced_decode_of_its_size_is_refused():
