@@ -45,7 +45,7 @@ class Sample:
     scale: float = 1.0
     pad: tuple[float, float] = (0.0, 0.0)
     # `image` may be the current image decoded at 1/reduced of its size (JPEG DCT scaling, see
-    # `rtrain.data.batches.decode_rgb`): boxes, scale and pad still refer to the full-size image of
+    # `rtrain.data.jpeg.decode_rgb`): boxes, scale and pad still refer to the full-size image of
     # (height, width) `full_hw`, and only the first resize (`letterbox`, `mosaic4`) reads it.
     reduced: int = 1
     full_hw: tuple[int, int] | None = None
