@@ -27,6 +27,7 @@ import math
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
 
 DECODE_ERRORS = (OSError, ValueError, RuntimeError, SyntaxError, Image.DecompressionBombError)
 
@@ -41,8 +42,6 @@ def decode_rgb(data: bytes, longer_side: int | None = None) -> tuple[np.ndarray,
             reduced = round(w / drafted[1][2]) if drafted else 1
             return np.asarray(im.convert("RGB")), reduced, (h, w)
         if im.format == "JPEG" and im.mode in ("RGB", "L"):
-            from torchvision.io import ImageReadMode, decode_jpeg
-
             buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             image = decode_jpeg(buf, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
             if image.shape[:2] != (h, w):  # a header and a scan that disagree
