@@ -65,6 +65,9 @@ QUIET_RAY_LINES = "|".join([
     # The GCS's ERROR line about an actor on a node that is gone (after a lost node, e.g. an
     # elastic run's): there is nothing to kill, and the run's own lines say what it does next.
     "Failed to kill actor [0-9a-f]+, return status: Invalid: KillActor RPC failed",
+    # The raylet's note that a busy node started workers faster than it expected (a load
+    # remark about Ray's own worker pool, nothing the user can act on).
+    "PYTHON worker processes have been started on node: ",
     # Ray's deprecation warnings about Ray's own calls (made one line each: quiet_worker).
     "RayDeprecationWarning: ",
     # Ray Data's notes that its progress bars are off (RAY_DATA_DISABLE_PROGRESS_BARS, below).

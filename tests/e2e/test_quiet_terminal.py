@@ -43,6 +43,10 @@ RAY_INTERNAL_LINES = [
     "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars`.",
     "Starting execution of Dataset train_1_0. Full logs are in /tmp/ray/session_latest/logs/ray-data",
     "A run snapshot was found in storage folder at: '/tmp/runs/e2e'",
+    "WARNING: 10 PYTHON worker processes have been started on node: 841169ba4212db419e3aa1bf57bfa31d1d98882"
+    "ca45f2aa4ca8d47e0 with address: 192.0.2.2, which is 5x the maximum expected startup concurrency (2). "
+    "This could be a result of using a large number of actors, tasks blocked in ray.get() calls, or tasks "
+    "with fractional CPU requests (e.g., num_cpus=0.1) allowing high concurrency.",
     "Truncating long operator name to 100 characters. To disable this behavior, set `ray.data...`.",
 ]
 # What a run must keep printing: rtrain's own lines, and Ray's errors.
