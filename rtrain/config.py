@@ -187,6 +187,9 @@ class TrainConfig:
     ema_tau: float = field(default=0.0, metadata=_range(0.0, 1e9))
     grad_clip: float = field(default=10.0, metadata=_range(0.0, 1e6))  # 0 disables
     amp: bool = True  # bf16/fp16 autocast on GPU; ignored on CPU
+    # Layout of the weights and input while training (rtrain.training.memory_format): "auto" is
+    # channels_last on CPU (faster there: benchmarks/memory_format.py), contiguous on GPU.
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
     time_limit_min: float = field(default=0.0, metadata=_range(0.0, 1e6))  # 0 = use epochs
     max_nonfinite: int = field(default=20, metadata=_range(1, 1_000_000))  # consecutive bad steps
     seed: int = 0

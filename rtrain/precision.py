@@ -32,9 +32,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def images_to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float32 0..1 on `device` (the conversion happens on the device)."""
+def images_to_float(images: torch.Tensor, device: torch.device,
+                    memory_format: torch.memory_format = torch.preserve_format) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> float32 0..1 on `device` (the conversion happens on the device), laid
+    out in `memory_format` by the same copy (the input's layout by default)."""
     images = images.to(device, non_blocking=True)
     if images.dtype == torch.uint8:
-        return images.float().div_(255.0)
-    return images.float()
+        return images.to(torch.float32, memory_format=memory_format).div_(255.0)
+    return images.to(torch.float32, memory_format=memory_format)

@@ -46,6 +46,7 @@ def test_int_is_accepted_for_float_and_null_for_optional():
         (["model.width=4.0"], "model.width: 4.0 is out of range"),
         (["train.lr=-1"], "train.lr: -1.0 is out of range"),
         (["train.optimizer=adam"], "train.optimizer: expected one of"),
+        (["train.memory_format=nhwc"], "train.memory_format: expected one of 'auto' | 'contiguous'"),
         (["lr=0.1"], "keys look like section.key"),
         (["train.lr"], "expected section.key=value"),
         (["model.backbone=mobilenetv3_small_100"], 'model.backbone: expected "" (the variant\'s own'),

@@ -175,6 +175,7 @@ def train_one_epoch(
     on_pause: Callable[[int, int], None] | None = None,
     pause_every: int = 1,
     pause_phase: int = 0,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> dict[str, float]:
     """Run one pass over `batches`, one optimizer step per batch.
 
@@ -200,6 +201,8 @@ def train_one_epoch(
         caller's `steps_total` (else `max_steps`; None when unknown), and `stats` made from the sums
         read there (no further host sync): epoch, loss (running mean), lr, steps, skipped, images,
         elapsed_s, images_per_s, data_wait_s, data_wait_frac (`rtrain.training.progress` renders them).
+    memory_format: the layout the float images are made in (the model's, see
+        `rtrain.training.memory_format`), by the copy that converts them on the device.
     guard_every: read the guard's device counters every this many steps (default: `log_every`,
         or 50 when that is 0); always at the epoch end.
     pause: () -> this rank's pause request (`rtrain.training.preempt`: 0 none, 1 checkpoint, 2 stop), asked
@@ -273,7 +276,7 @@ def train_one_epoch(
             batch = batch_transform(batch, step)
         if schedule is not None:
             lr = float(schedule.apply(optimizer, step, elapsed))
-        images = images_to_float(batch["images"], device)
+        images = images_to_float(batch["images"], device, memory_format)
         targets = to_targets(batch, device)
 
         with autocast(device, dtype):

@@ -72,6 +72,8 @@ from rtrain.training import elastic, engine, preempt, trackers
 from rtrain.training.autobatch import resolve_batch_size
 from rtrain.training.ema import ModelEMA, unwrap_model
 from rtrain.training.guard import NonFiniteGuard, force_nonfinite
+from rtrain.training.memory_format import contiguous_state, match_optimizer_state, to_memory_format
+from rtrain.training.memory_format import resolve as resolve_memory_format
 from rtrain.training.optim import build_optimizer
 from rtrain.training.progress import GUARD_EVERY, ProgressReporter, read_every
 from rtrain.training.schedule import LRSchedule, scale_lr
@@ -249,7 +251,8 @@ def train_loop(loop_config: dict) -> None:
     model = build_detector(cfg, len(class_names), pretrained=state is None and not cfg.model.init)
     if cfg.model.init and state is None:  # fine-tuning; a resumed run's checkpoint holds every weight
         init_from_weights(model, cfg.model.init, class_names, log=rank == 0)
-    model = model.to(device)
+    layout = resolve_memory_format(cfg.train.memory_format, device)
+    model = to_memory_format(model.to(device), layout)  # before the optimizer, the EMA and DDP
     if is_elastic(cfg.run):  # the global batch stays train.batch_size x MAX at any group size
         batch_size = elastic.per_worker_batch(cfg, world)
     else:
@@ -285,6 +288,7 @@ def train_loop(loop_config: dict) -> None:
         if cfg.train.ema_tau == 0 and time_limit is None:  # the epoch count may have been raised
             ema.tau = ModelEMA.tau_for_run(total_steps)
         optimizer.load_state_dict(state["optimizer"])
+        match_optimizer_state(optimizer)  # the checkpoint may come from a run in the other layout
         schedule.load_state_dict(state["scheduler"])
         schedule.total_steps = total_steps  # the epoch count (also a time budget's cap) may have grown
         schedule.time_limit = time_limit
@@ -389,7 +393,7 @@ def train_loop(loop_config: dict) -> None:
             step_offset=step, stop_when_finished=time_limit is not None, epoch=epoch,
             log_every=read_every(device) if reporter else 0, guard_every=GUARD_EVERY, on_progress=reporter,
             steps_total=spe - phase, pause=pauses.code, on_pause=on_pause, pause_every=every,
-            pause_phase=phase,
+            pause_phase=phase, memory_format=layout,
         )
         step += metrics["steps"] + metrics["skipped"]
         if metrics["preempted"]:
@@ -574,7 +578,7 @@ def _write_epoch_files(ckpt_dir, out_dir, cfg_dict, class_names, model, ema, opt
     if metrics is None:
         return
     run_dir.append_metrics(out_dir, metrics)
-    weights = ema.module.state_dict()
+    weights = contiguous_state(ema.module.state_dict())  # the layout exporters and readers expect
     last_map = extra["last_map"]
     info = {"epoch": epoch, "step": step, "mAP": last_map if metrics["evaluated"] else None}
     save_weights(storage.child(out_dir, run_dir.LAST_WEIGHTS), weights, cfg_dict, class_names, info)
