@@ -60,6 +60,8 @@ QUIET_RAY_LINES = "|".join([
     "A run snapshot was found in storage folder",
     "This snapshot contains a list of checkpoints",
     "If you meant to start a brand new training job",
+    # Ray Train's controller announcing its own state machine (INITIALIZING -> SCHEDULING -> RUNNING).
+    "\\[State Transition\\] [A-Z_]+ -> ",
     # Ray core's ERROR line about Ray Train's own PreemptionWatcher actor (core_worker.cc).
     "has constructor arguments in the object store and max_restarts",
     # The GCS's ERROR line about an actor on a node that is gone (after a lost node, e.g. an
