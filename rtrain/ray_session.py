@@ -40,8 +40,10 @@ def start_ray(address: str | None = None, *, dashboard: bool = False,
               dashboard_host: str = "127.0.0.1") -> bool:
     """Join `address`, reuse an initialised Ray, or start a local one. True if this started it.
 
-    dashboard: start the local Ray's dashboard on `dashboard_host` (and turn on Ray Train's state
-    tracking, which the dashboard's Train view reads).
+    dashboard: start the local Ray's dashboard on `dashboard_host`. Ray Train's state tracking
+    (what the dashboard's Train view reads) is turned on with a dashboard: the local one, or a
+    joined cluster's. A cluster without one gets none: Ray Train's state actor would poll the
+    dashboard's State API every 30 s and print a traceback each time it finds no server.
     """
     import ray
 
@@ -49,11 +51,13 @@ def start_ray(address: str | None = None, *, dashboard: bool = False,
         return False
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     address = address or os.environ.get("RAY_ADDRESS") or None  # a Ray job's entrypoint has it
-    if dashboard or address:  # a cluster's dashboard shows the run in its Train view
+    if dashboard:
         os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     if address:
-        ray.init(address=address, configure_logging=False)
+        context = ray.init(address=address, configure_logging=False)
         logger.info("joined the Ray cluster at %s", address)
+        if context.dashboard_url:  # its dashboard shows the run in its Train view
+            os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
         return False
     context = ray.init(
         address="local",
