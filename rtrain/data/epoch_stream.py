@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,13 @@ import numpy as np
 import pyarrow as pa
 
 from data_prep.shard_format import read_shard_table
+from rtrain.data import executor_idle
+
+# The process that executes the stream (a Train run's SplitCoordinator) imports this module when
+# it unpickles the stream's read function, after Ray Data: its executor then waits when idle
+# instead of spinning (rtrain.data.executor_idle). The driver installs it in build_train_stream.
+if "ray.data" in sys.modules:
+    executor_idle.install()
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +270,8 @@ def build_train_stream(
     about as long being scheduled as decoding (benchmarks/data_speed.py).
     """
     import ray
+
+    executor_idle.install()
 
     items = epochs * plan.windows_per_epoch
     ds = ray.data.range(items, override_num_blocks=max(1, min(epochs, 10_000)))
