@@ -13,7 +13,7 @@ time-limited run, of the epoch the budget crossed; it is saved in the checkpoint
   front. After each epoch the train loop asks `CloseMosaic.due`: whether the budget left, less
   half an epoch cycle (so the switch lands on the nearest epoch boundary), is under f of the
   budget. All ranks agree on it; then F = the next epoch, or later when the CPU decode tasks
-  have already decoded rows of that epoch: the EpochClock actor (`rtrain.data.batches.EpochClock`)
+  have already decoded rows of that epoch: the EpochClock actor (`rtrain.data.decode_augment.EpochClock`)
   remembers the newest epoch it answered a decode task for and never closes at or before it,
   so every row of an epoch gets the same decision. The GPU decode step runs in the train loop
   at consumption time and reads F from the loop's `CloseMosaic` directly.

@@ -261,7 +261,7 @@ def build_train_stream(
 ):
     """ray.data.Dataset of `epochs` epochs of the plan's rows (module doc).
 
-    `decode_fn`: a callable class over numpy batches such as `rtrain.data.batches.DecodeAugment`,
+    `decode_fn`: a callable class over numpy batches such as `rtrain.data.decode_augment.DecodeAugment`,
     built with `decode_kwargs` once per actor of a pool of `decode_actors` actors of
     `cpus_per_actor` CPUs, each called on blocks of `batch_rows` rows; None streams the compact
     rows as they are (decoding then happens in the train worker).

@@ -9,10 +9,13 @@
   covers stored pixels [reduced * x, reduced * (x + 1)). Fewer pixels decoded and resized.
   `rtrain.data.augment.Sample(reduced=, full_hw=)` carries it; letterbox/mosaic read it so boxes,
   scale and pad are exactly those of a full-size decode (only the pixels' resampling differs).
-  `rtrain.data.batches.DecodeAugment` asks for it in training only.
+  `rtrain.data.decode_augment.DecodeAugment` asks for it in training only.
 - Otherwise (None, or a small reduction) the whole image is decoded by `torchvision.io.decode_jpeg`:
   the same libjpeg-turbo pixels as PIL (checked on BCCD: identical), in about half PIL's time.
   Images other than plain RGB/grey baseline JPEG go through PIL.
+
+torchvision (and torch) are imported on the first full-size decode, not with this module: the
+train stream's decode actors decode reduced and then never import them (`rtrain.data.decode_augment`).
 
 PIL reads the header first in every case, so its decompression-bomb limit guards all paths.
 Errors: OSError / ValueError / `Image.DecompressionBombError` (PIL), RuntimeError (torchvision);
@@ -21,13 +24,12 @@ Errors: OSError / ValueError / `Image.DecompressionBombError` (PIL), RuntimeErro
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 
 import numpy as np
-import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 
 DECODE_ERRORS = (OSError, ValueError, RuntimeError, SyntaxError, Image.DecompressionBombError)
 
@@ -42,9 +44,23 @@ def decode_rgb(data: bytes, longer_side: int | None = None) -> tuple[np.ndarray,
             reduced = round(w / drafted[1][2]) if drafted else 1
             return np.asarray(im.convert("RGB")), reduced, (h, w)
         if im.format == "JPEG" and im.mode in ("RGB", "L"):
-            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            image = decode_jpeg(buf, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+            image = _torchvision_decode(data)
             if image.shape[:2] != (h, w):  # a header and a scan that disagree
                 raise ValueError(f"decoded {image.shape[0]}x{image.shape[1]}, header says {h}x{w}")
             return np.ascontiguousarray(image), 1, (h, w)
         return np.asarray(im.convert("RGB")), 1, (h, w)
+
+
+@functools.cache
+def _torchvision():
+    """torch and torchvision.io, imported once, on the first full-size decode (module doc)."""
+    import torch
+    from torchvision import io as tvio
+
+    return torch, tvio
+
+
+def _torchvision_decode(data: bytes) -> np.ndarray:
+    torch, tvio = _torchvision()
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return tvio.decode_jpeg(buf, mode=tvio.ImageReadMode.RGB).permute(1, 2, 0).numpy()

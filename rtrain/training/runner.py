@@ -395,8 +395,8 @@ def build_trainer(
 ):
     """The TorchTrainer of one rtrain run, and the epoch-clock actor its data path reads.
 
-    fit and every Tune trial build their trainer here. `train_fn` defaults to
-    `rtrain.training.train_loop.train_loop`; `callbacks` go to Ray's RunConfig (Tune's report
+    fit and every Tune trial build their trainer here. `train_fn` defaults to `run_train_loop`
+    (`rtrain.training.train_loop.train_loop`); `callbacks` go to Ray's RunConfig (Tune's report
     callback); `loop_extra` joins the loop's config; `num_workers` defaults to
     `run.gpus` GPU workers or `run.workers` CPU workers, and a "MIN:MAX" count there makes the
     group elastic (`rtrain.training.elastic`; an explicit `num_workers` is always fixed). The
@@ -406,11 +406,11 @@ def build_trainer(
     from ray.train.torch import TorchTrainer
 
     from rtrain.data.augment import AugmentParams
-    from rtrain.data.batches import DecodeAugment, make_epoch_clock
     from rtrain.data.close_mosaic import CloseMosaic
+    from rtrain.data.decode_augment import DecodeAugment, make_epoch_clock
     from rtrain.data.epoch_stream import StreamPlan, build_train_stream
     from rtrain.runs.storage_guard import StopWhenStorageFull
-    from rtrain.training.train_loop import SCORE_METRIC, train_loop
+    from rtrain.training.train_loop import SCORE_METRIC
 
     scaling = scaling_config(cfg, num_workers, gpus_per_worker)
     min_workers, num_workers = scaling.min_workers, scaling.max_workers
@@ -435,7 +435,7 @@ def build_trainer(
                 decode,
                 f" ({actors} Ray actors)" if decode == "cpu" else " (in the train workers)")
     trainer = TorchTrainer(
-        train_fn or train_loop,
+        train_fn or run_train_loop,
         train_loop_config={
             "config": config_to_dict(cfg), "run_dir": str(out_dir), "classes": classes,
             "num_train_images": num_images, "epoch_clock": clock, "decode": decode,
@@ -458,6 +458,16 @@ def build_trainer(
                                   execution_options=_ingest_options(cfg, decode, num_workers)),
     )
     return trainer, clock
+
+
+def run_train_loop(loop_config: dict) -> None:
+    """`rtrain.training.train_loop.train_loop`, imported only where a worker runs it.
+
+    Ray Train's controller unpickles the trainer's loop function; pickled by reference, the loop
+    itself would make that process import its module (torchvision, the models) and never use it."""
+    from rtrain.training.train_loop import train_loop
+
+    train_loop(loop_config)
 
 
 def scaling_config(cfg: Config, num_workers: int | None = None, gpus_per_worker: float = 1.0):

@@ -129,10 +129,10 @@ def test_boxes_still_cover_their_rectangles_after_a_reduced_decode(scenes):
 
 
 def test_train_decodes_reduced_and_val_at_full_size_by_default(scenes, monkeypatch):
-    import rtrain.data.batches as batches
+    import rtrain.data.decode_augment as decode_augment
 
     sizes = []
-    monkeypatch.setattr(batches, "decode_rgb",
+    monkeypatch.setattr(decode_augment, "decode_rgb",
                         lambda data, side: sizes.append(side) or decode_rgb(data, side))
     DecodeAugment(train=True, img_size=160)(scenes)
     DecodeAugment(train=False, img_size=160)(scenes)  # what evaluate and predict must agree on
@@ -156,7 +156,7 @@ def test_a_broken_jpeg_is_dropped_counted_and_named_on_either_decode(scenes, cap
     rows["jpeg"][1] = rows["jpeg"][1][: len(rows["jpeg"][1]) // 3]      # truncated
     rows["jpeg"][2] = b"\xff\xd8\xff\xe0" + b"\x00" * 200                # a JPEG marker, then junk
     fn = DecodeAugment(train=False, img_size=side or 1024, reduced_decode=side is not None)
-    with caplog.at_level(logging.WARNING, logger="rtrain.data.batches"):
+    with caplog.at_level(logging.WARNING, logger="rtrain.data.decode_augment"):
         out = collate(fn(rows))
     assert fn.skipped == 2
     assert out["image_id"].tolist() == [1, 4]
