@@ -272,7 +272,7 @@ def _latest_run_in_bucket(uri: str) -> str | None:
 
 
 def latest_run(storage_dir: Path | str) -> Path | str | None:
-    """The most recently modified run directory under `storage_dir` (None if there is none)."""
+    """The run under `storage_dir` whose metrics.jsonl or config.yaml was written last (None if none)."""
     if store.is_bucket(storage_dir):
         return _latest_run_in_bucket(storage_dir)
     runs = [p for p in storage_dir.iterdir() if p.is_dir() and _is_run(p)] if storage_dir.is_dir() else []
@@ -280,8 +280,11 @@ def latest_run(storage_dir: Path | str) -> Path | str | None:
         return None
 
     def mtime(p: Path) -> float:
-        files = [p / run_dir.METRICS_JSONL, p / run_dir.CONFIG_YAML]
-        return max([f.stat().st_mtime for f in files if f.exists()] + [p.stat().st_mtime])
+        # Training writes these two. The folder's own time moves whenever a file in it is added or
+        # removed (a user deleting an old run's best.pt), so it only dates a run that has neither.
+        files = (p / run_dir.METRICS_JSONL, p / run_dir.CONFIG_YAML)
+        stamps = [f.stat().st_mtime for f in files if f.exists()]
+        return max(stamps) if stamps else p.stat().st_mtime
 
     return max(runs, key=mtime)
 

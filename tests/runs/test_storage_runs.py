@@ -139,6 +139,25 @@ def test_run_lease_in_a_bucket(s3_bucket, caplog):
     assert storage.exists(storage.join(run, ".lock"))  # not ours: left alone
 
 
+def test_resume_finds_the_run_that_trained_last_not_the_folder_touched_last(tmp_path):
+    """Deleting an old run's weights changes its folder's mtime, not when it trained."""
+    import os
+
+    from rtrain.training.runner import latest_run
+
+    runs = tmp_path / "runs"
+    for age, name in ((200, "old"), (100, "new")):
+        for f in (run_dir.CONFIG_YAML, run_dir.METRICS_JSONL, "best.pt"):
+            (runs / name / f).parent.mkdir(parents=True, exist_ok=True)
+            (runs / name / f).write_text("{}")
+            os.utime(runs / name / f, (time.time() - age, time.time() - age))
+    assert latest_run(runs) == runs / "new"
+    (runs / "old" / "best.pt").unlink()  # the folder "old" is now the newest folder
+    assert latest_run(runs) == runs / "new"
+    (runs / "old" / run_dir.METRICS_JSONL).write_text("{}")  # old trains again
+    assert latest_run(runs) == runs / "old"
+
+
 def test_resume_finds_the_latest_run_in_a_bucket(s3_bucket):
     from rtrain.training.runner import FitError, latest_run, resolve_run
 
