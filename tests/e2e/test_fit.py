@@ -1,4 +1,5 @@
-"""rtrain.fit end to end on Ray Train (tiny synthetic shards); the shipped configs; the checks before Ray."""
+"""rtrain.fit end to end on Ray Train (tiny synthetic shards): report, log, fine-tune, decode in the worker,
+close mosaic, resume; the shipped configs; the checks before Ray."""
 
 from __future__ import annotations
 
@@ -108,12 +109,54 @@ def test_resume_with_another_model_or_classes_is_refused_before_ray(tiny_shards,
         fit(None, storage=tmp_path / "runs", resume=True, plots=False)
 
 
+def _poisoned_copy(train: Path, out: Path) -> Path:
+    """`train` with a NaN box, a box outside its image and a label outside 0..C-1 added by hand to
+    the first row of its first shard."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    shutil.copytree(train, out)
+    first = sorted(out.glob("*.parquet"))[0]
+    table = pq.read_table(first)
+    boxes = table["boxes"].to_pylist()
+    labels = table["labels"].to_pylist()
+    boxes[0] = boxes[0] + [float("nan"), 1.0, 5.0, 5.0, 5000.0, 5000.0, 6000.0, 6000.0, 1.0, 1.0, 9.0, 9.0]
+    labels[0] = labels[0] + [0, 0, 99]
+    crowd = table["iscrowd"].to_pylist()
+    crowd[0] = crowd[0] + [False, False, False]
+    for name, values, kind in (("boxes", boxes, pa.float32()), ("labels", labels, pa.int32()),
+                               ("iscrowd", crowd, pa.bool_())):
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.list_(kind)))
+    pq.write_table(table, first)
+    return out
+
+
 @pytest.mark.ray
 @pytest.mark.slow
-def test_fit_reports_checkpoints_and_resumes(ray_session, tiny_shards, tmp_path):
+def test_fit_reports_and_logs_then_a_finetune_from_it_decodes_in_the_worker_closes_mosaic_and_resumes(
+        ray_session, tiny_shards, tmp_path):
+    """Three Ray Train runs in sequence, each start about a minute on 2 cores, so one test:
+
+    1. 2 workers, 2 epochs, TensorBoard + MLflow: metrics rows, config.yaml, best/last weights,
+       checkpoints, plots, both trackers (tests/e2e/test_trackers.py's check).
+    2. A fine-tune from run 1's last.pt (`model.init`), 1 worker, decoding in the worker
+       (data.decode=gpu on CPU: raw rows -> torchvision.io + tensor augmentation), mosaic closed
+       for the last 99 % of a 2-minute budget, on a copy of the shards with 3 poisoned boxes that
+       are dropped and counted.
+    3. `resume=True` without a name (the latest run: run 2) and more epochs, after run 1's weights
+       are gone: every weight comes from the checkpoint, and the close-mosaic decision is kept.
+    """
+    from test_trackers import assert_fit_logged_to_tensorboard_and_mlflow
+
+    from rtrain.data.close_mosaic import EXTRA_KEY
+    from rtrain.runs.checkpoint import checkpoint_dirs, find_latest_complete, load_checkpoint
+
     train, val = tiny_shards
     storage = tmp_path / "runs"
-    result = fit(tiny_fit_config(train, val, 2, storage), name="e2e")
+    cfg = tiny_fit_config(train, val, 2, storage, loggers=["tensorboard", "mlflow"])
+    result = fit(cfg, name="e2e")
 
     out = storage / "e2e"
     assert result.run_dir == out and result.epochs_done == 2
@@ -121,7 +164,8 @@ def test_fit_reports_checkpoints_and_resumes(ray_session, tiny_shards, tmp_path)
     assert [r["epoch"] for r in rows] == [0, 1]
     assert all(r["evaluated"] and 0.0 <= r["mAP"] <= 1.0 for r in rows)
     assert rows[1]["step"] > rows[0]["step"] > 0 and rows[0]["world_size"] == 2
-    assert {"loss", "loss_cls", "loss_box", "lr", "images_per_s", "data_wait_frac", "mAP50"} <= rows[0].keys()
+    assert {"loss", "loss_cls", "loss_box", "loss_dfl", "lr", "images_per_s", "data_wait_frac",
+            "mAP50"} <= rows[0].keys()
     assert (out / "metrics.csv").read_text().count("\n") == 3  # header + 2 rows
     saved_cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert saved_cfg["run"]["name"] == "e2e" and saved_cfg["train"]["epochs"] == 2
@@ -134,53 +178,36 @@ def test_fit_reports_checkpoints_and_resumes(ray_session, tiny_shards, tmp_path)
     assert len(list(out.glob("checkpoint_*"))) >= 1
     assert {p.name for p in result.plots} == {"curves.png", "val_predictions.png"}
     assert all(p.stat().st_size > 1000 for p in result.plots)
+    assert_fit_logged_to_tensorboard_and_mlflow(result, storage, epochs=2)
 
-    # Resume with more epochs: continues at epoch 2, no duplicated rows, the step count carries on.
-    resumed = fit(None, overrides=["train.epochs=3"], storage=storage, resume=True, plots=False)
-    assert resumed.name == "e2e"
-    rows = run_dir.read_metrics(out)
-    assert [r["epoch"] for r in rows] == [0, 1, 2]
-    assert rows[2]["step"] > rows[1]["step"]
-    assert load_weights(out / "last.pt")["extra"]["epoch"] == 2
-
-
-@pytest.mark.ray
-@pytest.mark.slow
-def test_decoding_in_the_worker_trains_and_drops_poisoned_boxes(ray_session, tiny_shards, tmp_path):
-    """data.decode=gpu on CPU workers runs the accelerator path (raw rows -> torchvision.io +
-    tensor augmentation in the worker); a shard written by hand with a NaN box, a box outside
-    its image and a label outside 0..C-1 trains with those boxes dropped and counted."""
-    import shutil
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    train, val = tiny_shards
-    poisoned = tmp_path / "poisoned"
-    shutil.copytree(train, poisoned)
-    first = sorted(poisoned.glob("*.parquet"))[0]
-    table = pq.read_table(first)
-    boxes = table["boxes"].to_pylist()
-    labels = table["labels"].to_pylist()
-    boxes[0] = boxes[0] + [float("nan"), 1.0, 5.0, 5.0, 5000.0, 5000.0, 6000.0, 6000.0, 1.0, 1.0, 9.0, 9.0]
-    labels[0] = labels[0] + [0, 0, 99]
-    crowd = table["iscrowd"].to_pylist()
-    crowd[0] = crowd[0] + [False, False, False]
-    for name, values, kind in (("boxes", boxes, pa.float32()), ("labels", labels, pa.int32()),
-                               ("iscrowd", crowd, pa.bool_())):
-        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.list_(kind)))
-    pq.write_table(table, first)
-    cfg = tiny_fit_config(poisoned, val, 2, tmp_path / "runs")
-    cfg["data"]["decode"] = "gpu"
-    cfg["data"]["shuffle_buffer"] = 0
-    cfg["run"]["workers"] = 1
-    result = fit(cfg, name="worker-decode", plots=False)
-    rows = run_dir.read_metrics(result.run_dir)
-    assert [r["epoch"] for r in rows] == [0, 1] and all(r["evaluated"] for r in rows)
+    # 2. fine-tune; close_mosaic_frac 0.99: the budget left after the first epoch is under 99 % of
+    # it, and the run ends at its epoch cap long before its budget
+    tuned_cfg = tiny_fit_config(_poisoned_copy(train, tmp_path / "poisoned"), val, 3, storage, workers=1)
+    tuned_cfg["model"]["init"] = str(result.last_weights)
+    tuned_cfg["data"].update(decode="gpu", shuffle_buffer=0, mosaic=1.0, close_mosaic_frac=0.99)
+    tuned_cfg["train"]["time_limit_min"] = 2.0
+    tuned = fit(tuned_cfg, name="tuned", plots=False)
+    rows = run_dir.read_metrics(tuned.run_dir)
+    assert [r["epoch"] for r in rows] == [0, 1, 2] and all(r["evaluated"] for r in rows)
     assert all(r["skipped"] == 0 and r["steps"] == 2 for r in rows)  # 19 train images, batch 8
     # the poisoned image's 3 bad boxes, in each epoch whose 16 rows include it
     assert all(r["dropped_targets"] in (0, 3) for r in rows) and sum(r["dropped_targets"] for r in rows) > 0
     assert all(r["first_batch_s"] >= 0 for r in rows)
+    first_free = load_checkpoint(find_latest_complete(checkpoint_dirs(tuned.run_dir))[0])["extra"][EXTRA_KEY]
+    # decided after epoch 0: epoch 1, or later when decoded rows were read ahead
+    assert isinstance(first_free, int) and 1 <= first_free <= 3
+
+    # 3. resume the latest run with more epochs; the init file is gone
+    result.last_weights.unlink()
+    result.best_weights.unlink(missing_ok=True)
+    resumed = fit(None, overrides=["train.epochs=4"], storage=storage, resume=True, plots=False)
+    assert resumed.name == "tuned"
+    rows = run_dir.read_metrics(tuned.run_dir)
+    assert [r["epoch"] for r in rows] == [0, 1, 2, 3], "an epoch is missing or doubled"
+    assert rows[3]["step"] > rows[2]["step"] and rows[3]["run_starts"] == 2
+    assert load_weights(tuned.run_dir / "last.pt")["extra"]["epoch"] == 3
+    assert load_checkpoint(find_latest_complete(checkpoint_dirs(tuned.run_dir))[0])["extra"][EXTRA_KEY] \
+        == first_free
 
 
 def test_full_disk_at_start_is_one_line_before_ray(tmp_path, monkeypatch):

@@ -1,7 +1,8 @@
 """rtrain.training.trackers: TensorBoard event files and MLflow runs, read back with their own readers.
 
 The trackers are driven directly (no Ray) with metrics rows shaped like the train loop's, written
-to a real run dir the way rank 0 writes them; the one Ray test runs a real fit with both loggers.
+to a real run dir the way rank 0 writes them; `assert_fit_logged_to_tensorboard_and_mlflow` checks a
+real fit with both loggers (tests/e2e/test_fit.py's end-to-end run).
 """
 
 from __future__ import annotations
@@ -293,27 +294,13 @@ def test_a_missing_package_is_one_line_naming_the_extra_before_ray(logger_name, 
     assert str(info.value) == line and info.value.exit_code == 2
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_fit_logs_every_epoch_to_tensorboard_and_mlflow(ray_session, tmp_path):
-    """End to end on Ray Train: 2 epochs of tiny shards; both trackers read back (about 40 s)."""
-    from rtrain.training.quickstart import prepare_synthetic
-    from rtrain.training.runner import fit
-
-    train, val = prepare_synthetic(tmp_path / "synthetic", images=20, size=96, seed=5)
-    storage = tmp_path / "runs"
-    result = fit({
-        "model": {"name": "compact_n"},
-        "data": {"train": str(train), "val": str(val), "img_size": 64, "num_actors": 1,
-                 "cpus_per_actor": 0.5},
-        "train": {"epochs": 2, "batch_size": 8, "optimizer": "adamw", "lr": 0.002, "nominal_batch_size": 8,
-                  "warmup_epochs": 0.5},
-        "eval": {"interval": 1, "batch_size": 8},
-        "run": {"workers": 1, "cpus_per_worker": 1.0, "loggers": ["tensorboard", "mlflow"]},
-    }, storage=storage, name="tracked")
+def assert_fit_logged_to_tensorboard_and_mlflow(result, storage: Path, epochs: int) -> None:
+    """What a real fit with `run.loggers: [tensorboard, mlflow]` left: every epoch at its global step
+    in both, the config as MLflow params, the weights and plots as artifacts, the summary's lines.
+    tests/e2e/test_fit.py's end-to-end run calls it (one Ray Train run serves both files)."""
     rows = run_dir.read_metrics(result.run_dir)
     steps = [r["step"] for r in rows]
-    assert len(steps) == 2 and steps[1] > steps[0] > 0
+    assert len(steps) == epochs and steps == sorted(set(steps)) and steps[0] > 0
 
     scalars = _scalars(result.run_dir / "tensorboard")
     assert [s for s, _ in scalars["loss"]] == steps
@@ -322,11 +309,11 @@ def test_fit_logs_every_epoch_to_tensorboard_and_mlflow(ray_session, tmp_path):
     client = _mlflow(f"file:{storage / 'mlruns'}")
     run_id = json.loads((result.run_dir / trackers.MLFLOW_RUN_JSON).read_text())["run_id"]
     run = client.get_run(run_id)
-    assert client.get_experiment(run.info.experiment_id).name == "tracked" and run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == result.name and run.info.status == "FINISHED"
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [
         (r["step"], pytest.approx(r["loss"])) for r in rows]
-    assert run.data.params["train.epochs"] == "2" and run.data.params["model.name"] == "compact_n"
+    assert run.data.params["train.epochs"] == str(epochs) and run.data.params["model.name"] == "compact_n"
     artifacts = _artifacts(client, run_id)
     assert {"best.pt", "config.yaml", "plots/curves.png", "plots/val_predictions.png"} <= artifacts
     assert f"tensorboard --logdir {result.run_dir / 'tensorboard'}" in result.summary()
-    assert f"mlflow:       file:{storage.resolve() / 'mlruns'} (experiment tracked)" in result.summary()
+    assert f"mlflow:       file:{storage.resolve() / 'mlruns'} (experiment {result.name})" in result.summary()
