@@ -80,8 +80,11 @@ QUIET_RAY_LINES = "|".join([
 ])
 
 # Ray's driver-side WARNING lines that need no action: the notice that token authentication is on
-# (the README says so; its "is disabled" warning still shows).
+# (the README says so; its "is disabled" warning still shows). Also filtered on the logger that
+# makes it: ray.init(configure_logging=False), as rtrain.ray_session starts Ray, takes the "ray"
+# logger's handlers away, and the notice then reaches the root logger's handlers.
 QUIET_DRIVER_LINES = "Token authentication is enabled for this Ray cluster"
+QUIET_DRIVER_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 # What the quiet default changes in every Ray process of the job (ray.init's runtime env, through
 # Ray's RAY_RUNTIME_ENV_HOOK, so a joined cluster's workers get it too): no Ray Data progress bars
@@ -174,6 +177,7 @@ def quiet_ray_terminal(verbose: bool = False) -> None:
             if not isinstance(handler, logging.FileHandler):  # the terminal; log files keep all
                 handler.setLevel(max(handler.level, logging.WARNING))
                 handler.addFilter(drop)
+    logging.getLogger(QUIET_DRIVER_LOGGER).addFilter(drop)
     warnings.filterwarnings("ignore", category=RayDeprecationWarning)
 
 

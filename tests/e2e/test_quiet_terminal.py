@@ -146,6 +146,20 @@ def test_default_terminal_is_quiet_and_verbose_leaves_ray_alone():
     assert "Token authentication is enabled for this Ray cluster" in verbose.stderr
 
 
+def test_a_local_ray_start_prints_no_token_notice():
+    """A real local start (the quick start's): `start_ray`'s ray.init(configure_logging=False) takes
+    the "ray" logger's handlers away, and the notice then reached the terminal through the root's."""
+    code = ("from rtrain.cli import quiet_ray_terminal\nquiet_ray_terminal()\n"
+            "import ray\nfrom rtrain.ray_session import start_ray\nassert start_ray()\nray.shutdown()\n"
+            "print('started')\n")
+    env = {k: v for k, v in os.environ.items() if k not in (*QUIET_VARS, "RAY_ADDRESS", "RAY_AUTH_MODE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "started", out.stderr[-3000:]
+    assert "Token authentication is enabled" not in out.stderr, out.stderr[-3000:]
+
+
 def test_fit_and_tune_take_verbose():
     from rtrain import fit, tune
 
